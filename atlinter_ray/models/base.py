@@ -1,0 +1,113 @@
+"""The two model protocols and the registry that builds models by name.
+
+Every model the pipeline runs is one of:
+
+* a **pair interpolator** ``(a, b, t) -> frame``: predicts the slice at fractional
+  position ``t`` between two known sections ``a`` (t=0) and ``b`` (t=1);
+* a **flow estimator** ``(a, b) -> flow``: the dense displacement between two
+  sections; :class:`atlinter_ray.models.flow.FlowInterpolator` turns it into frames
+  at any ``t``.
+
+Arrays are batches laid out ``(N, C, H, W)`` (``C`` is 1 or 3), ``float32``, in the
+dataset's own units: ``peak`` is the value of full intensity (255 for uint8 data).
+Models that work on ``[0, 1]`` divide by ``peak`` themselves, so arithmetic models
+such as ``linear`` stay exact on integer data.
+
+The registry maps a name (the Hydra ``model.name`` choice) to a factory. Built-in
+models register with :func:`register_model`; models whose module imports torch are
+listed in ``_LAZY_MODULES`` and imported only when asked for, so CPU workers running a
+classical model never pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, TypeVar
+
+import numpy as np
+
+from atlinter_ray.errors import UnknownModelError
+
+
+class PairInterpolator(ABC):
+    """Predicts frames between two images at fractional positions ``t``."""
+
+    #: True when any ``t`` in (0, 1) is supported; False for midpoint-only models,
+    #: which the engine drives by bisection.
+    arbitrary_t: ClassVar[bool] = True
+    #: Registry name, set by :func:`register_model`.
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def interpolate(
+        self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> np.ndarray:
+        """Return ``(N, C, H, W)`` frames at positions ``t`` (shape ``(N,)``)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Describe the model for the output's per-slice provenance record."""
+        return {"model": self.name, "checkpoint_sha256": None}
+
+
+class FlowEstimator(ABC):
+    """Estimates dense optical flow between two images.
+
+    Convention (OpenCV's): ``a(x) ≈ b(x + F_ab(x))``; the flow has shape
+    ``(N, 2, H, W)`` with channel 0 the x (column) and channel 1 the y (row)
+    displacement in pixels.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def flow(self, a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> np.ndarray:
+        """Return the ``(N, 2, H, W)`` flow from each ``a`` to its ``b``."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Describe the model for the output's per-slice provenance record."""
+        return {"model": self.name, "checkpoint_sha256": None}
+
+
+Model = PairInterpolator | FlowEstimator
+ModelFactory = Callable[..., Model]
+F = TypeVar("F", bound=ModelFactory)
+
+_REGISTRY: dict[str, ModelFactory] = {}
+# Models in modules that import torch (or other heavy libraries): name -> module.
+_LAZY_MODULES: dict[str, str] = {}
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Register a model class or factory under ``name`` (decorator)."""
+
+    def decorate(factory: F) -> F:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        if isinstance(factory, type):
+            factory.name = name
+        return factory
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    """Sorted names of every model that :func:`build_model` accepts."""
+    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+
+
+def build_model(name: str, **params: Any) -> Model:
+    """Build the model registered as ``name`` with keyword ``params``.
+
+    Raises :class:`UnknownModelError` (a ``KeyError``) listing the choices when the
+    name is unknown.
+    """
+    if name not in _REGISTRY and name in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[name])
+    if name not in _REGISTRY:
+        raise UnknownModelError(
+            f"unknown model {name!r}; choose one of: {', '.join(available_models())} "
+            "(set it with model.name=<choice>)"
+        )
+    return _REGISTRY[name](**params)

@@ -1,0 +1,90 @@
+"""Checkpoints are data, never code: safe loading, hashing and strict matching.
+
+Every learned model reads its weights through :func:`read_checkpoint` (a local path
+or any fsspec URL, ``torch.load(..., weights_only=True)``, never an unsafe fallback)
+and applies them with :func:`load_strict`, which names the missing, unexpected and
+mis-shaped keys instead of loading a partial model silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import torch
+
+from atlinter_ray.errors import CheckpointError
+
+
+def read_checkpoint(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
+    """Load a torch checkpoint from ``url`` on the CPU; return it and its sha256."""
+    try:
+        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"checkpoint {url}: file not found; set model.checkpoint to the path or "
+            "URL of the original weights file"
+        ) from exc
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {url}: refused to load: the file holds objects other than "
+            f"tensors and plain containers (it could run code on load): {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {url}: unreadable or truncated ({exc}); download the file "
+            "again"
+        ) from exc
+    return obj, digest
+
+
+def unwrap_state_dict(obj: Any, url: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Return the flat state dict inside ``obj``, without DataParallel ``module.``."""
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {url}: expected a state dict (a mapping of names to tensors), "
+            f"found {type(obj).__name__}"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_strict(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], url: str
+) -> None:
+    """Load ``state_dict`` into ``module``; raise naming every mismatched key."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", misshaped),
+        ):
+            if keys:
+                shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        raise CheckpointError(
+            f"checkpoint {url} does not match the {type(module).__name__} "
+            f"architecture: {'; '.join(parts)}. Check that model.name matches the "
+            "file (for example rife_hd for the predecessor's RIFE folder)."
+        )
+    module.load_state_dict(state_dict, strict=True)
