@@ -75,7 +75,15 @@ F = TypeVar("F", bound=ModelFactory)
 
 _REGISTRY: dict[str, ModelFactory] = {}
 # Models in modules that import torch (or other heavy libraries): name -> module.
-_LAZY_MODULES: dict[str, str] = {}
+_LAZY_MODULES: dict[str, str] = {
+    "rife_hd": "atlinter_ray.models.rife",
+    "rife_v3": "atlinter_ray.models.rife",
+    "rife_v4": "atlinter_ray.models.rife",
+    "cain": "atlinter_ray.models.cain",
+    "raft": "atlinter_ray.models.raft",
+    "raft_small": "atlinter_ray.models.raft",
+    "maskflownet": "atlinter_ray.models.maskflownet",
+}
 
 
 def register_model(name: str) -> Callable[[F], F]:
