@@ -1,0 +1,65 @@
+"""The Hydra application behind ``jobs/interpolate.py`` and ``python -m atlinter_ray``.
+
+Configuration lives in ``conf/`` at the repository root (the folder ``ray job submit
+--working-dir`` uploads); the schemas are the dataclasses of
+:mod:`atlinter_ray.config`, registered here explicitly rather than on import.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from atlinter_ray import pipeline
+from atlinter_ray.config import Config
+from atlinter_ray.errors import AtlinterRayError
+
+log = logging.getLogger("atlinter_ray")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _sample_file(name: str) -> str:
+    from atlinter_ray import sample
+
+    return str(Path(sample.sample_dataset_path()).parent / name)
+
+
+def register_configs() -> None:
+    """Register the config schema and the resolvers the YAML files use."""
+    ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("sample_dir", lambda: _sample_file(""), replace=True)
+    OmegaConf.register_new_resolver(
+        "sample_truth", lambda: _sample_file("mni152_t1_truth.npz"), replace=True
+    )
+
+
+def interpolate(cfg: DictConfig) -> None:
+    """Run the pipeline on a composed config; exit non-zero on bad input or failures."""
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    logging.getLogger("atlinter_ray").setLevel(config.run.log_level)
+    try:
+        summary = pipeline.run(config)
+    except AtlinterRayError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    print(summary.to_text(), flush=True)
+    if not summary.ok:
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point: compose ``conf/config.yaml`` with command-line overrides."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        sys.exit(
+            f"atlinter_ray: configuration folder {CONF_DIR} not found; run from a "
+            "checkout of the repository (pip install -e .)"
+        )
+    register_configs()
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(
+        interpolate
+    )()

@@ -1,0 +1,117 @@
+"""Configuration schemas: plain dataclasses, no Hydra import.
+
+Hydra composes ``conf/`` against these schemas (registered explicitly by
+:func:`atlinter_ray.cli.register_configs`); the library itself only ever sees a
+:class:`Config` object, so the pipeline runs the same from Python, tests and jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Which gene datasets to reconstruct.
+
+    ``genes`` names experiments under ``root`` (``<root>/<name>.npy`` + ``.json``);
+    ``datasets`` lists full paths or URLs; ``manifest`` is a text file with one dataset
+    path or URL per line (``#`` starts a comment). All three may be combined.
+    """
+
+    root: str | None = None
+    genes: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    manifest: str | None = None
+    reference_shape: list[int] = field(default_factory=lambda: [528, 320, 456])
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Optional ground truth per dataset id: ``.npz`` files holding ``volume``
+    #: (reference orientation, channels last), to score the predicted slices.
+    truth: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the reconstructed volumes are written."""
+
+    root: str = "outputs/volumes"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Output dtype; default: the input's (float64 input is written as float32).
+    dtype: str | None = None
+    overwrite: bool = False
+    quicklook: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The model: a registry name, an optional checkpoint, model-specific params."""
+
+    name: str = "dis"
+    checkpoint: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InterpolationConfig:
+    """Where predicted slices sit (``exact``/``atlinter``) and how edges are filled."""
+
+    placement: str = "exact"
+    edge: str = "copy"
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray cluster and actor-pool settings."""
+
+    #: Cluster address; None uses RAY_ADDRESS when set, else starts a local cluster.
+    address: str | None = None
+    min_workers: int = 1
+    max_workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    #: Gap tasks handed to a worker per call.
+    tasks_per_batch: int = 1
+    #: Threads each worker's model may use (OpenCV, torch on CPU).
+    threads_per_worker: int = 1
+    object_store_memory: int | None = None
+    #: CPUs / GPUs of a local cluster started by the job (None: what the machine has).
+    local_cpus: int | None = None
+    local_gpus: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """How the driver runs."""
+
+    #: Run every task in this process without Ray (debugging, small data).
+    serial: bool = False
+    progress: bool = True
+    log_level: str = "INFO"
+
+
+@dataclass
+class Config:
+    """Everything one interpolation run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def redact(obj: Any) -> Any:
+    """Copy of ``obj`` with values of secret-looking keys replaced by ``***``."""
+    if isinstance(obj, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else redact(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj

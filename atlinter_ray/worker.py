@@ -1,0 +1,168 @@
+"""The worker: a plain class that runs gap tasks; Ray wraps it only at start.
+
+One :class:`TaskWorker` loads its model once, then for each batch of tasks reads the
+two bounding sections of every task itself, predicts the missing slices (pairs with
+the same positions are batched into one model call), writes the slices straight to
+the output store and marks each task done. It always reports every task, success or
+failure, so one bad task never hides the rest of the run. The same class runs
+in-process for ``run.serial=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from atlinter_ray import __version__
+from atlinter_ray.dataset import Dataset, read_sections
+from atlinter_ray.engine import build_interpolator, predict
+from atlinter_ray.planning import GapTask
+from atlinter_ray.store import VolumeStore
+
+log = logging.getLogger(__name__)
+SOFTWARE = f"atlinter_ray {__version__}"
+
+#: Columns of the result rows a worker returns for each task.
+RESULT_COLUMNS = (
+    "task_id", "dataset_id", "status", "slices", "model_calls", "seconds", "error",
+    "pid", "node_id", "gpu_ids", "cuda_visible_devices",
+)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, small enough to ship to every actor."""
+
+    model_name: str
+    checkpoint: str | None
+    model_params: Mapping[str, Any]
+    datasets: Mapping[str, Mapping[str, Any]]
+    dtypes: Mapping[str, str]
+    output_root: str
+    output_storage_options: Mapping[str, Any] = field(default_factory=dict)
+    threads: int = 1
+
+
+def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast model output to the output dtype: round and clip for integers."""
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        info = np.iinfo(dt)
+        return np.clip(np.rint(frames), info.min, info.max).astype(dt)
+    return frames.astype(dt, copy=False)
+
+
+def _identity() -> dict[str, Any]:
+    """Where this worker runs: process, Ray node and the GPUs Ray gave it."""
+    node_id, gpu_ids = "", ""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+            gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+    return {
+        "pid": os.getpid(),
+        "node_id": node_id,
+        "gpu_ids": gpu_ids,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
+
+
+class TaskWorker:
+    """Runs batches of gap tasks with one model loaded once."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        cv2.setNumThreads(spec.threads)
+        self.model = build_interpolator(spec.model_name, spec.checkpoint, spec.model_params)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(spec.threads)
+        self.datasets = {k: Dataset.from_json(v) for k, v in spec.datasets.items()}
+        self.dtypes = dict(spec.dtypes)
+        self.store = VolumeStore(spec.output_root, spec.output_storage_options)
+        self.provenance = self.model.provenance()
+        self.identity = _identity()
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Ray Data entry point: a batch with a ``task`` column of task JSON."""
+        rows = self.run([GapTask.from_json(str(t)) for t in batch["task"]])
+        return {c: np.array([r[c] for r in rows]) for c in RESULT_COLUMNS}
+
+    def run(self, tasks: list[GapTask]) -> list[dict[str, Any]]:
+        """Run ``tasks``; return one result row per task, in order."""
+        rows = {t.task_id: self._row(t) for t in tasks}
+        groups: dict[tuple, list[GapTask]] = defaultdict(list)
+        for task in tasks:
+            ds = self.datasets[task.dataset_id]
+            positions = tuple(j.t for j in task.predicted)
+            groups[(ds.image_shape, ds.channels, ds.peak, positions)].append(task)
+        for (_, _, peak, positions), group in groups.items():
+            start = time.perf_counter()
+            try:
+                sections = {
+                    t.task_id: dict(zip(t.sources, read_sections(self.datasets[t.dataset_id], t.sources)))
+                    for t in group
+                }
+                frames, calls = None, 0
+                if positions:
+                    a = np.stack([sections[t.task_id][t.left] for t in group])
+                    b = np.stack([sections[t.task_id][t.right] for t in group])
+                    prediction = predict(self.model, a, b, positions, peak)
+                    frames, calls = prediction.frames, prediction.model_calls // len(group)
+                for i, task in enumerate(group):
+                    self._write(task, sections[task.task_id],
+                                None if frames is None else frames[i], calls)
+                    rows[task.task_id].update(status="done", model_calls=calls)
+            except Exception as exc:  # report, never hide: the driver counts failures
+                log.exception("tasks %s failed", [t.task_id for t in group])
+                for task in group:
+                    if rows[task.task_id]["status"] != "done":
+                        rows[task.task_id]["error"] = f"{type(exc).__name__}: {exc}"
+            elapsed = (time.perf_counter() - start) / len(group)
+            for task in group:
+                rows[task.task_id]["seconds"] = elapsed
+        return [rows[t.task_id] for t in tasks]
+
+    def _row(self, task: GapTask) -> dict[str, Any]:
+        return {
+            "task_id": task.task_id, "dataset_id": task.dataset_id, "status": "failed",
+            "slices": len(task.jobs), "model_calls": 0, "seconds": 0.0, "error": "",
+            **self.identity,
+        }
+
+    def _write(
+        self,
+        task: GapTask,
+        sections: Mapping[int, np.ndarray],
+        frames: np.ndarray | None,
+        model_calls: int,
+    ) -> None:
+        """Write every slice of ``task``, then its done marker with provenance."""
+        ds = self.datasets[task.dataset_id]
+        dtype = self.dtypes[ds.id]
+        records = []
+        k = 0
+        for job in task.jobs:
+            record = {"slice": job.slice, "status": job.status, "software": SOFTWARE}
+            if job.source is not None:
+                frame = sections[job.source]
+                record["source"] = job.source
+            else:
+                frame = frames[k]
+                k += 1
+                record.update(left=task.left, right=task.right, t=job.t, **self.provenance)
+            self.store.write_slice(ds, job.slice, to_dtype(frame, dtype))
+            records.append(record)
+        self.store.mark_done(
+            task.task_id,
+            {"task_id": task.task_id, "slices": records, "model_calls": model_calls},
+        )

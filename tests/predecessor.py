@@ -1,0 +1,206 @@
+"""Make the predecessor (BlueBrain ``atlinter`` 0.2.3) importable as a test oracle.
+
+The sdist is downloaded once from PyPI through :mod:`tests.pypi` and unpacked into the
+test cache; its ``src`` folder goes on ``sys.path``. The cached files are never edited:
+the few things atlinter imports that cannot load beside torch 2.13 are replaced, at run
+time only, by small modules in ``sys.modules`` (facts in
+``shared/reference/atlinter-checkpoints/README.md`` section 6):
+
+- ``torchvision`` (always): ``transforms.ToTensor`` re-implemented with torchvision's
+  ndarray semantics, ``transforms.ColorJitter`` that refuses to be built, and an empty
+  ``torchvision.models`` (``rife/loss.py`` imports it for an unused VGG loss).
+- ``scipy.interpolate`` / ``scipy.ndimage`` only when scipy does not import; calling
+  anything in them raises.
+- ``mxnet`` and ``atlinter.vendor.MaskFlowNet.{network,predict_new_data}`` only when
+  mxnet does not import (absent, or mxnet 1.9 under numpy 2), so
+  ``atlinter.optical_flow`` imports (its ``RAFTNet`` helpers work; the MaskFlowNet
+  class exists but cannot be built).
+
+Usage::
+
+    atlinter = import_predecessor()
+    from atlinter.pair_interpolation import GeneInterpolate, LinearPairInterpolationModel
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+PREDECESSOR_SPEC = "atlinter==0.2.3"
+
+# Names of modules this loader put in sys.modules (stubs), for tests that want to know.
+STUBBED: list[str] = []
+
+
+def predecessor_src() -> Path:
+    """Download/unpack the predecessor's sdist (cached) and return its ``src`` folder."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # pytest puts tests/ there; scripts may not
+        sys.path.insert(0, here)
+    import pypi
+
+    unpacked = pypi.extract(PREDECESSOR_SPEC, sdist=True)
+    src = unpacked / "atlinter-0.2.3" / "src"
+    if not (src / "atlinter" / "__init__.py").is_file():
+        raise FileNotFoundError(
+            f"{src}/atlinter/__init__.py is missing from the unpacked sdist of "
+            f"{PREDECESSOR_SPEC}; delete {unpacked.parent} and run again to re-download"
+        )
+    return src
+
+
+class _Unavailable:
+    """Stand-in for an object of a stubbed package: any call raises a clear error."""
+
+    def __init__(self, what: str) -> None:
+        """Remember the dotted name this stand-in replaces."""
+        self._what = what
+
+    def __getattr__(self, attr: str) -> _Unavailable:
+        """Attribute chains (``network.config.Reader``) stay stand-ins until called."""
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable(f"{self._what}.{attr}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Raise: the real package is not importable in this environment."""
+        raise RuntimeError(
+            f"{self._what} is a stub installed by tests/predecessor.py (the real package "
+            "is not importable here); the oracle path you used needs the real package"
+        )
+
+
+def _stub_module(name: str, doc: str) -> types.ModuleType:
+    """Create an empty module, register it in ``sys.modules`` and remember it."""
+    module = types.ModuleType(name, doc)
+    sys.modules[name] = module
+    STUBBED.append(name)
+    return module
+
+
+def _lazy_failing_getattr(prefix: str) -> Any:
+    """Module ``__getattr__`` that hands out raising callables for public names."""
+
+    def __getattr__(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable(f"{prefix}.{attr}")
+
+    return __getattr__
+
+
+class ToTensor:
+    """torchvision's ``ToTensor`` for ndarrays: HWC -> CHW tensor, uint8 divided by 255.
+
+    Same semantics as torchvision 0.x ``F.to_tensor`` on a numpy array: a 2-D array gets
+    a trailing channel axis, the array is transposed (2, 0, 1) whatever its sizes (so
+    atlinter's CAIN RGB path, which passes CHW, gets torchvision's (W, C, H) result), a
+    uint8 array becomes the default float dtype divided by 255, any other dtype is
+    returned as is (not divided).
+    """
+
+    def __call__(self, pic: np.ndarray) -> Any:
+        """Convert one HW or HWC ndarray to a CHW tensor."""
+        import torch
+
+        if not isinstance(pic, np.ndarray):
+            raise TypeError(
+                f"tests/predecessor.py ToTensor stub accepts numpy arrays only, got "
+                f"{type(pic).__name__}; convert PIL images with np.asarray first"
+            )
+        if pic.ndim not in {2, 3}:
+            raise ValueError(f"pic should be 2/3 dimensional. Got {pic.ndim} dimensions.")
+        if pic.ndim == 2:
+            pic = pic[:, :, None]
+        img = torch.from_numpy(pic.transpose((2, 0, 1))).contiguous()
+        if isinstance(img, torch.ByteTensor):
+            return img.to(dtype=torch.get_default_dtype()).div(255)
+        return img
+
+    def __repr__(self) -> str:
+        """Show the class name like torchvision does."""
+        return f"{self.__class__.__name__}()"
+
+
+class ColorJitter:
+    """Placeholder for ``torchvision.transforms.ColorJitter`` (RAFT's training augmentor)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse to build: RAFT's data augmentation is not part of any oracle."""
+        _Unavailable("torchvision.transforms.ColorJitter")()
+
+
+def _install_torchvision() -> None:
+    """Put the small ``torchvision`` replacement in ``sys.modules``."""
+    torchvision = _stub_module("torchvision", "atlinter oracle stub of torchvision")
+    transforms = _stub_module("torchvision.transforms", "ToTensor/ColorJitter stub")
+    transforms.ToTensor = ToTensor
+    transforms.ColorJitter = ColorJitter
+    models = _stub_module("torchvision.models", "empty: only rife's unused VGG loss uses it")
+    torchvision.transforms = transforms
+    torchvision.models = models
+    torchvision.__version__ = "0.0.0+atlinter-oracle-stub"
+
+
+def _importable(name: str) -> bool:
+    """True when ``name`` imports (mxnet 1.9 is installed but fails under numpy 2)."""
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - any failure means "use the stub"
+        return False
+    return True
+
+
+def _install_scipy_if_missing() -> None:
+    """Stub ``scipy.interpolate`` and ``scipy.ndimage`` when scipy does not import."""
+    if _importable("scipy.interpolate") and _importable("scipy.ndimage"):
+        return
+    scipy = _stub_module("scipy", "atlinter oracle stub of scipy")
+    for sub in ("interpolate", "ndimage"):
+        module = _stub_module(f"scipy.{sub}", f"stub of scipy.{sub}")
+        module.__getattr__ = _lazy_failing_getattr(f"scipy.{sub}")
+        setattr(scipy, sub, module)
+
+
+def _install_mxnet_if_missing() -> None:
+    """Stub ``mxnet`` and atlinter's MaskFlowNet modules when mxnet does not import."""
+    if _importable("mxnet"):
+        return
+    mxnet = _stub_module("mxnet", "atlinter oracle stub of mxnet")
+    mxnet.__getattr__ = _lazy_failing_getattr("mxnet")
+    # Import the real (mxnet-free) package first, then hang the stubs under it.
+    package = importlib.import_module("atlinter.vendor.MaskFlowNet")
+    network = _stub_module("atlinter.vendor.MaskFlowNet.network", "stub: needs mxnet")
+    network.__getattr__ = _lazy_failing_getattr("atlinter.vendor.MaskFlowNet.network")
+    predict = _stub_module("atlinter.vendor.MaskFlowNet.predict_new_data", "stub: needs mxnet")
+    predict.__getattr__ = _lazy_failing_getattr("atlinter.vendor.MaskFlowNet.predict_new_data")
+    package.network = network
+    package.predict_new_data = predict
+
+
+def import_predecessor() -> types.ModuleType:
+    """Return the predecessor's ``atlinter`` package, importable with its submodules."""
+    loaded = sys.modules.get("atlinter")
+    if loaded is not None and getattr(loaded, "_oracle_ready", False):
+        return loaded
+    src = str(predecessor_src())
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    if "torchvision" not in sys.modules:
+        _install_torchvision()
+    _install_scipy_if_missing()
+    atlinter = importlib.import_module("atlinter")
+    if not str(Path(atlinter.__file__).resolve()).startswith(str(Path(src).resolve())):
+        raise ImportError(
+            f"'atlinter' was imported from {atlinter.__file__}, not from the oracle sdist "
+            f"in {src}; uninstall that copy (pip uninstall atlinter) so tests use 0.2.3"
+        )
+    _install_mxnet_if_missing()
+    atlinter._oracle_ready = True
+    return atlinter
