@@ -40,6 +40,8 @@ EdgePolicy = Literal["copy", "empty"]
 PLACEMENTS = ("exact", "atlinter")
 EDGE_POLICIES = ("copy", "empty")
 MEASURED, PREDICTED, EDGE = "measured", "predicted", "edge-filled"
+#: Deepest bisection level: gaps up to 2**16 slices, far beyond any section spacing.
+MAX_BISECTION_DEPTH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,7 @@ def bisection_nodes(positions: Sequence[float]) -> list[list[float]]:
 
     for t in positions:
         num, den = float(t).as_integer_ratio()
-        if den & (den - 1) or not 0 < t < 1:
+        if den > 2**MAX_BISECTION_DEPTH or not 0 < t < 1:  # every float is m/2^k
             raise ConfigError(
                 f"position {t} is not a dyadic fraction in (0, 1): midpoint-only models "
                 "need interpolation.placement=atlinter (or a model with arbitrary t)"

@@ -22,6 +22,7 @@ STATUS_COLOURS = {MEASURED: (0, 200, 0), PREDICTED: (200, 0, 200), EDGE: (128, 1
 _STRIP = 6
 _GAP = 8
 _NAMES = ("AP", "DV", "LR")
+_MIN_HEIGHT = 300
 
 
 def _to_bgr(plane: np.ndarray, channels: int, peak: float) -> np.ndarray:
@@ -51,8 +52,13 @@ def quicklook_png(
         index[lead + axis] = ds.reference_shape[axis] // 2
         img = _to_bgr(np.asarray(arr[tuple(index)]), ds.channels, ds.peak)
         dims = [d for d in range(3) if d != axis]
+        if axis == 2:  # sagittal view: dorsal up, anterior left
+            img, dims = img.transpose(1, 0, 2), dims[::-1]
+        zoom = max(1, _MIN_HEIGHT // max(ds.reference_shape))
+        img = img.repeat(zoom, 0).repeat(zoom, 1)
         if ds.axis_index in dims:
             strip = np.array([STATUS_COLOURS.get(s, (0, 0, 0)) for s in status], np.uint8)
+            strip = strip.repeat(zoom, 0)
             if dims[0] == ds.axis_index:  # sections run down the rows
                 img = np.concatenate([np.repeat(strip[:, None], _STRIP, 1), img], axis=1)
             else:  # sections run along the columns

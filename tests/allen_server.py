@@ -10,7 +10,7 @@ a red square at a known place of the 25 µm reference plane on a light backgroun
 section has its own 2D transform (scale, rotation, shift), so the raw images differ and
 only a correct alignment puts every square back where it belongs. Faults (an HTTP status
 or a delay, for a number of requests or forever) are injected by URL substring, and every
-request is logged so tests can count them.
+request is logged (percent-decoded) so tests can count them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import cv2
 import numpy as np
@@ -180,7 +180,9 @@ class AllenServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -213,7 +215,7 @@ class AllenServer:
     def _fault_for(self, url: str) -> Fault | None:
         """Consume and return the first live fault matching ``url``."""
         with self._lock:
-            self.requests.append(url)
+            self.requests.append(unquote(url))
             for fault in self.faults:
                 if fault.pattern in url and (fault.times is None or fault.times > 0):
                     if fault.times is not None:

@@ -10,8 +10,12 @@ Commands::
 
     python mxnet_oracle.py SRC save-arrays OUT_DIR
     python mxnet_oracle.py SRC make-params OUT --seed 0 [--flow-gain 0.1]
-    python mxnet_oracle.py SRC predict PARAMS IMAGES1.npy IMAGES2.npy OUT.npy
-    python mxnet_oracle.py SRC bench PARAMS IMAGES1.npy IMAGES2.npy --repeat 5
+    python mxnet_oracle.py SRC predict PARAMS CASES.npz OUT.npz
+    python mxnet_oracle.py SRC bench PARAMS CASES.npz --repeat 5
+
+``CASES.npz`` holds image pairs ``a_<case>``/``b_<case>`` as atlinter takes them:
+``(H, W)`` or ``(H, W, 3)``, uint8 or float; ``OUT.npz`` gets ``<case>``, the
+``(2, H, W)`` flow atlinter returns.
 
 ``SRC`` is the ``src`` folder of the unpacked atlinter 0.2.3 sdist.
 """
@@ -123,6 +127,9 @@ def save_arrays(out_dir: str) -> None:
     }
     mx.nd.save(str(out / "dict.params"), {k: mx.nd.array(v, dtype=v.dtype) for k, v in ref.items()})
     np.savez(out / "dict.npz", **ref)
+    float32 = {"f32": ref["f32"], "conv": ref["conv"]}
+    mx.nd.save(str(out / "float32.params"), {k: mx.nd.array(v) for k, v in float32.items()})
+    np.savez(out / "float32.npz", **float32)
     mx.nd.save(str(out / "list.params"), [mx.nd.array(ref["f32"]), mx.nd.array(ref["conv"])])
     mx.util.set_np_shape(True)
     try:  # NumPy-shape semantics write V3 records; ndim 0 is then a scalar
@@ -164,31 +171,37 @@ def make_params(src: str, out: str, seed: int, flow_gain: float) -> None:
     net.collect_params().save(out, strip_prefix=net.prefix)
 
 
-def _pairs(images1: str, images2: str) -> tuple[np.ndarray, np.ndarray]:
-    """Image stacks ``(K, H, W)`` or ``(K, H, W, 3)`` saved by the caller."""
-    return np.load(images1), np.load(images2)
+def _cases(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Image pairs by case name from a ``.npz`` with ``a_<case>`` and ``b_<case>``."""
+    data = np.load(path)
+    names = sorted(k[2:] for k in data.files if k.startswith("a_"))
+    return {n: (data[f"a_{n}"], data[f"b_{n}"]) for n in names}
 
 
-def predict(src: str, params: str, images1: str, images2: str, out: str) -> None:
-    """atlinter's ``MaskFlowNet.predict_flow(*preprocess_images(a, b))`` per pair: (K, 2, H, W)."""
+def predict(src: str, params: str, cases: str, out: str) -> None:
+    """atlinter's ``MaskFlowNet.predict_flow(*preprocess_images(a, b))`` for every case."""
     model = predecessor_class(src)(params)
-    a, b = _pairs(images1, images2)
-    flows = [model.predict_flow(*model.preprocess_images(x, y)) for x, y in zip(a, b)]
-    np.save(out, np.stack(flows).astype(np.float32))
+    flows = {
+        name: model.predict_flow(*model.preprocess_images(a, b)).astype(np.float32)
+        for name, (a, b) in _cases(cases).items()
+    }
+    np.savez(out, **flows)
 
 
-def bench(src: str, params: str, images1: str, images2: str, repeat: int) -> None:
-    """Seconds per ``predict_flow`` after one warm-up (JSON on stdout)."""
+def bench(src: str, params: str, cases: str, repeat: int) -> None:
+    """Seconds per ``predict_flow`` of each case after one warm-up (JSON on stdout)."""
     model = predecessor_class(src)(params)
-    a, b = _pairs(images1, images2)
-    x, y = model.preprocess_images(a[0], b[0])
-    model.predict_flow(x, y)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+    result = {}
+    for name, (a, b) in _cases(cases).items():
+        x, y = model.preprocess_images(a, b)
         model.predict_flow(x, y)
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": times}))
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model.predict_flow(x, y)
+            times.append(time.perf_counter() - start)
+        result[name] = times
+    print(json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("predict", "bench"):
         p = sub.add_parser(name)
         p.add_argument("params")
-        p.add_argument("images1")
-        p.add_argument("images2")
+        p.add_argument("cases")
         if name == "predict":
             p.add_argument("out")
         else:
@@ -217,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "make-params":
         make_params(args.src, args.out, args.seed, args.flow_gain)
     elif args.cmd == "predict":
-        predict(args.src, args.params, args.images1, args.images2, args.out)
+        predict(args.src, args.params, args.cases, args.out)
     else:
-        bench(args.src, args.params, args.images1, args.images2, args.repeat)
+        bench(args.src, args.params, args.cases, args.repeat)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atlinter_ray.errors import CheckpointError
+from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.cain import CAIN
 from predecessor import import_predecessor
@@ -178,3 +178,8 @@ def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         build_model("cain", checkpoint=str(tmp_path / "absent.pth"), device="cpu")
+
+
+def test_checkpoint_is_required() -> None:
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        build_model("cain", device="cpu")

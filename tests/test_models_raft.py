@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlinter_ray.errors import CheckpointError
+from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.raft import CorrPyramid, pixel_grid
 from predecessor import import_predecessor
@@ -100,6 +100,7 @@ def test_rgb_matches_predecessor(case) -> None:
     np.testing.assert_allclose(ours[0], expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_grayscale_batch_matches_predecessor(case) -> None:
     _, oracle, _, model = case
     pairs = [_pair(seed, (128, 160)) for seed in (2, 3)]
@@ -139,7 +140,7 @@ def test_lookup_follows_our_flow_convention() -> None:
     """
     torch.manual_seed(0)
     sx, sy, r = 3, -2, 4
-    f1 = torch.randn(1, 32, 16, 20)
+    f1 = torch.randn(1, 256, 16, 20)
     f2 = torch.roll(f1, shifts=(sy, sx), dims=(2, 3))  # b(x + s) = a(x)
     corr = CorrPyramid(f1, f2, radius=r)
     grid = pixel_grid(1, 16, 20, f1.device)
@@ -157,11 +158,11 @@ def test_wrong_file_names_missing_unexpected_and_misshaped_keys(case, tmp_path: 
     with pytest.raises(CheckpointError) as err:
         build_model(other, checkpoint=str(path), device="cpu")
     message = str(err.value)
-    assert "RAFTNet architecture" in message and "shape mismatches" in message
-    if small:  # the large model needs the mask head and convc2 the small file lacks
-        assert "missing keys" in message and "update_block.encoder.convc2.bias" in message
-    else:
-        assert "unexpected keys" in message and "update_block.mask.0.bias" in message
+    assert str(path) in message and "RAFTNet architecture" in message
+    missing, unexpected = (103, 30) if small else (30, 103)  # bottleneck vs basic blocks
+    assert f"{missing} missing keys: cnet.layer1.0." in message
+    assert f"{unexpected} unexpected keys: cnet.layer1.0." in message
+    assert "75 shape mismatches: cnet.conv1.bias" in message
 
 
 def test_both_names_of_the_shared_batchnorm_are_required(tmp_path: Path) -> None:
@@ -193,3 +194,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="refused"):
         build_model("raft_small", checkpoint=str(path), device="cpu")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["raft", "raft_small"])
+def test_checkpoint_is_required(name: str) -> None:
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        build_model(name, device="cpu")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import register_model
 from atlinter_ray.models.torch_runtime import TorchPairInterpolator, load_weights
 
@@ -189,11 +190,16 @@ class CAIN(TorchPairInterpolator):
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | None = None,
         pad_to: int = SHUFFLE,
         storage_options: dict[str, Any] | None = None,
         **runtime: Any,
     ) -> None:
+        if not checkpoint:
+            raise ConfigError(
+                f"model {self.name!r} needs model.checkpoint: the path or URL of the "
+                "original pretrained_cain.pth file"
+            )
         net = CAINNet(pad_to=pad_to)
         digest = load_weights(net, checkpoint, storage_options=storage_options)
         super().__init__(net, digest, **runtime)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import register_model
 from atlinter_ray.models.torch_runtime import TorchFlowEstimator, load_weights
 
@@ -353,11 +354,16 @@ class _RAFT(TorchFlowEstimator):
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | None = None,
         iters: int = ITERS,
         storage_options: dict[str, Any] | None = None,
         **runtime: Any,
     ) -> None:
+        if not checkpoint:
+            raise ConfigError(
+                f"model {self.name!r} needs model.checkpoint: the path or URL of the "
+                "original raft-things.pth or raft-small.pth file"
+            )
         net = RAFTNet(small=self.small, iters=iters)
         digest = load_weights(net, checkpoint, storage_options=storage_options)
         super().__init__(net, digest, **runtime)

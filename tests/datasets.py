@@ -1,0 +1,43 @@
+"""Small real-looking datasets in the predecessor's layout, for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atlinter_ray.sample import sample_truth
+
+
+def write_dataset(
+    folder: Path,
+    name: str,
+    images: np.ndarray,
+    section_numbers: list[int],
+    axis: str = "coronal",
+    **extra: Any,
+) -> Path:
+    """Write ``<folder>/<name>.npy`` + ``.json``; return the ``.npy`` path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{name}.npy", images)
+    (folder / f"{name}.json").write_text(
+        json.dumps({"section_numbers": section_numbers, "axis": axis, **extra})
+    )
+    return folder / f"{name}.npy"
+
+
+def real_volume(rgb: bool = False) -> np.ndarray:
+    """The bundled sample's true volume (91, 79, 77) uint8, or a tinted RGB version."""
+    volume = sample_truth()
+    if not rgb:
+        return volume
+    tint = np.array([1.0, 0.8, 0.55], dtype=np.float32)
+    return np.clip(volume[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+def sections_of(volume: np.ndarray, sections: list[int], axis: str) -> np.ndarray:
+    """Known sections of ``volume`` along ``axis``, in the predecessor's layout."""
+    index = {"coronal": 0, "sagittal": 2}[axis]
+    return np.stack([np.take(volume, s, axis=index) for s in sections])

