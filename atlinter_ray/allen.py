@@ -2,11 +2,14 @@
 
 What the Allen API gives (Allen Mouse Brain Atlas, product ``Mouse``)::
 
-    Gene ──< SectionDataSet (one ISH experiment, one plane) ──< SectionImage
-                 │ alignment3d: tvr_00..11 (volume -> reference, µm)       │ alignment2d:
-                 │              trv_00..11 (reference -> volume)           │  tsv_00..05 (image px -> volume µm)
-                 │ section_thickness (µm), reference_space_id             │  tvs_00..05 (volume -> image px)
-                                                                          │ section_number
+    Gene ──< SectionDataSet (one ISH experiment in one plane) ──< SectionImage
+
+    SectionDataSet.alignment3d   tvr_00..11  volume µm -> reference µm
+                                 trv_00..11  reference µm -> volume µm
+    SectionDataSet               section_thickness (µm), reference_space_id
+    SectionImage.alignment2d     tsv_00..05  image pixel -> volume µm
+                                 tvs_00..05  volume µm -> image pixel
+    SectionImage                 section_number
 
 A 3D matrix is stored row-major as a 3x3 linear part (``_00``..``_08``) followed by a
 translation (``_09``..``_11``); a 2D matrix as a 2x2 linear part (``_00``..``_03``) and a
@@ -20,8 +23,8 @@ Conventions copied from the predecessor (atlinter 0.2.3, which used atldld 0.2.2
 * a section's position along the plane normal is the reference coordinate (``p`` for
   coronal, ``r`` for sagittal) of its image pixel ``(0, 0)``; its slice index in the
   25 µm atlas is that coordinate ``// 25``. atldld asked the API's ``image_to_reference``
-  service for it; we compute the same composition locally from ``tsv`` and ``tvr`` (one
-  request per experiment instead of one per image);
+  service for it; we compute the composition atldld's documentation describes locally
+  from ``tsv`` and ``tvr``, saving one request per image;
 * the whole reference plane at that coordinate is mapped into the image and sampled
   with bilinear interpolation, the outside filled with the image's top-left colour.
   atldld built a dense displacement field from the transform of the image the API's
@@ -43,8 +46,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import cv2
@@ -146,9 +150,8 @@ def section_images_criteria(experiment_id: int) -> str:
 def query_url(api_url: str, criteria: str, *, start_row: int = 0, num_rows: int = 2000) -> str:
     """The ``query.json`` URL for ``criteria``, one page of ``num_rows`` from ``start_row``."""
     options = f",rma::options[start_row$eq{start_row}][num_rows$eq{num_rows}]"
-    return (
-        f"{api_url.rstrip('/')}/api/v2/data/query.json?criteria="
-        + quote(criteria + options, safe=":,[]$'=()")
+    return f"{api_url.rstrip('/')}/api/v2/data/query.json?criteria=" + quote(
+        criteria + options, safe=":,[]$'=()"
     )
 
 
@@ -202,7 +205,7 @@ def _matrix(fields: Any, prefix: str, size: int, where: str) -> np.ndarray:
             "to the Allen Institute"
         )
     values = [fields.get(n) for n in names]
-    missing = [n for n, v in zip(names, values) if v is None]
+    missing = [n for n, v in zip(names, values, strict=True) if v is None]
     if missing:
         raise MissingTransformError(
             f"{where}: alignment{size}d lacks {', '.join(missing)}, so it cannot be placed in "
@@ -267,7 +270,10 @@ def plane_to_image(
 
 
 def warp_to_reference(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Sample ``image`` on the reference plane: ``out[row, col] = image[matrix @ (col, row, 1)]``."""
+    """Sample ``image`` on the reference plane: ``out[row, col] = image[matrix @ (col, row, 1)]``.
+
+    Bilinear, the outside filled with the image's top-left colour (as the predecessor did).
+    """
     fill = image[0, 0].tolist() if image.ndim == 3 else float(image[0, 0])
     if isinstance(fill, list):
         fill = fill + [0] * (4 - len(fill))
@@ -305,8 +311,12 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 class RateLimiter:
     """Spaces calls at least ``1 / max_per_second`` apart (thread-safe); <= 0 disables it."""
 
-    def __init__(self, max_per_second: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        max_per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         """Allow ``max_per_second`` acquisitions per second."""
         self.interval = 1.0 / max_per_second if max_per_second > 0 else 0.0
         self._clock, self._sleep = clock, sleep
@@ -397,7 +407,9 @@ class AllenClient:
 
     def similar_genes(self, gene: str) -> list[str]:
         """Acronyms equal to ``gene`` ignoring case (for 'did you mean')."""
-        return sorted({str(r.get("acronym")) for r in self.query(gene_criteria(gene, case_insensitive=True))})
+        return sorted(
+            {str(r.get("acronym")) for r in self.query(gene_criteria(gene, case_insensitive=True))}
+        )
 
     def experiments(self, gene: str, plane: str) -> list[dict[str, Any]]:
         """SectionDataSet rows (with ``alignment3d``) of ``gene`` in ``plane``."""

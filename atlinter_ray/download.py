@@ -29,15 +29,17 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import fsspec
 import numpy as np
 
 from atlinter_ray.allen import (
     DEFAULT_API_URL,
+    VOXEL_UM,
     AllenClient,
     UnknownGeneError,
     affine_2d,
@@ -49,6 +51,7 @@ from atlinter_ray.allen import (
     slice_index,
     warp_to_reference,
 )
+from atlinter_ray.dataset import CCF_25UM_SHAPE
 from atlinter_ray.errors import AtlinterRayError, ConfigError, DatasetError, StoreError
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ class DownloadConfig:
     #: Local folder or fsspec URL (``s3://bucket/prefix``) receiving the files.
     output: str = "data/allen"
     #: fsspec options for ``output`` (endpoint_url, ...). Keep secrets in env vars.
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     api_url: str = DEFAULT_API_URL
     #: Experiments downloaded at once (Ray actors).
     concurrency: int = 4
@@ -129,7 +132,7 @@ class DownloadConfig:
             )
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "DownloadConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> DownloadConfig:
         """Build from a plain mapping (e.g. ``OmegaConf.to_container``); unknown keys are errors."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -193,7 +196,10 @@ class DownloadSummary:
             f"experiments: {len(self.planned)} planned, {len(self.skipped)} already complete, "
             f"{len(done)} downloaded, {len(failed)} failed"
         ]
-        lines += [f"  no {plane} experiment for gene {gene}" for gene, plane in self.genes_without_experiments]
+        lines += [
+            f"  no {plane} experiment for gene {gene}"
+            for gene, plane in self.genes_without_experiments
+        ]
         lines += [f"  failed {r.experiment_id} ({r.gene}, {r.plane}): {r.error}" for r in failed]
         return "\n".join(lines)
 
@@ -201,7 +207,9 @@ class DownloadSummary:
 # ------------------------------------------------------------------------------ store
 
 
-def open_store(output: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_store(
+    output: str, storage_options: Mapping[str, Any]
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of ``output`` (created if missing)."""
     fs, root = fsspec.core.url_to_fs(output, **dict(storage_options))
     root = root.rstrip("/")
@@ -226,7 +234,9 @@ def experiment_paths(root: str, experiment_id: int) -> tuple[str, str]:
     return f"{root}/{experiment_id}.npy", f"{root}/{experiment_id}.json"
 
 
-def read_complete_metadata(fs: fsspec.AbstractFileSystem, root: str, experiment_id: int) -> dict[str, Any] | None:
+def read_complete_metadata(
+    fs: fsspec.AbstractFileSystem, root: str, experiment_id: int
+) -> dict[str, Any] | None:
     """The experiment's metadata if it is completely written, else None."""
     npy, meta = experiment_paths(root, experiment_id)
     try:
@@ -239,7 +249,9 @@ def read_complete_metadata(fs: fsspec.AbstractFileSystem, root: str, experiment_
     return record
 
 
-def check_not_conflicting(record: Mapping[str, Any], experiment: Experiment, config: DownloadConfig, where: str) -> None:
+def check_not_conflicting(
+    record: Mapping[str, Any], experiment: Experiment, config: DownloadConfig, where: str
+) -> None:
     """Raise StoreError if a complete experiment was made with other settings."""
     theirs = (record.get("downsample"), record.get("axis"))
     ours = (config.downsample, experiment.plane)
@@ -254,14 +266,19 @@ def check_not_conflicting(record: Mapping[str, Any], experiment: Experiment, con
 # --------------------------------------------------------------------------- planning
 
 
-def plan(client: AllenClient, config: DownloadConfig) -> tuple[list[Experiment], list[tuple[str, str]]]:
+def plan(
+    client: AllenClient, config: DownloadConfig
+) -> tuple[list[Experiment], list[tuple[str, str]]]:
     """Check every gene, then list its experiments per plane (no image is downloaded here)."""
     unknown = [gene for gene in config.genes if not client.gene_exists(gene)]
     if unknown:
         hints = []
         for gene in unknown:
             similar = client.similar_genes(gene)
-            hints.append(f"{gene!r}" + (f" (did you mean {', '.join(map(repr, similar))}?)" if similar else ""))
+            hints.append(
+                f"{gene!r}"
+                + (f" (did you mean {', '.join(map(repr, similar))}?)" if similar else "")
+            )
         raise UnknownGeneError(
             f"unknown gene(s) {', '.join(hints)} at {config.api_url}: not a gene of the Allen "
             "Mouse Brain Atlas; check the symbol (official MGI symbol, case-sensitive) in `genes`"
@@ -281,6 +298,7 @@ def plan(client: AllenClient, config: DownloadConfig) -> tuple[list[Experiment],
                         experiment_id=eid,
                         gene=gene,
                         plane=plane,
+                        # every P56 ISH experiment is cut at 25 µm; the API states it
                         section_thickness=float(row.get("section_thickness") or 25.0),
                         reference_space_id=row.get("reference_space_id"),
                         alignment3d=row.get("alignment3d"),
@@ -290,6 +308,40 @@ def plan(client: AllenClient, config: DownloadConfig) -> tuple[list[Experiment],
 
 
 # ------------------------------------------------------------------------- experiment
+
+
+def select_sections(
+    sections: list[tuple[float, int, np.ndarray]], n_slices: int, plane: str
+) -> tuple[list[tuple[float, int, np.ndarray]], list[dict[str, Any]]]:
+    """Keep one section per reference slice inside the volume; say why the others went.
+
+    ``sections`` are ``(coordinate_um, image_id, matrix)`` sorted by coordinate. Of two
+    sections in one slice, the one nearest the slice centre stays (then the lower id):
+    the dataset loader accepts one image per slice.
+    """
+    best: dict[int, tuple[float, int, np.ndarray]] = {}
+    dropped: list[dict[str, Any]] = []
+    for item in sections:
+        coord, image_id, _ = item
+        index = slice_index(coord)
+        if not 0 <= index < n_slices:
+            dropped.append(
+                {
+                    "image_id": image_id,
+                    "slice": index,
+                    "reason": f"outside the {n_slices} {plane} slices",
+                }
+            )
+            continue
+        key = (abs(coord - (index + 0.5) * VOXEL_UM), image_id)
+        kept = best.get(index)
+        if kept is None or key < (abs(kept[0] - (index + 0.5) * VOXEL_UM), kept[1]):
+            if kept is not None:
+                dropped.append({"image_id": kept[1], "slice": index, "reason": "duplicate slice"})
+            best[index] = item
+        else:
+            dropped.append({"image_id": image_id, "slice": index, "reason": "duplicate slice"})
+    return [best[k] for k in sorted(best)], sorted(dropped, key=lambda d: d["image_id"])
 
 
 def download_experiment(
@@ -313,14 +365,17 @@ def download_experiment(
         image_where = f"{where}, section image {row['id']}"
         tsv = affine_2d(row.get("alignment2d"), "tsv", image_where)
         tvs = affine_2d(row.get("alignment2d"), "tvs", image_where)
+        if row.get("section_number") is None:
+            raise DatasetError(
+                f"{image_where} has no section_number in the Allen API; drop this experiment"
+            )
         coord = section_coordinate(
-            tsv, tvr, float(row.get("section_number") or 0), experiment.section_thickness, plane.name
+            tsv, tvr, float(row["section_number"]), experiment.section_thickness, plane.name
         )
         matrix = plane_to_image(plane.name, coord, trv, tvs, config.downsample)
         sections.append((coord, int(row["id"]), matrix))
     sections.sort(key=lambda s: (s[0], s[1]))
-    inside = [s for s in sections if 0 <= slice_index(s[0]) < plane.n_slices]
-    dropped = [s[1] for s in sections if not 0 <= slice_index(s[0]) < plane.n_slices]
+    inside, dropped = select_sections(sections, plane.n_slices, plane.name)
     if not inside:
         raise DatasetError(
             f"{where}: all {len(sections)} sections fall outside the {plane.n_slices} reference "
@@ -330,10 +385,18 @@ def download_experiment(
     def fetch(item: tuple[float, int, np.ndarray]) -> np.ndarray:
         """Download one section and warp it into the reference plane."""
         _, image_id, matrix = item
-        return warp_to_reference(client.section_image(image_id, config.downsample), matrix, plane.shape)
+        return warp_to_reference(
+            client.section_image(image_id, config.downsample), matrix, plane.shape
+        )
 
     with ThreadPoolExecutor(max_workers=config.image_threads) as pool:
-        warped = list(pool.map(fetch, inside))
+        futures = [pool.submit(fetch, item) for item in inside]
+        try:
+            warped = [f.result() for f in futures]
+        except BaseException:  # one image failed for good: do not download the rest
+            for f in futures:
+                f.cancel()
+            raise
     ndims = {w.ndim for w in warped}
     if len(ndims) != 1:
         raise DatasetError(f"{where}: sections mix grayscale and colour images; cannot stack them")
@@ -353,7 +416,8 @@ def download_experiment(
         "plane": plane.name,
         "downsample": config.downsample,
         "section_coordinates_um": [round(s[0], 4) for s in inside],
-        "dropped_image_ids": dropped,
+        "dropped_sections": dropped,
+        "reference_shape": list(CCF_25UM_SHAPE),
         "section_thickness_um": experiment.section_thickness,
         "reference_space_id": experiment.reference_space_id,
         "source": f"{client.api_url} (Allen Mouse Brain Atlas ISH)",
@@ -385,10 +449,17 @@ class ExperimentWorker:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             result = ExperimentResult(
-                experiment.experiment_id, experiment.gene, experiment.plane, status, n, error,
+                experiment.experiment_id,
+                experiment.gene,
+                experiment.plane,
+                status,
+                n,
+                error,
                 round(time.monotonic() - start, 3),
             )
-        log.info("experiment %s: %s %s", experiment.experiment_id, status, error)
+        log.info(
+            "experiment %s: %s%s", experiment.experiment_id, status, f" ({error})" if error else ""
+        )
         return result
 
 
@@ -418,8 +489,15 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
             try:
                 results.append(ray.get(ready[0]))
             except ray.exceptions.RayError as exc:  # the actor died: the experiment failed
-                results.append(ExperimentResult(exp.experiment_id, exp.gene, exp.plane, "failed",
-                                                error=f"{type(exc).__name__}: {exc}"))
+                results.append(
+                    ExperimentResult(
+                        exp.experiment_id,
+                        exp.gene,
+                        exp.plane,
+                        "failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                )
                 actor = actor_cls.remote(config, config.concurrency)
                 actors.append(actor)
             if queue:
@@ -447,7 +525,12 @@ def run_download(config: DownloadConfig) -> DownloadSummary:
         else:
             check_not_conflicting(record, exp, config, config.output)
             skipped.append(exp.experiment_id)
-    log.info("%d experiments planned, %d complete, %d to download", len(experiments), len(skipped), len(todo))
+    log.info(
+        "%d experiments planned, %d complete, %d to download",
+        len(experiments),
+        len(skipped),
+        len(todo),
+    )
     if not todo:
         results: list[ExperimentResult] = []
     elif config.use_ray:

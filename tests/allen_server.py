@@ -58,7 +58,9 @@ class DataSet:
     sections: list[Section] = field(default_factory=list)
 
 
-def tsv_matrix(shift: tuple[float, float], angle_deg: float, scale: float = UM_PER_PX) -> np.ndarray:
+def tsv_matrix(
+    shift: tuple[float, float], angle_deg: float, scale: float = UM_PER_PX
+) -> np.ndarray:
     """Image pixel -> volume µm: rotate, scale, then shift."""
     a = np.deg2rad(angle_deg)
     rot = scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
@@ -98,8 +100,10 @@ def render(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
     rows_axis, cols_axis = (1, 2) if dataset.plane == "coronal" else (0, 1)
     lo_r, hi_r, lo_c, hi_c = section.box
     inside = (
-        (pir[rows_axis] >= lo_r) & (pir[rows_axis] < hi_r)
-        & (pir[cols_axis] >= lo_c) & (pir[cols_axis] < hi_c)
+        (pir[rows_axis] >= lo_r)
+        & (pir[rows_axis] < hi_r)
+        & (pir[cols_axis] >= lo_c)
+        & (pir[cols_axis] < hi_c)
     )
     img = np.empty((h, w, 3), dtype=np.uint8)
     img[:] = BACKGROUND
@@ -149,7 +153,7 @@ def default_datasets() -> list[DataSet]:
     gad_cor = make(1001, "Gad1", "coronal", [108, 100, 116, 600], 11000)  # 600 is past slice 527
     gad_sag = make(1002, "Gad1", "sagittal", [200, 204, 208], 12000)
     vip_cor = make(2001, "Vip", "coronal", [150, 158, 166], 21000)
-    vip_sag = make(2002, "Vip", "sagittal", [120, 128, 136], 22000)
+    vip_sag = make(2002, "Vip", "sagittal", [120, 128, 136, 128], 22000)  # 22003 repeats 128
     bad_2d = make(3001, "Badtx", "coronal", [100, 108], 31000)
     bad_2d.sections[1].tsv = None
     bad_3d = make(3002, "Badtx", "coronal", [120, 128], 32000)
@@ -190,7 +194,7 @@ class AllenServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "AllenServer":
+    def __enter__(self) -> AllenServer:
         """Start serving."""
         self._thread.start()
         return self
@@ -239,7 +243,9 @@ class AllenServer:
             dataset, section = self.images[int(match.group(1))]
             downsample = int(query.get("downsample", ["0"])[0])
             rgb = render(dataset, section, downsample)
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            ok, jpg = cv2.imencode(
+                ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+            )
             return 200, "image/jpeg", jpg.tobytes()
         return 404, "text/html", b"<html>Not Found</html>"
 
@@ -256,14 +262,18 @@ class AllenServer:
                 return self._envelope(400, False, "Gene query without acronym")
             op, acr = m.groups()
             hits = [g for g in self.genes if (g == acr if op == "eq" else g.lower() == acr.lower())]
-            rows = [{"id": 100 + self.genes.index(g), "acronym": g, "name": f"gene {g}"} for g in hits]
+            rows = [
+                {"id": 100 + self.genes.index(g), "acronym": g, "name": f"gene {g}"} for g in hits
+            ]
         elif name == "SectionDataSet":
             gene = re.search(r"genes\[acronym\$eq'([^']*)'\]", criteria)
             plane = re.search(r"plane_of_section\[name\$eq'([^']*)'\]", criteria)
             with_3d = "rma::include,alignment3d" in criteria
             rows = []
             for d in self.datasets.values():
-                if (gene is None or d.gene == gene.group(1)) and (plane is None or d.plane == plane.group(1)):
+                if (gene is None or d.gene == gene.group(1)) and (
+                    plane is None or d.plane == plane.group(1)
+                ):
                     row: dict[str, Any] = {
                         "id": d.experiment_id,
                         "failed": False,
@@ -280,7 +290,11 @@ class AllenServer:
             with_2d = "rma::include,alignment2d" in criteria
             rows = []
             for s in d.sections if d else []:
-                row = {"id": s.image_id, "data_set_id": d.experiment_id, "section_number": s.section_number}
+                row = {
+                    "id": s.image_id,
+                    "data_set_id": d.experiment_id,
+                    "section_number": s.section_number,
+                }
                 if with_2d:
                     row["alignment2d"] = None if s.tsv is None else alignment2d_record(s.tsv)
                 rows.append(row)
@@ -290,10 +304,14 @@ class AllenServer:
         num = re.search(r"num_rows\$eq(\d+)", criteria)
         start_row = int(start.group(1)) if start else 0
         num_rows = int(num.group(1)) if num else 50  # the API's default page
-        return self._envelope(200, True, rows[start_row : start_row + num_rows], start_row, len(rows))
+        return self._envelope(
+            200, True, rows[start_row : start_row + num_rows], start_row, len(rows)
+        )
 
     @staticmethod
-    def _envelope(status: int, success: bool, msg: Any, start_row: int = 0, total: int = 0) -> tuple[int, str, bytes]:
+    def _envelope(
+        status: int, success: bool, msg: Any, start_row: int = 0, total: int = 0
+    ) -> tuple[int, str, bytes]:
         """Serialise the RMA envelope."""
         body = {
             "success": success,

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
+from allen_server import AllenServer, Fault, Section, expected_slice
 
-from allen_server import AllenServer, Fault, expected_slice
 from atlinter_ray.allen import (
     AllenApiError,
     RateLimiter,
@@ -21,12 +22,18 @@ from atlinter_ray.allen import (
     parse_rma_response,
     query_url,
 )
-from atlinter_ray.download import DownloadConfig, DownloadError, run_download
+from atlinter_ray.dataset import load_dataset
+from atlinter_ray.download import DownloadConfig, DownloadError, run_download, write_atomic
 from atlinter_ray.errors import ConfigError, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"coronal": (320, 456), "sagittal": (528, 320)}
-EXPERIMENTS = {1001: ("Gad1", "coronal"), 1002: ("Gad1", "sagittal"), 2001: ("Vip", "coronal"), 2002: ("Vip", "sagittal")}
+EXPERIMENTS = {
+    1001: ("Gad1", "coronal"),
+    1002: ("Gad1", "sagittal"),
+    2001: ("Vip", "coronal"),
+    2002: ("Vip", "sagittal"),
+}
 
 
 @pytest.fixture
@@ -58,12 +65,18 @@ def check_experiment(srv: AllenServer, volume: np.ndarray, meta: dict, experimen
     """Fields, order and the place of every section's square against the ground truth."""
     gene, plane = EXPERIMENTS[experiment_id]
     dataset = srv.datasets[experiment_id]
-    inside = [s for s in dataset.sections if expected_slice(s, plane) < (528 if plane == "coronal" else 456)]
-    inside.sort(key=lambda s: s.section_number)
+    n_slices = 528 if plane == "coronal" else 456
+    by_slice: dict[int, Section] = {}  # one section per slice, the lowest image id on ties
+    for s in sorted(dataset.sections, key=lambda s: s.image_id):
+        if expected_slice(s, plane) < n_slices:
+            by_slice.setdefault(expected_slice(s, plane), s)
+    inside = [by_slice[k] for k in sorted(by_slice)]
     assert volume.dtype == np.uint8
     assert volume.shape == (len(inside), *SHAPES[plane], 3)
     assert meta["axis"] == meta["plane"] == plane
-    assert meta["gene"] == gene and meta["experiment_id"] == experiment_id and meta["downsample"] == 2
+    assert (
+        meta["gene"] == gene and meta["experiment_id"] == experiment_id and meta["downsample"] == 2
+    )
     assert meta["section_numbers"] == [expected_slice(s, plane) for s in inside]
     assert meta["image_ids"] == [s.image_id for s in inside]
     assert meta["image_shape"] == [*SHAPES[plane], 3]
@@ -74,12 +87,16 @@ def check_experiment(srv: AllenServer, volume: np.ndarray, meta: dict, experimen
         assert abs(rows.mean() - (lo_r + hi_r) / 2 / 25) < 0.75, (experiment_id, section.image_id)
         assert abs(cols.mean() - (lo_c + hi_c) / 2 / 25) < 0.75, (experiment_id, section.image_id)
         assert abs(red.sum() / ((hi_r - lo_r) * (hi_c - lo_c) / 625) - 1) < 0.1
-        assert tuple(int(v) for v in volume[k, 0, 0]) == pytest.approx((235, 230, 225), abs=6)  # RGB, not BGR
+        assert tuple(int(v) for v in volume[k, 0, 0]) == pytest.approx(
+            (235, 230, 225), abs=6
+        )  # RGB, not BGR
 
 
 def read(out: Path, experiment_id: int) -> tuple[np.ndarray, dict]:
     """One experiment's array and metadata from a local output folder."""
-    return np.load(out / f"{experiment_id}.npy"), json.loads((out / f"{experiment_id}.json").read_text())
+    return np.load(out / f"{experiment_id}.npy"), json.loads(
+        (out / f"{experiment_id}.json").read_text()
+    )
 
 
 # ------------------------------------------------------------------------ pure parts
@@ -87,10 +104,14 @@ def read(out: Path, experiment_id: int) -> tuple[np.ndarray, dict]:
 
 def test_query_url_and_envelope():
     """Criteria are percent-encoded with paging options; error envelopes raise AllenApiError."""
-    url = query_url("http://h/", "model::Gene,rma::criteria,[acronym$eq'Gad 1']", start_row=4, num_rows=2)
+    url = query_url(
+        "http://h/", "model::Gene,rma::criteria,[acronym$eq'Gad 1']", start_row=4, num_rows=2
+    )
     assert url.startswith("http://h/api/v2/data/query.json?criteria=model::Gene,rma::criteria,")
     assert "[acronym$eq'Gad%201']" in url and url.endswith("[start_row$eq4][num_rows$eq2]")
-    page = parse_rma_response({"success": True, "start_row": 4, "total_rows": 9, "msg": [{"id": 1}]}, url)
+    page = parse_rma_response(
+        {"success": True, "start_row": 4, "total_rows": 9, "msg": [{"id": 1}]}, url
+    )
     assert (page.rows, page.start_row, page.total_rows) == ([{"id": 1}], 4, 9)
     with pytest.raises(AllenApiError, match="refused .*no such table"):
         parse_rma_response({"success": False, "msg": "no such table"}, url)
@@ -129,8 +150,15 @@ def test_two_genes_both_planes(server, tmp_path):
     assert sorted(summary.planned) == sorted(EXPERIMENTS) and not summary.skipped
     for eid in EXPERIMENTS:
         check_experiment(server, *read(tmp_path, eid), eid)
-    meta = read(tmp_path, 1001)[1]
-    assert meta["dropped_image_ids"] == [11003]  # section 600 lies past the 528 coronal slices
+    assert read(tmp_path, 1001)[1]["dropped_sections"] == [
+        {"image_id": 11003, "slice": 600, "reason": "outside the 528 coronal slices"}
+    ]
+    assert read(tmp_path, 2002)[1]["dropped_sections"] == [
+        {"image_id": 22003, "slice": 128, "reason": "duplicate slice"}
+    ]
+    for eid in EXPERIMENTS:  # the pipeline's own loader accepts every file
+        ds = load_dataset(str(tmp_path / f"{eid}.npy"))
+        assert ds.axis == EXPERIMENTS[eid][1] and ds.channels == 3
     assert server.count("query.json") > 1 + 2 * 2 + 4  # paging asked for more than one page
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -162,7 +190,9 @@ def test_transient_errors_are_retried(server, tmp_path):
         Fault("model::SectionDataSet", status=502, times=1),
         Fault("section_image_download/21001", delay_s=1.0, times=1),
     ]
-    run_download(config(server, tmp_path, genes=("Gad1", "Vip"), planes=("coronal",), timeout_s=0.4))
+    run_download(
+        config(server, tmp_path, genes=("Gad1", "Vip"), planes=("coronal",), timeout_s=0.4)
+    )
     assert server.count("section_image_download/11000") == 3
     assert server.count("section_image_download/21001") == 2
     check_experiment(server, *read(tmp_path, 1001), 1001)
@@ -210,7 +240,9 @@ def test_unknown_gene_fails_before_any_download(server, tmp_path):
     assert "'Nosuch'" in message and "check the symbol" in message
     assert "'vip' (did you mean 'Vip'?)" in message and "'Gad1'" not in message
     assert isinstance(info.value, ValueError)
-    assert server.count("model::SectionDataSet") == 0 and server.count("section_image_download") == 0
+    assert (
+        server.count("model::SectionDataSet") == 0 and server.count("section_image_download") == 0
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -219,8 +251,15 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = DownloadConfig(genes=("Gad1",), output=str(tmp_path), api_url=f"http://127.0.0.1:{port}",
-                         use_ray=False, retries=1, backoff_s=0.01, timeout_s=1.0)
+    cfg = DownloadConfig(
+        genes=("Gad1",),
+        output=str(tmp_path),
+        api_url=f"http://127.0.0.1:{port}",
+        use_ray=False,
+        retries=1,
+        backoff_s=0.01,
+        timeout_s=1.0,
+    )
     with pytest.raises(AllenApiError, match=rf"127.0.0.1:{port}/api/v2/data/query.json.*2 attempt"):
         run_download(cfg)
 
@@ -237,14 +276,21 @@ def test_s3_output(server):
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
     try:
-        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+        options = {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "key": "testing",
+            "secret": "testing",
+        }
         fs = s3fs.S3FileSystem(**options)
         fs.mkdir("allen-test")
         cfg = config(server, "s3://allen-test/run1", genes=("Vip",), storage_options=options)
         run_download(cfg)
         fs.invalidate_cache()
         assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("allen-test/run1")) == [
-            "2001.json", "2001.npy", "2002.json", "2002.npy"
+            "2001.json",
+            "2001.npy",
+            "2002.json",
+            "2002.npy",
         ]
         with fs.open("allen-test/run1/2002.npy", "rb") as f:
             volume = np.load(f)
@@ -265,18 +311,34 @@ def test_ray_pool_matches_in_process(server, tmp_path, ray_cluster):
     """Actors on a real local cluster write the same bytes as the in-process path."""
     run_download(config(server, tmp_path / "serial"))
     server.reset_log()
-    summary = run_download(config(server, tmp_path / "ray", use_ray=True, concurrency=2, worker_cpus=0.5,
-                                  max_requests_per_second=200))
-    assert sorted(r.experiment_id for r in summary.results if r.status == "done") == sorted(EXPERIMENTS)
+    summary = run_download(
+        config(
+            server,
+            tmp_path / "ray",
+            use_ray=True,
+            concurrency=2,
+            worker_cpus=0.5,
+            max_requests_per_second=200,
+        )
+    )
+    assert sorted(r.experiment_id for r in summary.results if r.status == "done") == sorted(
+        EXPERIMENTS
+    )
     assert server.count("section_image_download") == 12
     for eid in EXPERIMENTS:
         for suffix in (".npy", ".json"):
-            assert (tmp_path / "ray" / f"{eid}{suffix}").read_bytes() == (tmp_path / "serial" / f"{eid}{suffix}").read_bytes()
+            assert (tmp_path / "ray" / f"{eid}{suffix}").read_bytes() == (
+                tmp_path / "serial" / f"{eid}{suffix}"
+            ).read_bytes()
     server.faults.append(Fault("section_image_download/22001", status=500, times=None))
     (tmp_path / "ray" / "2002.json").unlink()
     server.reset_log()
     with pytest.raises(DownloadError, match="2002 \\(Vip, sagittal\\).*HTTP 500"):
-        run_download(config(server, tmp_path / "ray", use_ray=True, concurrency=2, worker_cpus=0.5, retries=1))
+        run_download(
+            config(
+                server, tmp_path / "ray", use_ray=True, concurrency=2, worker_cpus=0.5, retries=1
+            )
+        )
     # only the incomplete experiment was redone (its image list takes two pages of 2)
     assert server.count("model::SectionImage") == server.count("section_data_set[id$eq2002]") == 2
 
@@ -287,17 +349,54 @@ def test_hydra_job_entry_point(server, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = tmp_path / "job"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "download.py"), "genes=[Vip]", "planes=[coronal]",
-         f"output={out}", f"api_url={server.url}", "use_ray=false", "downsample=2"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "jobs" / "download.py"),
+            "genes=[Vip]",
+            "planes=[coronal]",
+            f"output={out}",
+            f"api_url={server.url}",
+            "use_ray=false",
+            "downsample=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 planned, 0 already complete, 1 downloaded, 0 failed" in proc.stdout
     check_experiment(server, *read(out, 2001), 2001)
-    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "outputs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]  # no config dump, no log file
     bad = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "download.py"), "genes=[Nosuch]", f"output={out}",
-         f"api_url={server.url}", "use_ray=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "jobs" / "download.py"),
+            "genes=[Nosuch]",
+            f"output={out}",
+            f"api_url={server.url}",
+            "use_ray=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
     )
     assert bad.returncode != 0 and "Nosuch" in bad.stderr and "check the symbol" in bad.stderr
+
+
+def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
+    """A write that dies before the move leaves neither the file nor its temporary."""
+    fs = fsspec.filesystem("file")
+    write_atomic(fs, f"{tmp_path}/a.json", b"{}")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(fs), "mv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(fs, f"{tmp_path}/b.npy", b"x" * 1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

