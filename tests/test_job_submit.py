@@ -122,7 +122,7 @@ class LocalHead:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
-    def stop(self, grace: float = 10) -> None:
+    def stop(self, grace: float = 3) -> None:
         """End every process of this head (and only those), then remove its temp dir.
 
         All of them run in the process group of the `ray start` we launched: SIGTERM
