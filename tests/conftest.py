@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -35,3 +36,35 @@ def ray_cluster():
     start_local_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback; yields s3fs storage options.
+
+    The buckets ``atlas-in`` and ``atlas-out`` exist; credentials are dummies that
+    tests use to check secrets never leak into outputs.
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "testing-key",
+        "secret": "testing-secret-value",
+    }
+    fs = s3fs.S3FileSystem(**options)
+    for bucket in ("atlas-in", "atlas-out"):
+        fs.mkdir(bucket)
+    yield options
+    server.stop()

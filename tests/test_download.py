@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import fsspec
 import numpy as np
 import pytest
 from allen_server import AllenServer, Fault, Section, expected_slice
+from conftest import free_port
 
 from atlinter_ray.allen import (
     AllenApiError,
@@ -248,9 +248,7 @@ def test_unknown_gene_fails_before_any_download(server, tmp_path):
 
 def test_unreachable_api_is_a_clear_error(tmp_path):
     """A closed port: connection errors are retried, then reported with the URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cfg = DownloadConfig(
         genes=("Gad1",),
         output=str(tmp_path),
@@ -265,41 +263,26 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_s3_output(server):
+def test_s3_output(server, s3_server):
     """Output to s3:// through fsspec (moto on loopback); rerun skips what is there."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    moto.start()
-    try:
-        options = {
-            "endpoint_url": f"http://127.0.0.1:{port}",
-            "key": "testing",
-            "secret": "testing",
-        }
-        fs = s3fs.S3FileSystem(**options)
-        fs.mkdir("allen-test")
-        cfg = config(server, "s3://allen-test/run1", genes=("Vip",), storage_options=options)
-        run_download(cfg)
-        fs.invalidate_cache()
-        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("allen-test/run1")) == [
-            "2001.json",
-            "2001.npy",
-            "2002.json",
-            "2002.npy",
-        ]
-        with fs.open("allen-test/run1/2002.npy", "rb") as f:
-            volume = np.load(f)
-        check_experiment(server, volume, json.loads(fs.cat_file("allen-test/run1/2002.json")), 2002)
-        server.reset_log()
-        assert sorted(run_download(cfg).skipped) == [2001, 2002]
-        assert server.count("section_image_download") == 0
-    finally:
-        moto.stop()
+    fs = s3fs.S3FileSystem(**s3_server)
+    cfg = config(server, "s3://atlas-out/download", genes=("Vip",), storage_options=s3_server)
+    run_download(cfg)
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("atlas-out/download")) == [
+        "2001.json",
+        "2001.npy",
+        "2002.json",
+        "2002.npy",
+    ]
+    with fs.open("atlas-out/download/2002.npy", "rb") as f:
+        volume = np.load(f)
+    check_experiment(server, volume, json.loads(fs.cat_file("atlas-out/download/2002.json")), 2002)
+    server.reset_log()
+    assert sorted(run_download(cfg).skipped) == [2001, 2002]
+    assert server.count("section_image_download") == 0
 
 
 # ------------------------------------------------------------------------ Ray, job

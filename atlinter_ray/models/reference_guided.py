@@ -1,0 +1,79 @@
+"""The predecessor's reference-guided mode: move a known gene section along a reference's flow.
+
+A reference volume (e.g. the Nissl stain in the same 25 µm space) is known at every
+slice; the gene is known only at its sections. To predict gene slice ``s``, take the
+nearest known section ``k``, estimate the flow between the reference's slices ``s`` and
+``k``, and warp the gene section ``k`` with it::
+
+    F = estimator.flow(ref[s], ref[k])      # ref[s](x) ≈ ref[k](x + F(x))
+    gene[s](x) ≈ gene[k](x + F(x))          # = flow.warp(gene[k], F)
+
+This is atlinter 0.2.3's ``GeneOpticalFlow.predict_slice``: same pair (target first,
+nearest known second) and the same nearest-section rule (ties go to the lower
+section number). Two deliberate differences:
+
+* The predecessor's ``OpticalFlow.warp_image`` sampled ``gene[k]`` at
+  ``(row - F[0], col - F[1])``, reading the x displacement as rows and with the sign
+  reversed, although its RAFT and MaskFlowNet return ``(dx, dy)`` in the convention
+  above; the result was shifted the wrong way. We warp with ``x + F(x)``, x first.
+* Outside the image we replicate the border (:func:`~atlinter_ray.models.flow.warp`);
+  the predecessor's ``map_coordinates`` filled zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from atlinter_ray.models.base import FlowEstimator
+from atlinter_ray.models.flow import warp
+
+
+def nearest_known(slice_number: int, known_sections: Sequence[int]) -> int:
+    """The known section closest to ``slice_number``; a tie goes to the lower one."""
+    if len(known_sections) == 0:
+        raise ValueError("nearest_known: no known sections to choose from")
+    return min(sorted(known_sections), key=lambda k: abs(k - slice_number))
+
+
+def predict_from_reference(
+    estimator: FlowEstimator,
+    reference_target: np.ndarray,
+    reference_known: np.ndarray,
+    known: np.ndarray,
+    reference_peak: float = 1.0,
+) -> np.ndarray:
+    """Warp each known gene section along the flow between its two reference slices.
+
+    Args:
+        estimator: any flow estimator (RAFT, MaskFlowNet, DIS, ...).
+        reference_target: ``(N, Cr, H, W)`` reference slices at the slices to predict.
+        reference_known: ``(N, Cr, H, W)`` reference slices at the known sections used.
+        known: ``(N, C, H, W)`` gene sections at those known sections.
+        reference_peak: full intensity of the reference data (e.g. 255 for uint8).
+
+    Returns:
+        ``(N, C, H, W)`` float32 predicted gene slices, in the units of ``known``.
+    """
+    if reference_target.shape != reference_known.shape:
+        raise ValueError(
+            f"reference slices differ in shape: {reference_target.shape} (targets) vs "
+            f"{reference_known.shape} (known sections)"
+        )
+    if reference_target.ndim != 4 or known.ndim != 4:
+        raise ValueError(
+            f"expected (N, C, H, W) batches, got reference {reference_target.shape} and "
+            f"gene {known.shape}"
+        )
+    if known.shape[0] != reference_target.shape[0] or known.shape[2:] != reference_target.shape[2:]:
+        raise ValueError(
+            f"gene sections {known.shape} and reference slices {reference_target.shape} "
+            "must have the same count and the same H, W (both in reference space)"
+        )
+    flows = estimator.flow(
+        reference_target.astype(np.float32, copy=False),
+        reference_known.astype(np.float32, copy=False),
+        peak=reference_peak,
+    )
+    return np.stack([warp(section, flow) for section, flow in zip(known, flows)])

@@ -1,0 +1,81 @@
+"""Reference-guided prediction on synthetic shifted data, with a real flow estimator (DIS)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from atlinter_ray.models.base import build_model
+from atlinter_ray.models.flow import warp
+from atlinter_ray.models.reference_guided import nearest_known, predict_from_reference
+
+SHIFT = (5.0, -3.0)  # (x, y) pixels: unequal and of opposite signs, so a swap shows
+
+
+def _texture(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
+    """Smooth random texture in [0, 255] (blurred noise: good for optical flow)."""
+    noise = np.random.default_rng(seed).random((h, w)).astype(np.float32)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 2.0)
+    smooth -= smooth.min()
+    return smooth * (255.0 / smooth.max())
+
+
+def _moved(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """``image`` sampled at ``x + shift``: the slice where everything moved by ``-shift``."""
+    flow = np.empty((2, *image.shape), np.float32)
+    flow[0], flow[1] = shift
+    return warp(image[None], flow)[0]
+
+
+def test_nearest_known_prefers_the_lower_section_on_ties() -> None:
+    assert nearest_known(12, [8, 16, 24]) == 8
+    assert nearest_known(13, [24, 8, 16]) == 16
+    assert nearest_known(0, [8, 16]) == 8 and nearest_known(40, [8, 16]) == 16
+    with pytest.raises(ValueError, match="no known sections"):
+        nearest_known(3, [])
+
+
+def test_known_gene_section_moves_along_the_reference_flow() -> None:
+    ref_known, gene_known = _texture(0), _texture(1)
+    ref_target = _moved(ref_known, SHIFT)  # ref_target(x) = ref_known(x + SHIFT)
+    truth = _moved(gene_known, SHIFT)  # the gene moved with the tissue
+    estimator = build_model("dis", preset="medium")
+    predicted = predict_from_reference(
+        estimator,
+        ref_target[None, None],
+        ref_known[None, None],
+        gene_known[None, None],
+        reference_peak=255.0,
+    )
+    assert predicted.shape == (1, 1, 96, 128) and predicted.dtype == np.float32
+    inner = (slice(12, -12), slice(12, -12))
+    error = np.abs(predicted[0, 0] - truth)[inner].mean()
+    unmoved = np.abs(gene_known - truth)[inner].mean()
+    assert error < 0.1 * unmoved, (error, unmoved)
+    # The predecessor's warp (x - F, x read as rows) moves the section the wrong way.
+    swapped = np.empty((2, 96, 128), np.float32)
+    swapped[0], swapped[1] = -SHIFT[1], -SHIFT[0]
+    wrong = np.abs(warp(gene_known[None], swapped)[0] - truth)[inner].mean()
+    assert wrong > 5 * error
+
+
+def test_rgb_gene_with_grayscale_reference_in_a_batch() -> None:
+    ref_known = np.stack([_texture(2), _texture(3)])[:, None]
+    ref_target = np.stack([_moved(r[0], SHIFT) for r in ref_known])[:, None]
+    gene = np.stack([np.stack([_texture(s + c) for c in range(3)]) for s in (10, 20)])
+    predicted = predict_from_reference(
+        build_model("dis"), ref_target, ref_known, gene, reference_peak=255.0
+    )
+    truth = np.stack([[_moved(ch, SHIFT) for ch in g] for g in gene])
+    inner = (Ellipsis, slice(12, -12), slice(12, -12))
+    assert predicted.shape == (2, 3, 96, 128)
+    assert np.abs(predicted - truth)[inner].mean() < 0.1 * np.abs(gene - truth)[inner].mean()
+
+
+def test_shape_mismatches_are_clear_errors() -> None:
+    ref = np.zeros((1, 1, 32, 32), np.float32)
+    with pytest.raises(ValueError, match="same count and the same H, W"):
+        predict_from_reference(build_model("dis"), ref, ref, np.zeros((1, 1, 32, 40)))
+    with pytest.raises(ValueError, match="differ in shape"):
+        predict_from_reference(build_model("dis"), ref, ref[..., :16], ref)
