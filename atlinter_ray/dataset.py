@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -47,6 +47,8 @@ class Dataset:
     channels: int
     dtype: str
     data_offset: int
+    #: Value of full intensity: the integer maximum, or the largest value of float data.
+    peak: float = 1.0
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -73,12 +75,6 @@ class Dataset:
         h, w = self.image_shape
         return h * w * self.channels * np.dtype(self.dtype).itemsize
 
-    @property
-    def peak(self) -> float:
-        """Value of full intensity: the integer maximum, 1.0 for float data."""
-        dt = np.dtype(self.dtype)
-        return float(np.iinfo(dt).max) if dt.kind == "u" else 1.0
-
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form, for shipping to workers."""
         return {
@@ -91,6 +87,7 @@ class Dataset:
             "channels": self.channels,
             "dtype": self.dtype,
             "data_offset": self.data_offset,
+            "peak": self.peak,
             "storage_options": dict(self.storage_options),
             "metadata": dict(self.metadata),
         }
@@ -198,16 +195,16 @@ def _check_sections(url: str, sections: Any, n: int, n_slices: int, axis: str) -
                     "check the slice numbers or data.reference_shape")
 
 
-def _check_finite(ds: Dataset) -> None:
-    """Scan float images section by section for NaN or inf (bounded memory)."""
-    dt = np.dtype(ds.dtype)
-    if dt.kind != "f":
-        return
+def _float_peak(ds: Dataset) -> float:
+    """Scan float images section by section (bounded memory): reject NaN/inf, find max."""
+    peak = 0.0
     for i, section in enumerate(iter_sections(ds)):
         if not np.isfinite(section).all():
             raise _fail(ds.images_url, f"images[{i}]",
                         f"section {ds.section_numbers[i]} contains NaN or inf",
                         "replace non-finite values (e.g. numpy.nan_to_num) and re-save")
+        peak = max(peak, float(section.max()))
+    return peak if peak > 0 else 1.0
 
 
 def load_dataset(
@@ -271,8 +268,9 @@ def load_dataset(
     if size < expected:
         raise _fail(images_url, "data", f"file is truncated: {size} bytes, "
                     f"{expected} expected for shape {shape}", "download or save it again")
-    _check_finite(ds)
-    return ds
+    if dtype.kind == "u":
+        return replace(ds, peak=float(np.iinfo(dtype).max))
+    return replace(ds, peak=_float_peak(ds))
 
 
 def read_sections(ds: Dataset, section_numbers: list[int] | tuple[int, ...]) -> np.ndarray:

@@ -29,10 +29,6 @@ def _to_bgr(plane: np.ndarray, channels: int, peak: float) -> np.ndarray:
     """A 2-D (or channel-first RGB) plane as an 8-bit BGR picture."""
     img = np.moveaxis(plane, 0, -1)[..., ::-1] if channels > 1 else plane[..., None].repeat(3, -1)
     img = img.astype(np.float32)
-    if peak == 1.0:  # float data: stretch to its own range
-        lo, hi = float(img.min()), float(img.max())
-        img = (img - lo) / (hi - lo if hi > lo else 1.0)
-        peak = 1.0
     return np.clip(img * (255.0 / peak), 0, 255).astype(np.uint8)
 
 

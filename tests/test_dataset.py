@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
+from atlinter_ray.cli import interpolate
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import Dataset, load_dataset, read_sections
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
@@ -65,7 +67,7 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str) -> None:
+def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, caplog) -> None:
     changes, file, field, hint = BAD_CASES[case]
     path = _good(tmp_path, **changes)
     with pytest.raises(DatasetError) as err:
@@ -73,6 +75,13 @@ def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str) -> None:
     message = str(err.value)
     assert file in message and repr(field) in message and hint in message
     assert "Fix:" in message
+    # the job: exit status 2 with that message, nothing written, nothing marked done
+    cfg = _config(tmp_path, path)
+    with pytest.raises(SystemExit) as stop:
+        interpolate(OmegaConf.structured(cfg))
+    assert stop.value.code == 2
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 def test_truncated_and_unreadable_files(tmp_path: Path) -> None:
@@ -97,14 +106,19 @@ def test_missing_files_are_file_not_found(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "lonely"))
 
 
-def test_a_bad_dataset_stops_the_run_before_any_work(tmp_path: Path) -> None:
-    _good(tmp_path)
-    write_dataset(tmp_path, "broken", np.zeros((3, 12, 16), np.uint8), [2, 9, 9])
+def _config(tmp_path: Path, *paths: Path) -> Config:
     cfg = Config()
-    cfg.data.root, cfg.data.genes = str(tmp_path), ["gene", "broken"]
+    cfg.data.datasets = [str(p) for p in paths]
     cfg.data.reference_shape = list(SHAPE)
     cfg.output.root = str(tmp_path / "out")
     cfg.run.serial, cfg.run.progress = True, False
+    return cfg
+
+
+def test_a_bad_dataset_stops_the_run_before_any_work(tmp_path: Path) -> None:
+    good = _good(tmp_path)
+    bad = write_dataset(tmp_path, "broken", np.zeros((3, 12, 16), np.uint8), [2, 9, 9])
+    cfg = _config(tmp_path, good, bad)
     with pytest.raises(DatasetError, match="duplicate"):
         run(cfg)
     assert not (tmp_path / "out").exists()

@@ -87,13 +87,15 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1, act: bool = T
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
     ]
     if act:
-        layers.append(nn.LeakyReLU(0.1))
+        layers.append(nn.LeakyReLU(0.1, inplace=True))
     return nn.Sequential(*layers)
 
 
 def _deconv(cin: int, cout: int) -> nn.Sequential:
     """A 4x4 stride-2 transposed conv + LeakyReLU (``upfeat*``)."""
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.1))
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.1, inplace=True)
+    )
 
 
 def correlation(f1: torch.Tensor, f2: torch.Tensor, md: int) -> torch.Tensor:
@@ -203,11 +205,26 @@ class _Base(nn.Module):
         for level, cin in zip((6, 5, 4, 3, 2), ends):
             setattr(self, f"pred_flow{level}", nn.Conv2d(cin, 2, 3, padding=1))
 
-    def _dense(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        """Densely connected decoder: each conv's output is prepended to its input."""
-        for k in range(len(DENSE)):
-            x = torch.cat([getattr(self, f"conv{level}_{k}")(x), x], dim=1)
-        return x
+    def _dense(self, level: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Densely connected decoder on ``cat(parts)``: each conv's output is prepended.
+
+        One buffer holds the final ``[conv4, conv3, ..., conv0, *parts]`` stack and is
+        filled from the end, instead of concatenating (copying) it five times.
+        """
+        first = parts[0]
+        width = sum(p.shape[1] for p in parts)
+        total = width + sum(DENSE)
+        buf = first.new_empty((first.shape[0], total, *first.shape[2:]))
+        start = total - width
+        for p in parts:
+            buf[:, start : start + p.shape[1]] = p
+            start += p.shape[1]
+        start = total - width
+        for k, cout in enumerate(DENSE):
+            y = getattr(self, f"conv{level}_{k}")(buf[:, start:])
+            start -= cout
+            buf[:, start : start + cout] = y
+        return buf
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         """Dilated context network: a residual flow at level 2."""
@@ -249,7 +266,7 @@ class MaskFlownetS(_Base):
         both = self._features(torch.cat([im1, im2]), "abc")
         c1 = [f[:n] for f in both]
         c2 = [f[n:] for f in both]
-        x = self._dense(6, _leaky(correlation(c1[5], c2[5], self.md)))
+        x = self._dense(6, [_leaky(correlation(c1[5], c2[5], self.md))])
         flow = self.pred_flow6(x)
         mask = self.pred_mask6(x)
         flows = [flow]
@@ -261,7 +278,7 @@ class MaskFlownetS(_Base):
             warped = getattr(self, f"deform{level}")(c2[i], _offset(flow, STRIDES[6 - level]))
             warped = _leaky(warped * torch.sigmoid(mask) + getattr(self, f"conv{level}f")(feat))
             corr = _leaky(correlation(c1[i], warped, self.md))
-            x = self._dense(level, torch.cat([corr, c1[i], feat, flow], dim=1))
+            x = self._dense(level, [corr, c1[i], feat, flow])
             flow = flow + getattr(self, f"pred_flow{level}")(x)
             if level > 2:
                 mask = getattr(self, f"pred_mask{level}")(x)
@@ -318,10 +335,9 @@ class MaskFlownetNet(_Base):
             corr_u = _leaky(correlation(c1[i], warped, self.md))
             corr_v = _leaky(correlation(c3[i], c4[i], self.md))
             if level == 6:
-                x = torch.cat([corr_u, corr_v, flow], dim=1)
+                x = self._dense(level, [corr_u, corr_v, flow])
             else:
-                x = torch.cat([c1[i], feat, corr_u, corr_v, flow, stage1[6 - level]], dim=1)
-            x = self._dense(level, x)
+                x = self._dense(level, [c1[i], feat, corr_u, corr_v, flow, stage1[6 - level]])
             flow = flow + getattr(self, f"pred_flow{level}")(x)
         flow = flow + self._context(x)
         return flow * FLOW_SCALE

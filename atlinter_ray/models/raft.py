@@ -273,7 +273,7 @@ class CorrPyramid:
         d = torch.arange(-radius, radius + 1, device=f1.device, dtype=torch.float32)
         # window[i, j] = (x offset d[i], y offset d[j]): x is the slow channel index.
         dx, dy = torch.meshgrid(d, d, indexing="ij")
-        self.window = torch.stack([dy, dx], dim=-1)[None]  # (1, 2r+1, 2r+1, 2)
+        self.window = torch.stack([dx, dy], dim=-1)[None]  # (1, 2r+1, 2r+1, 2)
 
     def __call__(self, coords: torch.Tensor) -> torch.Tensor:
         """Correlation windows around ``coords`` ``(n, 2, h, w)``: ``(n, L*(2r+1)^2, h, w)``."""
