@@ -20,7 +20,16 @@ from atlinter_ray.config import Config
 from atlinter_ray.errors import AtlinterRayError
 
 log = logging.getLogger("atlinter_ray")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def find_conf_dir() -> Path:
+    """``conf/`` of the checkout this package runs from, else of the working directory."""
+    for candidate in (Path(__file__).resolve().parent.parent / "conf", Path.cwd() / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return Path.cwd() / "conf"
+
+
+CONF_DIR = find_conf_dir()
 
 
 def _sample_file(name: str) -> str:
@@ -56,8 +65,8 @@ def main() -> None:
     """Console entry point: compose ``conf/config.yaml`` with command-line overrides."""
     if not (CONF_DIR / "config.yaml").is_file():
         sys.exit(
-            f"atlinter_ray: configuration folder {CONF_DIR} not found; run from a "
-            "checkout of the repository (pip install -e .)"
+            f"atlinter_ray: configuration folder {CONF_DIR} not found; run from the "
+            "root of a checkout of the repository (where conf/ is), or pip install -e ."
         )
     register_configs()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(

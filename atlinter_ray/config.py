@@ -66,6 +66,8 @@ class ResourcesConfig:
 
     #: Cluster address; None uses RAY_ADDRESS when set, else starts a local cluster.
     address: str | None = None
+    #: Actors kept while the job runs; Ray Data's pool always keeps at least one, so
+    #: 0 and 1 are the same (GPU nodes still start from 0 and leave after the job).
     min_workers: int = 1
     max_workers: int = 2
     gpus_per_worker: float = 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from atlinter_ray.config import ResourcesConfig
@@ -68,19 +68,35 @@ def run_on_ray(
     tasks: list[GapTask], spec: WorkerSpec, resources: ResourcesConfig
 ) -> Iterator[dict[str, Any]]:
     """Run ``tasks`` on an autoscaling actor pool; yield result rows as they finish."""
+    items = [{"task": t.to_json()} for t in tasks]
+    yield from map_on_actor_pool(items, TaskWorker, {"spec": spec}, resources, RESULT_COLUMNS)
+
+
+def map_on_actor_pool(
+    items: list[dict[str, Any]],
+    worker_class: type,
+    constructor_kwargs: dict[str, Any],
+    resources: ResourcesConfig,
+    columns: Sequence[str],
+) -> Iterator[dict[str, Any]]:
+    """Feed ``items`` (one block each) to a pool of ``worker_class`` actors; yield their rows.
+
+    ``worker_class(**constructor_kwargs)`` is built once per actor and called with
+    numpy batches of ``resources.tasks_per_batch`` items; it returns a batch whose
+    ``columns`` become plain Python rows here.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over tasks
     ctx.print_on_execution_start = False
-    items = [{"task": t.to_json()} for t in tasks]
     pool = ray.data.ActorPoolStrategy(
         min_size=max(1, resources.min_workers),
         max_size=resources.max_workers,
     )
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TaskWorker,
-        fn_constructor_kwargs={"spec": spec},
+        worker_class,
+        fn_constructor_kwargs=constructor_kwargs,
         batch_size=resources.tasks_per_batch,
         batch_format="numpy",
         compute=pool,
@@ -88,7 +104,7 @@ def run_on_ray(
         num_cpus=resources.cpus_per_worker,
     )
     for row in results.iter_rows():
-        yield {c: _plain(row[c]) for c in RESULT_COLUMNS}
+        yield {c: _plain(row[c]) for c in columns}
 
 
 def _plain(value: Any) -> Any:

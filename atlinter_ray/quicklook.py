@@ -1,8 +1,15 @@
-"""Quick-look picture: three orthogonal mid-volume views, provenance colour-coded.
+"""Quick-look pictures of an output image, provenance colour-coded.
 
-Each view that cuts across the sections gets a strip along the section axis telling
-measured (green), predicted (magenta) and edge-filled (grey) slices apart, so a
-reader sees at a glance which parts of the volume are data and which are model.
+:func:`quicklook_png` draws three orthogonal mid-volume views. Each view that cuts
+across the sections gets a strip along the section axis telling measured (green),
+predicted (magenta) and edge-filled (grey) slices apart, so a reader sees at a glance
+which parts of the volume are data and which are model.
+
+:func:`montage_png` draws one gap as a strip of slices: a measured section, every
+predicted slice after it, the next measured section, each under a bar of its status
+colour, read from the provenance in the image's attributes::
+
+    [ measured 41 ][ predicted 42 ][ predicted 43 ][ predicted 44 ][ measured 45 ]
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import cv2
 import numpy as np
 
 from atlinter_ray.dataset import Dataset
+from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.planning import EDGE, MEASURED, PREDICTED
 from atlinter_ray.store import VolumeStore
 
@@ -23,6 +31,8 @@ _STRIP = 6
 _GAP = 8
 _NAMES = ("AP", "DV", "LR")
 _MIN_HEIGHT = 300
+#: Montage tiles are magnified (whole pixels) until they are at least this tall.
+_MIN_TILE = 160
 
 
 def _to_bgr(plane: np.ndarray, channels: int, peak: float) -> np.ndarray:
@@ -30,6 +40,14 @@ def _to_bgr(plane: np.ndarray, channels: int, peak: float) -> np.ndarray:
     img = np.moveaxis(plane, 0, -1)[..., ::-1] if channels > 1 else plane[..., None].repeat(3, -1)
     img = img.astype(np.float32)
     return np.clip(img * (255.0 / peak), 0, 255).astype(np.uint8)
+
+
+def _view(arr: Any, ds: Dataset, axis: int, position: int) -> np.ndarray:
+    """The plane at ``position`` along reference ``axis`` as BGR; sagittal: dorsal up."""
+    index: list[Any] = [slice(None)] * arr.ndim
+    index[arr.ndim - 3 + axis] = position
+    img = _to_bgr(np.asarray(arr[tuple(index)]), ds.channels, ds.peak)
+    return img.transpose(1, 0, 2) if axis == 2 else img
 
 
 def quicklook_png(
@@ -41,15 +59,12 @@ def quicklook_png(
     for record in records.values():
         for s in record["slices"]:
             status[s["slice"]] = s["status"]
-    lead = arr.ndim - 3
     views = []
     for axis in range(3):
-        index: list[Any] = [slice(None)] * arr.ndim
-        index[lead + axis] = ds.reference_shape[axis] // 2
-        img = _to_bgr(np.asarray(arr[tuple(index)]), ds.channels, ds.peak)
+        img = _view(arr, ds, axis, ds.reference_shape[axis] // 2)
         dims = [d for d in range(3) if d != axis]
-        if axis == 2:  # sagittal view: dorsal up, anterior left
-            img, dims = img.transpose(1, 0, 2), dims[::-1]
+        if axis == 2:  # the sagittal view was turned: dorsal up, anterior left
+            dims = dims[::-1]
         zoom = max(1, _MIN_HEIGHT // max(ds.reference_shape))
         img = img.repeat(zoom, 0).repeat(zoom, 1)
         if ds.axis_index in dims:
@@ -67,4 +82,63 @@ def quicklook_png(
     ok, png = cv2.imencode(".png", np.concatenate(padded, axis=1))
     if not ok:
         raise RuntimeError("OpenCV could not encode the quick-look PNG")
+    return png.tobytes()
+
+
+def montage_gaps(provenance: list[Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """``(left, right)`` measured sections with only predicted slices between them."""
+    status = {p["slice"]: p["status"] for p in provenance}
+    measured = sorted(s for s, st in status.items() if st == MEASURED)
+    return [
+        (lo, hi) for lo, hi in zip(measured, measured[1:])
+        if hi - lo > 1 and all(status.get(s) == PREDICTED for s in range(lo + 1, hi))
+    ]
+
+
+def montage_png(store: VolumeStore, ds: Dataset, left: int | None = None) -> bytes:
+    """PNG strip of one gap of a finished output image: measured, predicted..., measured.
+
+    ``left`` names the gap by its left measured section; default: the gap nearest the
+    middle of the volume. The statuses come from the image's ``atlinter_ray.provenance``
+    attribute, which the driver writes once every task of the dataset is done.
+    """
+    url = store.image_url(ds.id)
+    provenance = store.image_attrs(ds.id).get("atlinter_ray", {}).get("provenance")
+    if not provenance:
+        raise StoreError(
+            f"{url}: no 'atlinter_ray.provenance' attribute, so the run that writes it "
+            "has not finished. Fix: rerun the same interpolation command to complete it."
+        )
+    gaps = montage_gaps(provenance)
+    if not gaps:
+        raise StoreError(f"{url}: no predicted slice lies between two measured sections")
+    if left is None:
+        middle = ds.n_slices / 2
+        left, right = min(gaps, key=lambda g: (abs((g[0] + g[1]) / 2 - middle), g[0]))
+    else:
+        found = dict(gaps)
+        if left not in found:
+            raise ConfigError(
+                f"montage of {url}: {left} is not a measured section followed by predicted "
+                f"slices. Fix: choose one of {sorted(found)}"
+            )
+        right = found[left]
+    by_slice = {p["slice"]: p for p in provenance}
+    arr = store.open_array(ds.id, mode="r")
+    tiles = []
+    for s in range(left, right + 1):
+        img = _view(arr, ds, ds.axis_index, s)
+        zoom = max(1, -(-_MIN_TILE // img.shape[0]))
+        img = img.repeat(zoom, 0).repeat(zoom, 1)
+        record = by_slice[s]
+        bar = np.zeros((_STRIP * 3, img.shape[1], 3), np.uint8)
+        bar[:] = STATUS_COLOURS.get(record["status"], (0, 0, 0))
+        label = f"{s} {record['status']}"
+        if record.get("t") is not None:
+            label += f" t={record['t']:.2f}"
+        cv2.putText(img, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1)
+        tiles.append(np.pad(np.concatenate([bar, img]), ((0, 0), (0, _GAP), (0, 0))))
+    ok, png = cv2.imencode(".png", np.concatenate(tiles, axis=1)[:, :-_GAP])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the montage PNG")
     return png.tobytes()

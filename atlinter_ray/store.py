@@ -119,6 +119,11 @@ class VolumeStore:
         index[arr.ndim - 3 + ds.axis_index] = slice_number
         arr[tuple(index)] = frame if ds.channels > 1 else frame[0]
 
+    def image_attrs(self, dataset_id: str) -> dict[str, Any]:
+        """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""
+        url = self.image_url(dataset_id)
+        return dict(zarr.open_group(url, mode="r", storage_options=self._opts(url)).attrs)
+
     def read_volume(self, dataset_id: str) -> np.ndarray:
         """The whole image ``([C,] Z, Y, X)``; for small volumes, tests and evaluation."""
         return self.open_array(dataset_id, mode="r")[...]

@@ -18,6 +18,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -35,15 +36,21 @@ from atlinter_ray.models.base import build_model  # noqa: E402
 from predecessor import import_predecessor  # noqa: E402
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median and minimum wall seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> list[tuple[str, float, float]]:
+    """Median and minimum wall seconds of each function, runs interleaved after a warm-up.
+
+    Interleaving (A, B, C, A, B, C, ...) spreads load from other processes on a shared
+    machine evenly over the variants being compared.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return [(label, statistics.median(t), min(t)) for label, t in times.items()]
 
 
 def bench_cain(a: np.ndarray, b: np.ndarray, tmp: Path, repeats: int) -> list[tuple[str, float, float]]:
@@ -55,13 +62,17 @@ def bench_cain(a: np.ndarray, b: np.ndarray, tmp: Path, repeats: int) -> list[tu
     torch.save({"state_dict": net.state_dict()}, path, _use_new_zipfile_serialization=False)
     ta = torch.from_numpy(a.transpose(2, 0, 1)[None] / np.float32(255))
     tb = torch.from_numpy(b.transpose(2, 0, 1)[None] / np.float32(255))
-    rows = [("cain predecessor", *timed(lambda: net(ta.clone(), tb.clone()), repeats))]
     x0, x1 = ta.numpy(), tb.numpy()
-    for cl in (False, True):
-        model = build_model("cain", checkpoint=str(path), device="cpu", channels_last=cl)
-        label = "cain ours" + (" channels_last" if cl else "")
-        rows.append((label, *timed(lambda: model.interpolate(x0, x1, [0.5]), repeats)))
-    return rows
+    ours = build_model("cain", checkpoint=str(path), device="cpu")
+    ours_cl = build_model("cain", checkpoint=str(path), device="cpu", channels_last=True)
+    return timed(
+        {
+            "cain predecessor": lambda: net(ta.clone(), tb.clone()),
+            "cain ours": lambda: ours.interpolate(x0, x1, [0.5]),
+            "cain ours channels_last": lambda: ours_cl.interpolate(x0, x1, [0.5]),
+        },
+        repeats,
+    )
 
 
 def bench_raft(
@@ -79,19 +90,18 @@ def bench_raft(
     torch.save(net.state_dict(), path)
     oracle = RAFTNet.__new__(RAFTNet)  # its __init__ hard-codes the large model
     oracle.device, oracle.model = "cpu", net.module.eval()
-    rows = [
-        (
-            f"{name} predecessor",
-            *timed(lambda: oracle.predict_flow(*oracle.preprocess_images(a, b)), repeats),
-        )
-    ]
     x0 = a.transpose(2, 0, 1)[None].astype(np.float32)
     x1 = b.transpose(2, 0, 1)[None].astype(np.float32)
-    for cl in (False, True):
-        model = build_model(name, checkpoint=str(path), device="cpu", channels_last=cl)
-        label = f"{name} ours" + (" channels_last" if cl else "")
-        rows.append((label, *timed(lambda: model.flow(x0, x1, peak=255.0), repeats)))
-    return rows
+    ours = build_model(name, checkpoint=str(path), device="cpu")
+    ours_cl = build_model(name, checkpoint=str(path), device="cpu", channels_last=True)
+    return timed(
+        {
+            f"{name} predecessor": lambda: oracle.predict_flow(*oracle.preprocess_images(a, b)),
+            f"{name} ours": lambda: ours.flow(x0, x1, peak=255.0),
+            f"{name} ours channels_last": lambda: ours_cl.flow(x0, x1, peak=255.0),
+        },
+        repeats,
+    )
 
 
 def main() -> None:
@@ -109,6 +119,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
     b = np.roll(a, (2, -3), (0, 1))
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
@@ -120,7 +131,8 @@ def main() -> None:
                 raise SystemExit(f"unknown model {model!r}: use cain, raft, raft_small")
     print(
         f"{args.height}x{args.width} RGB, CPU, {args.threads} threads, torch "
-        f"{torch.__version__}; seconds per predicted slice (median, min of {args.repeats})"
+        f"{torch.__version__}; seconds per predicted slice (median, min of {args.repeats}); "
+        f"load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}"
     )
     for label, median, best in rows:
         print(f"{label:32s} {median:7.3f} {best:7.3f}")

@@ -1,17 +1,20 @@
 """Seconds per MaskFlowNet forward at 320x456 on the CPU: ours (torch) vs atlinter (MXNet).
 
-Both run in the same invocation on the same machine with 2 threads (torch
-``set_num_threads``, MXNet ``OMP_NUM_THREADS``), on the same random-weight
-``maskflownet.params`` (built once by mxnet in the isolated test venv and cached; run
-time does not depend on the weight values) and the same RGB uint8 pair. The timed call
-is the whole user-facing path: atlinter's ``predict_flow`` (which resizes to 320x512
-inside) and our ``MaskFlowNet.flow``. Each side is warmed up once, then timed
-``--repeat`` times; the median and minimum are reported, with the load average, since
-the machines are shared. The two flows are also compared (max |difference| in px).
+Both run in the same invocation on the same machine with the same thread count
+(torch ``set_num_threads``, MXNet ``OMP_NUM_THREADS``; default 2), on the same
+random-weight ``maskflownet.params`` (built once by mxnet in the isolated test venv and
+cached; run time does not depend on the weight values) and the same RGB uint8 pair. The
+timed call is the whole user-facing path: atlinter's ``predict_flow`` (which resizes to
+320x512 inside) and our ``MaskFlowNet.flow``.
+
+The machines are shared, so the two sides are measured in alternating ``--rounds``
+(each: the MXNet process warms up once and times ``--repeat`` calls, then ours does
+the same), and both wall and CPU (process) seconds are reported with the load average.
+The two flows are also compared (max |difference| in px).
 
 Usage::
 
-    python benchmarks/bench_maskflownet.py [--repeat 5] [--height 320 --width 456]
+    python benchmarks/bench_maskflownet.py [--threads 2] [--rounds 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from atlinter_ray.models import build_model  # noqa: E402
 from mxnet_env import run_oracle  # noqa: E402
 from pypi import CACHE  # noqa: E402
 
-THREADS = 2
-
 
 def random_params() -> Path:
     """A random-weight maskflownet.params in the original layout (cached)."""
@@ -57,59 +58,83 @@ def image_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min()) * 255
     a = smooth[:, 8 : 8 + height, 8 : 8 + width]
     b = smooth[:, 5 : 5 + height, 11 : 11 + width]
-    return (np.rint(a).astype(np.uint8).transpose(1, 2, 0), np.rint(b).astype(np.uint8).transpose(1, 2, 0))
+    return (
+        np.rint(a).astype(np.uint8).transpose(1, 2, 0),
+        np.rint(b).astype(np.uint8).transpose(1, 2, 0),
+    )
 
 
-def time_ours(params: Path, a: np.ndarray, b: np.ndarray, repeat: int) -> tuple[list[float], np.ndarray]:
-    """Seconds per ``flow`` call of our model after one warm-up, and its flow."""
-    torch.set_num_threads(THREADS)
-    model = build_model("maskflownet", checkpoint=str(params), device="cpu", batch_size=1)
-    x = a.transpose(2, 0, 1)[None].astype(np.float32)
-    y = b.transpose(2, 0, 1)[None].astype(np.float32)
-    flow = model.flow(x, y, peak=255.0)[0]
-    times = []
+def time_ours(model, x: np.ndarray, y: np.ndarray, repeat: int) -> dict[str, list[float]]:
+    """Wall and CPU seconds of ``repeat`` ``flow`` calls (after the caller's warm-up)."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.flow(x, y, peak=255.0)
-        times.append(time.perf_counter() - start)
-    return times, flow
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": wall, "cpu": cpu}
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    """Median and minimum seconds."""
+    return {"median": round(statistics.median(times), 3), "min": round(min(times), 3)}
 
 
 def main() -> None:
-    """Run both, print a JSON record and a one-line summary."""
+    """Run both sides, print a JSON record and a one-line summary."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--height", type=int, default=320)
     parser.add_argument("--width", type=int, default=456)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     params = random_params()
     a, b = image_pair(args.height, args.width)
-    load_before = os.getloadavg()[0]
+    x = a.transpose(2, 0, 1)[None].astype(np.float32)
+    y = b.transpose(2, 0, 1)[None].astype(np.float32)
+    model = build_model("maskflownet", checkpoint=str(params), device="cpu", batch_size=1)
+    flow = model.flow(x, y, peak=255.0)[0]  # warm-up
+    load = [os.getloadavg()[0]]
+    times: dict[str, dict[str, list[float]]] = {
+        "ours": {"wall": [], "cpu": []},
+        "mxnet": {"wall": [], "cpu": []},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         cases = Path(tmp) / "cases.npz"
         np.savez(cases, a_pair=a, b_pair=b)
-        out = run_oracle("bench", str(params), str(cases), "--repeat", str(args.repeat), threads=THREADS)
-        mxnet_times = json.loads(out.strip().splitlines()[-1])["pair"]
-        run_oracle("predict", str(params), str(cases), str(Path(tmp) / "flows.npz"), threads=THREADS)
+        run_oracle("predict", str(params), str(cases), str(Path(tmp) / "flows.npz"))
         reference = np.load(Path(tmp) / "flows.npz")["pair"]
-    ours_times, flow = time_ours(params, a, b, args.repeat)
+        for _ in range(args.rounds):
+            out = run_oracle(
+                "bench", str(params), str(cases), "--repeat", str(args.repeat),
+                threads=args.threads,
+            )
+            for key, values in json.loads(out.strip().splitlines()[-1])["pair"].items():
+                times["mxnet"][key] += values
+            for key, values in time_ours(model, x, y, args.repeat).items():
+                times["ours"][key] += values
+            load.append(os.getloadavg()[0])
     record = {
         "size": [args.height, args.width],
-        "threads": THREADS,
-        "repeat": args.repeat,
+        "threads": args.threads,
+        "calls_per_side": args.rounds * args.repeat,
         "torch": torch.__version__,
-        "ours_s": {"median": statistics.median(ours_times), "min": min(ours_times), "all": ours_times},
-        "mxnet_s": {"median": statistics.median(mxnet_times), "min": min(mxnet_times), "all": mxnet_times},
+        "ours_s": {k: summary(v) for k, v in times["ours"].items()},
+        "mxnet_s": {k: summary(v) for k, v in times["mxnet"].items()},
+        "raw_s": times,
         "max_abs_flow_diff_px": float(np.abs(flow - reference).max()),
         "flow_range_px": [float(reference.min()), float(reference.max())],
-        "loadavg_1min": [load_before, os.getloadavg()[0]],
+        "loadavg_1min": load,
     }
     print(json.dumps(record, indent=2))
+    ours, mx = record["ours_s"], record["mxnet_s"]
     print(
-        f"MaskFlowNet {args.height}x{args.width}, {THREADS} threads: ours "
-        f"{record['ours_s']['median']:.2f} s (min {record['ours_s']['min']:.2f}), mxnet "
-        f"{record['mxnet_s']['median']:.2f} s (min {record['mxnet_s']['min']:.2f}); "
-        f"max |flow diff| {record['max_abs_flow_diff_px']:.2e} px"
+        f"MaskFlowNet {args.height}x{args.width}, {args.threads} thread(s), median wall "
+        f"(CPU): ours {ours['wall']['median']:.2f} s ({ours['cpu']['median']:.2f}), "
+        f"mxnet {mx['wall']['median']:.2f} s ({mx['cpu']['median']:.2f}); max |flow diff| "
+        f"{record['max_abs_flow_diff_px']:.2e} px; load {load[0]:.1f}-{max(load):.1f}"
     )
 
 

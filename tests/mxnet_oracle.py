@@ -189,18 +189,19 @@ def predict(src: str, params: str, cases: str, out: str) -> None:
 
 
 def bench(src: str, params: str, cases: str, repeat: int) -> None:
-    """Seconds per ``predict_flow`` of each case after one warm-up (JSON on stdout)."""
+    """Wall and CPU seconds per ``predict_flow`` of each case after one warm-up (JSON)."""
     model = predecessor_class(src)(params)
     result = {}
     for name, (a, b) in _cases(cases).items():
         x, y = model.preprocess_images(a, b)
         model.predict_flow(x, y)
-        times = []
+        wall, cpu = [], []
         for _ in range(repeat):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.predict_flow(x, y)
-            times.append(time.perf_counter() - start)
-        result[name] = times
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        result[name] = {"wall": wall, "cpu": cpu}
     print(json.dumps(result))
 
 

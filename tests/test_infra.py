@@ -3,7 +3,8 @@
 - Cloud launcher YAML (AWS, GCP): Ray's own schema and preparation
   (``validate_config``, ``prepare_config``), then Ray's autoscaler v2 scheduler decides
   what it would launch for queued GPU actors, so "GPU workers from 0, spot first,
-  on-demand when spot fails" is Ray's behaviour on our file, not our reading of it.
+  on-demand beyond spot's maximum or once spot is marked unavailable" is Ray's
+  behaviour on our file, not our reading of it.
 - KubeRay manifests: the v1.7.0 CRD schemas (tests/data/kuberay, descriptions
   stripped) with Kubernetes' strict field validation (unknown fields are errors, as
   ``kubectl apply`` reports them), a subset of the operator's own Go validation, and
@@ -11,13 +12,14 @@
 - Dockerfile: static checks (Ray pin equals pyproject.toml's, torch inside its range,
   the build context holds what the image needs) and the entry point run from a copy
   of exactly the files the build context would hold.
-- Hydra overrides written in rayjob.yaml and docs/cluster.md compose against conf/.
+- Hydra overrides written in rayjob.yaml and README.md's "Run on a cluster" compose against conf/.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import gzip
 import json
 import re
@@ -37,7 +39,6 @@ INFRA = REPO / "infra"
 KUBERAY_VERSION = "v1.7.0"
 KUBERAY_SCHEMAS = Path(__file__).resolve().parent / "data" / "kuberay"
 CLOUD_CONFIGS = {"aws": INFRA / "aws" / "cluster.yaml", "gcp": INFRA / "gcp" / "cluster.yaml"}
-GPU_ACTOR = {"CPU": 1, "GPU": 1}
 
 
 def load_yaml(path: Path) -> dict:
@@ -113,11 +114,21 @@ def is_spot(node_config: dict) -> bool:
     return aws or gcp
 
 
-def plan_launches(config: dict, count: int, shape=GPU_ACTOR, availability=None) -> dict:
+@functools.cache
+def gpu_actor() -> dict[str, float]:
+    """The resources one worker actor asks for under ``resources=gpu_cluster``."""
+    resources = compose_overrides(["resources=gpu_cluster"]).resources
+    return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+
+
+def plan_launches(config: dict, count: int, shape=None, availability=None) -> dict:
     """Node types Ray's autoscaler (v2) would launch for ``count`` queued ``shape``s.
 
+    ``shape`` defaults to the job's GPU actor (:func:`gpu_actor`): the node types must
+    be able to host what the job really asks for.
+
     ``availability`` maps node types to the recoverable availability score the
-    autoscaler lowers after a failed launch (e.g. no spot capacity).
+    autoscaler (Ray 2.60) sets to 0 after an allocation timeout and lets recover.
     """
     from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
     from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
@@ -131,7 +142,9 @@ def plan_launches(config: dict, count: int, shape=GPU_ACTOR, availability=None) 
         max_num_nodes=autoscaling.get_max_num_nodes(),
         idle_timeout_s=autoscaling.get_idle_timeout_s(),
         resource_requests=[
-            ResourceRequestByCount(request=ResourceRequestUtil.make(shape), count=count)
+            ResourceRequestByCount(
+                request=ResourceRequestUtil.make(shape or gpu_actor()), count=count
+            )
         ],
         recoverable_resource_availabilities=availability or {},
     )
@@ -203,7 +216,7 @@ def test_autoscaler_starts_gpu_workers_from_zero_spot_first(cloud):
     assert not set(plan_launches(prepared, 2, shape={"CPU": 1})) & {spot, on_demand}
     # Queued GPU actors: one spot node each.
     assert plan_launches(prepared, 3) == {spot: 3}
-    # A failed spot launch lowers spot's availability: on-demand takes over.
+    # Spot marked unavailable (an allocation timed out): on-demand takes over.
     assert plan_launches(prepared, 3, availability={spot: 0.0}) == {on_demand: 3}
     # More actors than spot's maximum: the rest on demand, capped by max_workers.
     spot_max, od_max = types[spot]["max_workers"], types[on_demand]["max_workers"]
@@ -387,7 +400,15 @@ def test_rayjob_entrypoint_and_runtime_env(rayjob):
     assert Path(runtime_env["working_dir"]) == Path(dockerfile_env()["APP_DIR"])
 
 
-# --- Hydra overrides written in infra/ and docs/ --------------------------------------
+# --- Hydra overrides written in infra/ and the README ---------------------------------
+
+
+def _cluster_section() -> str:
+    """README.md's "## Run on a cluster" section."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Run on a cluster")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
 
 
 def compose_overrides(overrides: list[str]):
@@ -404,8 +425,8 @@ def compose_overrides(overrides: list[str]):
 
 
 def documented_job_commands() -> list[list[str]]:
-    """The Hydra overrides of every `python jobs/interpolate.py` in docs/cluster.md."""
-    text = (REPO / "docs" / "cluster.md").read_text()
+    """The Hydra overrides of every `python jobs/interpolate.py` in README.md's "Run on a cluster"."""
+    text = _cluster_section()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -422,12 +443,17 @@ def test_documented_commands_compose():
     assert len(commands) >= 2, commands
     for overrides in commands:
         compose_overrides(overrides)
-    with pytest.raises(Exception):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
         compose_overrides(["resources.max_worker=3"])
+    # storage_options is an open mapping: a new key needs `+` (as the docs write it).
+    with pytest.raises(ConfigCompositionException):
+        compose_overrides(["storage=s3", "output.storage_options.endpoint_url=http://x"])
 
 
 def test_documented_paths_exist():
-    text = (REPO / "docs" / "cluster.md").read_text()
+    text = _cluster_section()
     paths = set(re.findall(r"infra/[\w./-]+\.yaml", text))
     assert paths >= {str(p.relative_to(REPO)) for p in CLOUD_CONFIGS.values()}
     for path in paths:
@@ -486,11 +512,20 @@ def test_dockerfile_installs_the_package_after_copying_it():
     steps = dockerfile_instructions()
     copies = [i for i, (ins, _) in enumerate(steps) if ins == "COPY"]
     install = next(
-        i for i, (ins, arg) in enumerate(steps) if ins == "RUN" and re.search(r"pip install .*-e \.", arg)
+        i for i, (ins, arg) in enumerate(steps)
+        if ins == "RUN" and re.search(r"pip install .*-e \.", arg)
     )
     assert copies and max(copies) < install
-    copied = {src for ins, arg in steps if ins == "COPY" for src in arg.split()[:-1] if not src.startswith("--")}
-    assert {"pyproject.toml", "atlinter_ray", "jobs", "conf"} <= copied
+    assert {"pyproject.toml", "README.md", "atlinter_ray", "jobs", "conf"} <= copy_sources()
+
+
+def copy_sources() -> set[str]:
+    """The source paths of every COPY instruction (options dropped)."""
+    return {
+        src
+        for ins, arg in dockerfile_instructions() if ins == "COPY"
+        for src in arg.split()[:-1] if not src.startswith("--")
+    }
 
 
 def dockerignore_keeps(relpath: str, patterns: list[str]) -> bool:
@@ -525,11 +560,8 @@ def build_context(dest: Path) -> list[str]:
 
 def test_build_context_holds_what_the_image_needs(tmp_path):
     kept = build_context(tmp_path)
-    for ins, arg in dockerfile_instructions():
-        if ins == "COPY":
-            for src in arg.split()[:-1]:
-                if not src.startswith("--"):
-                    assert (tmp_path / src).exists(), f"COPY {src}: not in the build context"
+    for src in copy_sources():
+        assert (tmp_path / src).exists(), f"COPY {src}: not in the build context"
     assert not [p for p in kept if p.startswith(("tests/", ".git", "infra/", ".cache/"))]
     # The image's entry point runs from exactly these files (the editable install
     # puts the checkout on sys.path; PYTHONPATH does the same here).

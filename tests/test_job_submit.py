@@ -3,8 +3,9 @@
 A head started with `ray start --head --block` (its own temp dir and free ports, token
 authentication on with a token of its own), then exactly what docs/cluster.md tells
 users to run: `ray job submit --working-dir <repo> -- python jobs/interpolate.py ...`
-with Hydra overrides, GPU workers (the head fakes 2 GPUs) and a temporary output.
-The job must end SUCCEEDED and leave a complete volume.
+with Hydra overrides, GPU workers (the head fakes 2 GPUs) and the output on S3 (moto
+on loopback; the credentials reach the nodes as environment, as from an instance role
+or a Kubernetes Secret). The job must end SUCCEEDED and leave a complete volume.
 
 The head is stopped by signalling the processes this test started (the `ray start`
 process, its process group, then any leftover process that names this head's temp
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
 
 import pytest
 import zarr
@@ -28,8 +28,17 @@ EXCLUDES = [".git", ".cache", "outputs", "tests", "benchmarks", "*.egg-info"]
 
 
 @pytest.fixture
-def head():
-    cluster = LocalHead(num_cpus=2, num_gpus=2, token=secrets.token_hex(32))
+def head(s3_server):
+    # Object-store credentials reach the nodes as environment (an instance role, a
+    # Kubernetes Secret), never through the job's config or runtime env.
+    cluster = LocalHead(
+        num_cpus=2, num_gpus=2, token=secrets.token_hex(32),
+        extra_env={
+            "AWS_ACCESS_KEY_ID": s3_server["key"],
+            "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    )
     try:
         cluster.start()
         yield cluster
@@ -37,38 +46,46 @@ def head():
         cluster.stop()
 
 
-def test_submitted_job_reconstructs_the_sample(head: LocalHead, tmp_path: Path):
+def test_submitted_job_reconstructs_the_sample_on_s3(head: LocalHead, s3_server):
+    import s3fs
+
     # Token authentication is really on: no token, no access.
     assert head.http_status("/api/jobs/", None) == 401
-    out = tmp_path / "volumes"
     job_id = f"interpolate-{secrets.token_hex(4)}"
+    root = f"s3://atlas-out/{job_id}"
     submitted = head.ray_cli(
         "job", "submit",
         "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
         "--submission-id", job_id,
         "--", "python", "jobs/interpolate.py",
-        f"output.root={out}", "run.progress=false",
+        "storage=s3", f"output.root={root}",
+        f"+output.storage_options.endpoint_url={s3_server['endpoint_url']}",
+        "run.progress=false",
         "resources=gpu_cluster", "resources.min_workers=0", "resources.max_workers=2",
         "resources.cpus_per_worker=0.5", "resources.tasks_per_batch=4",
         "resources.threads_per_worker=1",
         timeout=600,
     )
     output = ANSI.sub("", submitted.stdout + submitted.stderr)
-    assert submitted.returncode == 0, output[-6000:] + head.log()
+    assert submitted.returncode == 0, output[-6000:]
     status = head.ray_cli("job", "status", job_id)
     assert f"Job '{job_id}' succeeded" in ANSI.sub("", status.stdout + status.stderr), status.stdout
 
-    summary = json.loads((out / "run_summary.json").read_text())
+    fs = s3fs.S3FileSystem(**s3_server)
+    summary_text = fs.cat(f"{root}/run_summary.json").decode()
+    summary = json.loads(summary_text)
     assert summary["tasks_total"] > 0 and summary["tasks_failed"] == 0
     assert summary["tasks_done"] + summary["tasks_skipped"] == summary["tasks_total"]
     # The actors asked for GPUs and got them from the cluster (fake ones here).
     assert 1 <= len(summary["gpus"]) <= 2, summary["gpus"]
     assert f"tasks: {summary['tasks_total']} (done {summary['tasks_total']}" in output
+    assert s3_server["secret"] not in output + summary_text
 
     (dataset_id, image_url), = summary["outputs"].items()
-    assert (out / f"{dataset_id}.quicklook.png").is_file()  # drawn only when complete
-    group = zarr.open_group(image_url, mode="r")
+    assert image_url.startswith(root)
+    assert fs.exists(f"{root}/{dataset_id}.quicklook.png")  # drawn only when complete
+    group = zarr.open_group(image_url, mode="r", storage_options=dict(s3_server))
     provenance = group.attrs["atlinter_ray"]["provenance"]
     slices = sorted(p["slice"] for p in provenance)
     assert slices == list(range(len(slices)))

@@ -51,7 +51,9 @@ def write_ndarray_list(path, arrays: dict[str, np.ndarray]) -> None:
     path.write_bytes(b"".join(out))
 
 
-def _smooth_pair(rng: np.random.Generator, h: int, w: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def _smooth_pair(
+    rng: np.random.Generator, h: int, w: int, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Two uint8 HW(C) images: a blurred random texture and a shifted, rescaled copy."""
     noise = torch.from_numpy(rng.uniform(0, 1, (1, channels, h + 16, w + 16)).astype(np.float32))
     blurred = F.avg_pool2d(F.avg_pool2d(noise, 5, 1, 2), 5, 1, 2)[0].numpy()
@@ -91,7 +93,8 @@ def oracle(tmp_path_factory):
     params = root / "maskflownet.params"
     run_oracle("make-params", str(params), "--seed", "3", "--flow-gain", "1.0")
     cases = _cases()
-    np.savez(root / "cases.npz", **{f"{k}_{n}": v for n, pair in cases.items() for k, v in zip("ab", pair)})
+    arrays = {f"{k}_{n}": v for n, pair in cases.items() for k, v in zip("ab", pair)}
+    np.savez(root / "cases.npz", **arrays)
     run_oracle("predict", str(params), str(root / "cases.npz"), str(root / "flows.npz"))
     flows = np.load(root / "flows.npz")
     return {"params": params, "cases": cases, "flows": {n: flows[n] for n in flows.files}}
@@ -324,10 +327,16 @@ def test_upsample_interpolates_linearly_and_keeps_constants() -> None:
     x = torch.tensor([[[[0.0, 4.0], [8.0, 12.0]]]])
     up = upsample(x, 2)
     expected = torch.tensor(
-        [[0.0, 2.0, 4.0, 4.0], [4.0, 6.0, 8.0, 8.0], [8.0, 10.0, 12.0, 12.0], [8.0, 10.0, 12.0, 12.0]]
+        [
+            [0.0, 2.0, 4.0, 4.0],
+            [4.0, 6.0, 8.0, 8.0],
+            [8.0, 10.0, 12.0, 12.0],
+            [8.0, 10.0, 12.0, 12.0],
+        ]
     )
     torch.testing.assert_close(up[0, 0], expected)
-    torch.testing.assert_close(upsample(torch.full((1, 2, 3, 5), 7.0), 4), torch.full((1, 2, 12, 20), 7.0))
+    constant = upsample(torch.full((1, 2, 3, 5), 7.0), 4)
+    torch.testing.assert_close(constant, torch.full((1, 2, 12, 20), 7.0))
 
 
 def test_warp_follows_opencv_convention() -> None:

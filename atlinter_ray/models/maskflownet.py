@@ -81,7 +81,9 @@ def _leaky(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.1)
 
 
-def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1, act: bool = True) -> nn.Sequential:
+def _conv(
+    cin: int, cout: int, stride: int = 1, dilation: int = 1, act: bool = True
+) -> nn.Sequential:
     """A 3x3 conv (+ LeakyReLU), wrapped like Gluon's ``HybridSequential`` (key ``.0.``)."""
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
@@ -99,15 +101,20 @@ def _deconv(cin: int, cout: int) -> nn.Sequential:
 
 
 def correlation(f1: torch.Tensor, f2: torch.Tensor, md: int) -> torch.Tensor:
-    """FlowNet correlation, kernel 1: ``(N, (2md+1)^2, H, W)``, dy-major channels, / C."""
+    """FlowNet correlation, kernel 1: ``(N, (2md+1)^2, H, W)``, dy-major channels, / C.
+
+    One vectorised product per row offset ``dy`` (all ``dx`` at once through an
+    ``unfold`` view) rather than one per displacement: few, large ops.
+    """
     n, c, h, w = f1.shape
-    f2p = F.pad(f2, (md, md, md, md))
     side = 2 * md + 1
-    out = f1.new_empty((n, side * side, h, w))
+    a = f1.permute(0, 2, 3, 1).unsqueeze(-1)  # (N, H, W, C, 1)
+    b = F.pad(f2, (md, md, md, md)).permute(0, 2, 3, 1)  # (N, H + 2md, W + 2md, C)
+    out = f1.new_empty((n, h, w, side, side))
     for dy in range(side):
-        for dx in range(side):
-            out[:, dy * side + dx] = (f1 * f2p[:, :, dy : dy + h, dx : dx + w]).sum(1)
-    return out / c
+        band = b[:, dy : dy + h].unfold(2, side, 1)  # (N, H, W, C, dx)
+        out[:, :, :, dy] = (a * band).sum(3)
+    return out.view(n, h, w, side * side).permute(0, 3, 1, 2) / c
 
 
 def _normalised(coord: torch.Tensor, size: int) -> torch.Tensor:
@@ -151,23 +158,22 @@ class DeformConv2d(nn.Module):
     def forward(self, x: torch.Tensor, offset_yx: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` sampled at ``p + tap + offset(p)``; ``offset_yx`` is ``(N, 2, H, W)``."""
         n, c, h, w = x.shape
-        ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
-        xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
-        cols = []
-        for i in range(3):
-            py = (ys + (i - 1)) + offset_yx[:, 0]
-            inside_y = (py >= 0) & (py < h)
-            gy = _normalised(py.clamp(0, h - 1), h)
-            for j in range(3):
-                px = (xs + (j - 1)) + offset_yx[:, 1]
-                inside = inside_y & (px >= 0) & (px < w)
-                grid = torch.stack([_normalised(px.clamp(0, w - 1), w), gy], dim=-1)
-                sample = F.grid_sample(
-                    x, grid, mode="bilinear", padding_mode="border", align_corners=True
-                )
-                cols.append(sample * inside.unsqueeze(1).to(x.dtype))
-        stacked = torch.stack(cols, dim=2).reshape(n, c * 9, h * w)
-        out = torch.matmul(self.weight.reshape(self.weight.shape[0], c * 9), stacked)
+        taps = torch.arange(-1.0, 2.0, dtype=x.dtype, device=x.device)
+        ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, 1, 1, h, 1)
+        xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, 1, 1, w)
+        # (N, 3 rows of taps, 3 columns of taps, H, W) sampling positions, row-major taps
+        py = ys + taps.view(1, 3, 1, 1, 1) + offset_yx[:, 0].view(n, 1, 1, h, w)
+        px = xs + taps.view(1, 1, 3, 1, 1) + offset_yx[:, 1].view(n, 1, 1, h, w)
+        py, px = torch.broadcast_tensors(py, px)
+        inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        grid = torch.stack(
+            [_normalised(px.clamp(0, w - 1), w), _normalised(py.clamp(0, h - 1), h)], dim=-1
+        ).reshape(n, 9 * h, w, 2)
+        sampled = F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="border", align_corners=True
+        ).reshape(n, c, 9, h, w)
+        cols = (sampled * inside.reshape(n, 1, 9, h, w).to(x.dtype)).reshape(n, c * 9, h * w)
+        out = torch.matmul(self.weight.reshape(self.weight.shape[0], c * 9), cols)
         return out.reshape(n, -1, h, w) + self.bias.view(1, -1, 1, 1)
 
 

@@ -96,6 +96,12 @@ def _conv(
     return nn.Sequential(*layers)
 
 
+def _deconv(cin: int, cout: int, act: bool = False) -> nn.Module:
+    """4x4 stride-2 transposed conv (x2 upsampling), optionally followed by PReLU."""
+    up = nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+    return nn.Sequential(up, nn.PReLU(cout)) if act else up
+
+
 # ----------------------------------------------------------------------- RIFE_HD
 class _SEResBlock(nn.Module):
     """Residual block with squeeze-excitation gating (RIFE_HD's IFNet/Context/Fusion)."""
@@ -194,8 +200,9 @@ class HDFusionNet(nn.Module):
         self.down1 = _SEResBlock(4 * c, 4 * c, 2, 3, bn=False)
         self.down2 = _SEResBlock(8 * c, 8 * c, 2, 3, bn=False)
         self.down3 = _SEResBlock(16 * c, 16 * c, 2, 3, bn=False)
-        for i, (cin, cout) in enumerate(((32 * c, 8 * c), (16 * c, 4 * c), (8 * c, 2 * c), (4 * c, c))):
-            setattr(self, f"up{i}", nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.PReLU(cout)))
+        ups = ((32 * c, 8 * c), (16 * c, 4 * c), (8 * c, 2 * c), (4 * c, c))
+        for i, (cin, cout) in enumerate(ups):
+            setattr(self, f"up{i}", _deconv(cin, cout, act=True))
         self.conv = nn.Conv2d(c, 16, 3, 1, 1)
 
     def forward(
@@ -244,12 +251,8 @@ class _V3Block(nn.Module):
         self.conv0 = nn.Sequential(_conv(cin, c // 2, 3, 2, 1), _conv(c // 2, c, 3, 2, 1))
         for i in range(4):
             setattr(self, f"convblock{i}", nn.Sequential(_conv(c, c), _conv(c, c)))
-        self.conv1 = nn.Sequential(
-            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 4, 4, 2, 1)
-        )
-        self.conv2 = nn.Sequential(
-            nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.PReLU(c // 2), nn.ConvTranspose2d(c // 2, 1, 4, 2, 1)
-        )
+        self.conv1 = nn.Sequential(*_deconv(c, c // 2, act=True), _deconv(c // 2, 4))
+        self.conv2 = nn.Sequential(*_deconv(c, c // 2, act=True), _deconv(c // 2, 1))
 
     def forward(self, x: Tensor, flow: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Flow and mask increments at the input's resolution."""
@@ -325,13 +328,15 @@ class _V4Block(nn.Module):
         super().__init__()
         act = "leaky" if modern else "prelu"
         self.modern = modern
-        self.conv0 = nn.Sequential(_conv(cin, c // 2, 3, 2, 1, act=act), _conv(c // 2, c, 3, 2, 1, act=act))
+        self.conv0 = nn.Sequential(
+            _conv(cin, c // 2, 3, 2, 1, act=act), _conv(c // 2, c, 3, 2, 1, act=act)
+        )
         if modern:
             self.convblock = nn.Sequential(*[_ResConv(c) for _ in range(8)])
-            self.lastconv = nn.Sequential(nn.ConvTranspose2d(c, 4 * out, 4, 2, 1), nn.PixelShuffle(2))
+            self.lastconv = nn.Sequential(_deconv(c, 4 * out), nn.PixelShuffle(2))
         else:
             self.convblock = nn.Sequential(*[_conv(c, c) for _ in range(8)])
-            self.lastconv = nn.ConvTranspose2d(c, out, 4, 2, 1)
+            self.lastconv = _deconv(c, out)
 
     def forward(self, x: Tensor, flow: Tensor | None, scale: float) -> Tensor:
         """Flow (4), mask logits (1) and, for 4.2x, features, at the input resolution."""
@@ -400,7 +405,9 @@ def _drop(state: Mapping[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, T
     return {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
 
-def _read_state(url: str, storage_options: Mapping[str, Any] | None) -> tuple[dict[str, Tensor], str]:
+def _read_state(
+    url: str, storage_options: Mapping[str, Any] | None
+) -> tuple[dict[str, Tensor], str]:
     """Read one ``.pkl`` state dict (``module.`` stripped) and its sha256."""
     obj, digest = read_checkpoint(url, storage_options)
     return unwrap_state_dict(obj, url), digest
@@ -457,7 +464,12 @@ class RifeHD(TorchPairInterpolator):
         net = RifeHDNet()
         digests = {}
         base = checkpoint.rstrip("/")
-        for file, part in (("flownet.pkl", net.flownet), ("contextnet.pkl", net.contextnet), ("unet.pkl", net.fusionnet)):
+        parts = {
+            "flownet.pkl": net.flownet,
+            "contextnet.pkl": net.contextnet,
+            "unet.pkl": net.fusionnet,
+        }
+        for file, part in parts.items():
             url = f"{base}/{file}"
             state, digests[file] = _read_state(url, storage_options)
             load_strict(part, state, url)

@@ -167,6 +167,8 @@ class TorchRuntime:
     def prepare(self, module: nn.Module) -> nn.Module:
         """Move ``module`` to the device, in eval mode, without gradients."""
         module = module.to(self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # batches repeat the same shapes
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         for p in module.parameters():
