@@ -28,7 +28,7 @@ from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.evaluation import load_truth, score_run
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
 from atlinter_ray.planning import GapTask, plan_dataset
-from atlinter_ray.quicklook import quicklook_png
+from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.worker import WorkerSpec
 
@@ -249,4 +249,6 @@ def _finalize(
         complete.append(ds)
         if cfg.output.quicklook:
             store.write_bytes(f"{ds.id}.quicklook.png", quicklook_png(store, ds, records))
+            if montage_gaps(store.image_attrs(ds.id)["atlinter_ray"]["provenance"]):
+                store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds))
     return outputs, complete

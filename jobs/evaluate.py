@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -41,9 +40,14 @@ def run(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Compose ``conf/evaluate.yaml`` with command-line overrides and run it."""
+    if not (CONF_DIR / "evaluate.yaml").is_file():
+        sys.exit(
+            f"atlinter_ray: {CONF_DIR / 'evaluate.yaml'} not found; run from the root of "
+            "a checkout of the repository (where conf/ is), or pip install -e ."
+        )
     register_configs()
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-    hydra.main(config_path=str(Path(CONF_DIR)), config_name="evaluate", version_base="1.3")(run)()
+    hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")(run)()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Steps, each a small pure function below::
             ──> crop empty margins ──> rescale to uint8 ──> known "coronal" sections
                 every SPACING slices along axis 0 ──> atlinter_ray/sample/
 
-Outputs (the predecessor's layout plus our ``reference_shape`` field):
+Outputs (the predecessor's layout plus our ``reference_shape`` and ``voxel_size_um``):
 
 - ``mni152_t1.npy``: the known sections, ``(n, D1, D2)`` uint8;
 - ``mni152_t1.json``: ``{"section_numbers": [...], "axis": "coronal",
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "section_numbers": sections,
         "axis": "coronal",
         "reference_shape": list(volume.shape),
+        "voxel_size_um": 1000.0 * DOWNSAMPLE,
     }
     (args.out / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
     np.savez_compressed(args.out / f"{NAME}_truth.npz", volume=volume)

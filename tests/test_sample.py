@@ -38,7 +38,8 @@ def test_files_are_bundled_and_small() -> None:
 
 def test_metadata_is_consistent(sample) -> None:
     sections, meta, truth = sample
-    assert set(meta) == {"section_numbers", "axis", "reference_shape"}
+    assert set(meta) == {"section_numbers", "axis", "reference_shape", "voxel_size_um"}
+    assert meta["voxel_size_um"] == 2000.0
     assert meta["axis"] == "coronal"
     numbers = meta["section_numbers"]
     assert all(isinstance(n, int) for n in numbers)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import FlowEstimator, PairInterpolator, register_model
 
 
@@ -67,7 +68,7 @@ class DISFlow(OpenCVFlow):
 
     def __init__(self, preset: str = "medium") -> None:
         if preset not in self._PRESETS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.params.preset={preset!r}: choose one of {sorted(self._PRESETS)}"
             )
         dis = cv2.DISOpticalFlow_create(self._PRESETS[preset])
