@@ -12,6 +12,12 @@ The machines are shared, so the two sides are measured in alternating ``--rounds
 the same), and both wall and CPU (process) seconds are reported with the load average.
 The two flows are also compared (max |difference| in px).
 
+``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` for both sides (set it in the environment to
+override): on an oversubscribed machine, OpenMP threads that spin at every op's barrier
+waiting for a descheduled sibling made torch with 2 threads 3x slower than with 1
+(measured here at load 8 on 2 cores); passive waiting removes that artefact. On
+dedicated cores the policy makes little difference.
+
 Usage::
 
     python benchmarks/bench_maskflownet.py [--threads 2] [--rounds 2] [--repeat 3]
@@ -28,8 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -121,6 +129,7 @@ def main() -> None:
         "threads": args.threads,
         "calls_per_side": args.rounds * args.repeat,
         "torch": torch.__version__,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "ours_s": {k: summary(v) for k, v in times["ours"].items()},
         "mxnet_s": {k: summary(v) for k, v in times["mxnet"].items()},
         "raw_s": times,

@@ -168,13 +168,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="extra batched timing (1: skip)")
-    parser.add_argument("--gaps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--gaps", type=int, nargs="*", default=[2, 4, 8], help="none: skip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, 320x456 RGB, {args.repeats} rounds")
     print(f"{'model':55s} {'s/slice med':>11s} {'min':>7s}")
     for label, med, low in speed(args.repeats, args.batch):
         print(f"{label:55s} {med:11.3f} {low:7.3f}", flush=True)
+    if not args.gaps:
+        return
     print("\nquality on MNI152 T1 (coronal, 79x77, uint8), mean over held-out slices")
     print(f"{'model':18s} {'gap':>3s} {'PSNR':>7s} {'SSIM':>7s}")
     for label, gap, p, s in quality(tuple(args.gaps)):

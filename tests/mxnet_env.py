@@ -86,6 +86,8 @@ def run_oracle(*args: str, threads: int = 2, timeout: float = 600) -> str:
         "OMP_NUM_THREADS": str(threads),
         "PYTHONWARNINGS": "ignore",
     }
+    if "OMP_WAIT_POLICY" in os.environ:
+        env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
     cmd = [str(mxnet_python()), str(ORACLE), str(predecessor_src()), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode != 0:

@@ -3,8 +3,8 @@
 Runs ONLY inside the test-only venv built by :mod:`tests.mxnet_env` (Python 3.11,
 mxnet 1.9.1, numpy 1.23.5); it never imports atlinter_ray. Arrays travel through
 ``.npy``/``.npz`` files. Modules that atlinter imports but the MaskFlowNet path never
-calls (torch, scipy, cv2, flow_vis, moviepy, yaml) are replaced by stubs at run time
-when absent; the cached sdist is never edited.
+calls (torch, scipy, cv2, flow_vis, moviepy, yaml, and atlinter's torch-only RAFT
+module) are replaced by stubs at run time when absent; the cached sdist is never edited.
 
 Commands::
 

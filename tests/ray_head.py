@@ -70,6 +70,8 @@ class LocalHead:
         self.address = f"http://127.0.0.1:{dash}"
         self.env = {
             **os.environ,
+            # `python` in a job's entry point is this interpreter, as in an activated venv
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
             "RAY_AUTH_MODE": "token" if token else "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
             **(extra_env or {}),
