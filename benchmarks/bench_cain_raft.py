@@ -53,7 +53,9 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> list[tuple[str,
     return [(label, statistics.median(t), min(t)) for label, t in times.items()]
 
 
-def bench_cain(a: np.ndarray, b: np.ndarray, tmp: Path, repeats: int) -> list[tuple[str, float, float]]:
+def bench_cain(
+    a: np.ndarray, b: np.ndarray, tmp: Path, repeats: int
+) -> list[tuple[str, float, float]]:
     """Predecessor CAIN vs ours (default and channels_last)."""
     from atlinter.vendor.cain.cain import CAIN as PredecessorCAIN
 

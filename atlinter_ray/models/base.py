@@ -8,7 +8,7 @@ Every model the pipeline runs is one of:
   sections; :class:`atlinter_ray.models.flow.FlowInterpolator` turns it into frames
   at any ``t``.
 
-Arrays are batches laid out ``(N, C, H, W)`` (``C`` is 1 or 3), ``float32``, in the
+Inputs are batches of pairs laid out ``(N, C, H, W)`` (``C`` is 1 or 3), ``float32``, in the
 dataset's own units: ``peak`` is the value of full intensity (255 for uint8 data).
 Models that work on ``[0, 1]`` divide by ``peak`` themselves, so arithmetic models
 such as ``linear`` stay exact on integer data.
@@ -43,7 +43,7 @@ class PairInterpolator(ABC):
     def interpolate(
         self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
     ) -> np.ndarray:
-        """Return ``(N, C, H, W)`` frames at positions ``t`` (shape ``(N,)``)."""
+        """Return ``(N, K, C, H, W)``: each pair ``(a[i], b[i])`` at the ``K`` positions ``t``."""
 
     def provenance(self) -> dict[str, Any]:
         """Describe the model for the output's per-slice provenance record."""
