@@ -25,7 +25,7 @@ from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
 from atlinter_ray.engine import build_interpolator
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
-from atlinter_ray.evaluation import load_truth, score_run
+from atlinter_ray.scoring import load_truth, score_run
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
 from atlinter_ray.planning import GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png

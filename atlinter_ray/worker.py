@@ -55,10 +55,11 @@ class WorkerSpec:
 def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:
     """Cast model output to the output dtype: round and clip for integers."""
     dt = np.dtype(dtype)
-    if dt.kind in "ui":
-        info = np.iinfo(dt)
-        return np.clip(np.rint(frames), info.min, info.max).astype(dt)
-    return frames.astype(dt, copy=False)
+    if frames.dtype == dt or dt.kind not in "ui":
+        return frames.astype(dt, copy=False)
+    info = np.iinfo(dt)
+    values = np.rint(frames) if frames.dtype.kind == "f" else frames
+    return np.clip(values, info.min, info.max).astype(dt)
 
 
 def _identity() -> dict[str, Any]:

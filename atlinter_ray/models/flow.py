@@ -12,6 +12,7 @@ OpenCV's bilinear ``remap`` with replicated borders.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import cv2
@@ -20,12 +21,18 @@ import numpy as np
 from atlinter_ray.models.base import FlowEstimator, PairInterpolator
 
 
+@functools.lru_cache(maxsize=4)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates of an ``h`` x ``w`` image (cached: reused every warp)."""
+    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return gy, gx
+
+
 def warp(images: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Sample ``images`` ``(C, H, W)`` at ``x + flow(x)``; ``flow`` is ``(2, H, W)``."""
-    h, w = images.shape[-2:]
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    map_x = gx + flow[0].astype(np.float32)
-    map_y = gy + flow[1].astype(np.float32)
+    gy, gx = _pixel_grid(*images.shape[-2:])
+    map_x = gx + flow[0].astype(np.float32, copy=False)
+    map_y = gy + flow[1].astype(np.float32, copy=False)
     return np.stack(
         [
             cv2.remap(

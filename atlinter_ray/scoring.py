@@ -1,4 +1,4 @@
-"""Score predicted slices against held-out truth, next to the ``linear`` baseline.
+"""Score a finished run's predicted slices against held-out truth, next to ``linear``.
 
 Used when the configuration names a ground-truth volume for a dataset (the bundled
 sample does): the driver reads back the predicted slices it wrote, scores them with
