@@ -58,6 +58,9 @@ class InterpolationConfig:
 
     placement: str = "exact"
     edge: str = "copy"
+    #: Reference volume ``.npy`` (e.g. the Nissl; shape ``reference_shape``, or with a
+    #: trailing 3 for RGB) for the reference-guided mode; read with data.storage_options.
+    reference: str | None = None
 
 
 @dataclass

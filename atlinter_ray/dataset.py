@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -114,7 +114,8 @@ def dataset_urls(url: str) -> tuple[str, str, str]:
     return dataset_id, base + ".npy", base + ".json"
 
 
-def _fail(url: str, field_name: str, problem: str, fix: str) -> DatasetError:
+def field_error(url: str, field_name: str, problem: str, fix: str) -> DatasetError:
+    """The error for a bad ``field_name`` of the file at ``url``: what, where and the fix."""
     return DatasetError(f"{url}: field {field_name!r}: {problem}. Fix: {fix}.")
 
 
@@ -139,7 +140,7 @@ def _read_metadata(url: str, storage_options: Mapping[str, Any]) -> dict[str, An
     return meta
 
 
-def _read_npy_header(
+def read_npy_header(
     url: str, storage_options: Mapping[str, Any]
 ) -> tuple[tuple[int, ...], np.dtype, int, int]:
     """Shape, dtype, data offset and file size of a ``.npy`` file, reading its header."""
@@ -162,11 +163,11 @@ def _read_npy_header(
         ) from exc
     except (ValueError, EOFError, OSError) as exc:
         raise DatasetError(
-            f"{url}: unreadable .npy file ({exc}). Fix: re-save the sections with "
+            f"{url}: unreadable .npy file ({exc}). Fix: re-save the array with "
             "numpy.save."
         ) from exc
     if fortran:
-        raise _fail(url, "fortran_order", "Fortran-ordered arrays are not supported",
+        raise field_error(url, "fortran_order", "Fortran-ordered arrays are not supported",
                     "re-save with numpy.save(np.ascontiguousarray(images))")
     return tuple(shape), dtype, offset, size
 
@@ -175,36 +176,44 @@ def _check_sections(url: str, sections: Any, n: int, n_slices: int, axis: str) -
     if not isinstance(sections, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) for s in sections
     ):
-        raise _fail(url, "section_numbers", "must be a list of integers",
+        raise field_error(url, "section_numbers", "must be a list of integers",
                     "write the reference-space slice index of each image")
     if len(sections) != n:
-        raise _fail(url, "section_numbers",
+        raise field_error(url, "section_numbers",
                     f"{len(sections)} numbers for {n} images in the .npy file",
                     "give exactly one section number per image, in image order")
     if len(sections) < 2:
-        raise _fail(url, "section_numbers", f"only {len(sections)} section(s)",
+        raise field_error(url, "section_numbers", f"only {len(sections)} section(s)",
                     "interpolation needs at least two known sections")
     dupes = sorted({s for s in sections if sections.count(s) > 1})
     if dupes:
-        raise _fail(url, "section_numbers", f"duplicate section numbers {dupes}",
+        raise field_error(url, "section_numbers", f"duplicate section numbers {dupes}",
                     "keep one image per section number")
     bad = [s for s in sections if s < 0 or s >= n_slices]
     if bad:
-        raise _fail(url, "section_numbers",
+        raise field_error(url, "section_numbers",
                     f"{bad} outside 0..{n_slices - 1} along the {axis} axis",
                     "check the slice numbers or data.reference_shape")
 
 
+def finite_peak(planes: Iterable[np.ndarray], non_finite: Callable[[int], DatasetError]) -> float:
+    """Largest value of float planes scanned one at a time; ``non_finite(i)`` on NaN/inf."""
+    peak = 0.0
+    for i, plane in enumerate(planes):
+        if not np.isfinite(plane).all():
+            raise non_finite(i)
+        peak = max(peak, float(plane.max()))
+    return peak if peak > 0 else 1.0
+
+
 def _float_peak(ds: Dataset) -> float:
     """Scan float images section by section (bounded memory): reject NaN/inf, find max."""
-    peak = 0.0
-    for i, section in enumerate(iter_sections(ds)):
-        if not np.isfinite(section).all():
-            raise _fail(ds.images_url, f"images[{i}]",
-                        f"section {ds.section_numbers[i]} contains NaN or inf",
-                        "replace non-finite values (e.g. numpy.nan_to_num) and re-save")
-        peak = max(peak, float(section.max()))
-    return peak if peak > 0 else 1.0
+    return finite_peak(
+        iter_sections(ds),
+        lambda i: field_error(ds.images_url, f"images[{i}]",
+                              f"section {ds.section_numbers[i]} contains NaN or inf",
+                              "replace non-finite values (e.g. numpy.nan_to_num) and re-save"),
+    )
 
 
 def load_dataset(
@@ -224,25 +233,25 @@ def load_dataset(
 
     axis = meta.get("axis")
     if axis not in AXES:
-        raise _fail(metadata_url, "axis", f"unknown axis {axis!r}",
+        raise field_error(metadata_url, "axis", f"unknown axis {axis!r}",
                     f"use one of {sorted(AXES)}")
     ref = meta.get("reference_shape", reference_shape or CCF_25UM_SHAPE)
     if (not isinstance(ref, (list, tuple)) or len(ref) != 3
             or not all(isinstance(v, int) and v > 0 for v in ref)):
-        raise _fail(metadata_url, "reference_shape", f"invalid shape {ref!r}",
+        raise field_error(metadata_url, "reference_shape", f"invalid shape {ref!r}",
                     "give three positive integers (AP, DV, LR)")
     ref = tuple(int(v) for v in ref)
 
-    shape, dtype, offset, size = _read_npy_header(images_url, opts)
+    shape, dtype, offset, size = read_npy_header(images_url, opts)
     if dtype.name not in SUPPORTED_DTYPES:
-        raise _fail(images_url, "dtype", f"unsupported dtype {dtype.name}",
+        raise field_error(images_url, "dtype", f"unsupported dtype {dtype.name}",
                     f"convert the images to one of {', '.join(SUPPORTED_DTYPES)}")
     if len(shape) == 4 and shape[3] == 3:
         channels = 3
     elif len(shape) == 3:
         channels = 1
     else:
-        raise _fail(images_url, "shape", f"images have shape {shape}",
+        raise field_error(images_url, "shape", f"images have shape {shape}",
                     "store (n, H, W) grayscale or (n, H, W, 3) RGB sections")
     ds = Dataset(
         id=dataset_id,
@@ -258,7 +267,7 @@ def load_dataset(
         metadata={k: v for k, v in meta.items() if k not in ("section_numbers",)},
     )
     if tuple(shape[1:3]) != ds.image_shape:
-        raise _fail(images_url, "shape",
+        raise field_error(images_url, "shape",
                     f"images are {shape[1]}x{shape[2]} but the {axis} plane of a "
                     f"{ref} reference is {ds.image_shape[0]}x{ds.image_shape[1]}",
                     "align the sections to the reference space, or set "
@@ -266,24 +275,38 @@ def load_dataset(
     _check_sections(metadata_url, meta.get("section_numbers"), shape[0], ds.n_slices, axis)
     expected = offset + shape[0] * ds.section_bytes
     if size < expected:
-        raise _fail(images_url, "data", f"file is truncated: {size} bytes, "
+        raise field_error(images_url, "data", f"file is truncated: {size} bytes, "
                     f"{expected} expected for shape {shape}", "download or save it again")
     if dtype.kind == "u":
         return replace(ds, peak=float(np.iinfo(dtype).max))
     return replace(ds, peak=_float_peak(ds))
 
 
+def read_planes(
+    url: str,
+    storage_options: Mapping[str, Any],
+    data_offset: int,
+    plane: tuple[int, int, int],
+    dtype: str,
+    indices: Sequence[int],
+) -> np.ndarray:
+    """Read whole leading-axis planes ``(C, H, W)`` of a C-ordered ``.npy`` by seeking."""
+    channels, h, w = plane
+    nbytes = channels * h * w * np.dtype(dtype).itemsize
+    out = np.empty((len(indices), channels, h, w), dtype=dtype)
+    with fsspec.open(url, "rb", **storage_options) as f:
+        for k, i in enumerate(indices):
+            f.seek(data_offset + i * nbytes)
+            out[k] = _to_chw(np.frombuffer(f.read(nbytes), dtype=dtype), channels, h, w)
+    return out
+
+
 def read_sections(ds: Dataset, section_numbers: list[int] | tuple[int, ...]) -> np.ndarray:
     """Read the given known sections as ``(k, C, H, W)`` in the stored dtype."""
     index = {s: i for i, s in enumerate(ds.section_numbers)}
-    h, w = ds.image_shape
-    out = np.empty((len(section_numbers), ds.channels, h, w), dtype=ds.dtype)
-    with fsspec.open(ds.images_url, "rb", **ds.storage_options) as f:
-        for k, s in enumerate(section_numbers):
-            f.seek(ds.data_offset + index[s] * ds.section_bytes)
-            raw = np.frombuffer(f.read(ds.section_bytes), dtype=ds.dtype)
-            out[k] = _to_chw(raw, ds.channels, h, w)
-    return out
+    return read_planes(ds.images_url, ds.storage_options, ds.data_offset,
+                       (ds.channels, *ds.image_shape), ds.dtype,
+                       [index[s] for s in section_numbers])
 
 
 def iter_sections(ds: Dataset, batch: int = 8) -> Iterator[np.ndarray]:

@@ -1,6 +1,7 @@
 """The driver: datasets in, whole volumes out.
 
-``run(config)`` validates every dataset and the model before any Ray work, plans the
+``run(config)`` validates every dataset, the model and the reference volume of the
+reference-guided mode (``interpolation.reference``) before any Ray work, plans the
 gap tasks, skips those already marked done, runs the rest (on Ray, or in-process with
 ``run.serial``), merges provenance, draws quick-looks and returns a
 :class:`RunSummary`, which it also writes beside the output.
@@ -25,10 +26,12 @@ from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
 from atlinter_ray.engine import build_interpolator
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
-from atlinter_ray.scoring import load_truth, score_run
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
+from atlinter_ray.models.base import PairInterpolator
+from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
+from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.worker import WorkerSpec
 
@@ -126,6 +129,16 @@ def load_datasets(data: DataConfig) -> list[Dataset]:
     return datasets
 
 
+def check_reference(
+    cfg: Config, model: PairInterpolator, datasets: list[Dataset]
+) -> ReferenceVolume | None:
+    """The validated reference volume of the reference-guided mode, or None when unset."""
+    if not cfg.interpolation.reference:
+        return None
+    reference_estimator(model, cfg.model.name)  # a pair interpolator cannot be guided
+    return load_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options)
+
+
 def output_dtype(ds: Dataset, requested: str | None) -> str:
     """The output dtype: as configured, else the input's (float64 -> float32)."""
     if requested:
@@ -142,7 +155,11 @@ def run(cfg: Config) -> RunSummary:
     check_resources(cfg.resources)
     datasets = load_datasets(cfg.data)
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
-    provenance = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params).provenance()
+    model = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params)
+    provenance = model.provenance()
+    reference = check_reference(cfg, model, datasets)
+    if reference is not None:
+        provenance = {**provenance, **reference_provenance(reference.url)}
     store = VolumeStore(cfg.output.root, cfg.output.storage_options)
     tasks_by_ds = {
         ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
@@ -174,10 +191,13 @@ def run(cfg: Config) -> RunSummary:
         output_root=cfg.output.root,
         output_storage_options=dict(cfg.output.storage_options),
         threads=cfg.resources.threads_per_worker,
+        reference=None if reference is None else reference.to_json(),
     )
     log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
     rows = _execute(todo, spec, cfg)
     outputs, complete = _finalize(store, datasets, tasks_by_ds, cfg)
+    if cfg.data.truth:  # scikit-image is imported only when there is truth to score
+        from atlinter_ray.scoring import load_truth, score_run
     scores = {
         ds.id: score_run(
             store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),

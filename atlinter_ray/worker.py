@@ -2,10 +2,11 @@
 
 One :class:`TaskWorker` loads its model once, then for each batch of tasks reads the
 two bounding sections of every task itself, predicts the missing slices (pairs with
-the same positions are batched into one model call), writes the slices straight to
-the output store and marks each task done. It always reports every task, success or
-failure, so one bad task never hides the rest of the run. The same class runs
-in-process for ``run.serial=true``.
+the same positions are batched into one model call; with a reference volume, each
+slice is instead its nearest known section moved along the reference's flow), writes
+the slices straight to the output store and marks each task done. It always reports
+every task, success or failure, so one bad task never hides the rest of the run. The
+same class runs in-process for ``run.serial=true``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import numpy as np
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.engine import build_interpolator, predict
+from atlinter_ray.models.base import FlowEstimator
+from atlinter_ray.models.reference_guided import (
+    nearest_known,
+    predict_from_reference,
+    reference_estimator,
+)
 from atlinter_ray.planning import GapTask
+from atlinter_ray.reference import ReferenceVolume, read_reference_slices, reference_provenance
 from atlinter_ray.store import VolumeStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,8 @@ class WorkerSpec:
     output_root: str
     output_storage_options: Mapping[str, Any] = field(default_factory=dict)
     threads: int = 1
+    #: :meth:`ReferenceVolume.to_json` of the reference-guided mode's volume, or None.
+    reference: Mapping[str, Any] | None = None
 
 
 def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:
@@ -91,6 +101,12 @@ class TaskWorker:
         self.dtypes = dict(spec.dtypes)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
+        self.reference: ReferenceVolume | None = None
+        self.estimator: FlowEstimator | None = None
+        if spec.reference is not None:
+            self.reference = ReferenceVolume.from_json(spec.reference)
+            self.estimator = reference_estimator(self.model, spec.model_name)
+            self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
         self.identity = _identity()
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -114,7 +130,10 @@ class TaskWorker:
                     for t in group
                 }
                 frames, calls = None, 0
-                if positions:
+                if positions and self.reference is not None:
+                    frames = np.stack([self._from_reference(t, sections[t.task_id]) for t in group])
+                    calls = len(positions)
+                elif positions:
                     a = np.stack([sections[t.task_id][t.left] for t in group])
                     b = np.stack([sections[t.task_id][t.right] for t in group])
                     prediction = predict(self.model, a, b, positions, peak)
@@ -132,6 +151,22 @@ class TaskWorker:
             for task in group:
                 rows[task.task_id]["seconds"] = elapsed
         return [rows[t.task_id] for t in tasks]
+
+    def _from_reference(self, task: GapTask, sections: Mapping[int, np.ndarray]) -> np.ndarray:
+        """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
+        ds = self.datasets[task.dataset_id]
+        targets = [j.slice for j in task.predicted]
+        # Slices strictly inside a gap: the nearest known section is one of its bounds.
+        nearest = [nearest_known(s, (task.left, task.right)) for s in targets]
+        wanted = sorted(set(targets) | set(nearest))
+        ref = dict(zip(wanted, read_reference_slices(self.reference, ds.axis_index, wanted)))
+        return predict_from_reference(
+            self.estimator,
+            np.stack([ref[s] for s in targets]),
+            np.stack([ref[k] for k in nearest]),
+            np.stack([sections[k] for k in nearest]),
+            self.reference.peak,
+        )
 
     def _row(self, task: GapTask) -> dict[str, Any]:
         return {
@@ -161,6 +196,8 @@ class TaskWorker:
                 frame = frames[k]
                 k += 1
                 record.update(left=task.left, right=task.right, t=job.t, **self.provenance)
+                if self.reference is not None:
+                    record["known"] = nearest_known(job.slice, (task.left, task.right))
             self.store.write_slice(ds, job.slice, to_dtype(frame, dtype))
             records.append(record)
         self.store.mark_done(

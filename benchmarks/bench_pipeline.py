@@ -9,7 +9,12 @@ to section):
   saved as one uint8 ``.npy``. It is the predecessor's best case: atlinter itself
   holds three or four float64 copies of the volume (dataset, interpolator copy,
   output, concatenated predictions), this loop one;
-* ``pipeline`` with 1 and with 2 Ray workers, writing OME-Zarr.
+* the same loop with OpenCV held to one thread (``sequential-1t``), to show the
+  scaling the workers add;
+* ``pipeline`` with 1 and with 2 Ray workers (one thread each), writing OME-Zarr.
+
+Speed and memory ratios are against ``sequential`` (OpenCV on every core); a last
+column gives the speed against ``sequential-1t``.
 
 Each mode runs in its own process; a sampler adds up the proportional set size (PSS)
 of the driver and our worker actors, so shared libraries count once; Ray's service
@@ -75,21 +80,30 @@ class PeakPSS:
     so nothing is hidden. GCS and raylet are not counted in either.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.2) -> None:
         self.interval, self._stop = interval, threading.Event()
         self.peak = self.peak_with_services = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def _pss(pid: int) -> int:
+        """PSS in bytes from ``smaps_rollup`` (cheap: the sampler must not steal CPU)."""
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
     def _sample(self) -> tuple[int, int]:
-        me = psutil.Process()
-        ours, services = me.memory_full_info().pss, 0
+        me = os.getpid()
+        ours, services = self._pss(me), 0
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.pid == me.pid or not cmd.startswith("ray::"):
+            if p.pid == me or not cmd.startswith("ray::"):
                 continue
             try:
-                pss = p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pss = self._pss(p.pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
             if "TaskWorker" in cmd:
                 ours += pss
@@ -113,12 +127,19 @@ class PeakPSS:
         self._thread.join()
 
 
-def sequential(npy: Path, model_name: str, out: Path) -> dict:
-    """The predecessor's way, with our model: whole float64 volume, gap after gap."""
+def sequential(npy: Path, model_name: str, out: Path, threads: int) -> dict:
+    """The predecessor's way, with our model: whole float64 volume, gap after gap.
+
+    ``threads``: OpenCV threads (0: the library default, every core).
+    """
+    import cv2
+
     from atlinter_ray.dataset import load_dataset
     from atlinter_ray.engine import build_interpolator, predict
     from atlinter_ray.planning import plan_dataset
 
+    if threads:
+        cv2.setNumThreads(threads)
     start = time.perf_counter()
     ds = load_dataset(str(npy))
     model = build_interpolator(model_name)
@@ -169,11 +190,11 @@ def pipeline(npy: Path, model_name: str, out: Path, workers: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     """Run one mode and print its JSON result (called in a fresh process)."""
-    out = Path(args.workdir) / f"{args.mode}-{args.workers}"
+    out = Path(args.workdir) / f"{args.mode}-{args.workers}-{args.threads}"
     out.mkdir(parents=True, exist_ok=True)
     with PeakPSS() as mem:
         if args.mode == "sequential":
-            result = sequential(Path(args.npy), args.model, out)
+            result = sequential(Path(args.npy), args.model, out, args.threads)
         else:
             result = pipeline(Path(args.npy), args.model, out, args.workers)
     result["peak_pss_mb"] = mem.peak / 2**20
@@ -189,6 +210,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.json")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--npy", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,22 +221,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         npy = make_dataset(Path(tmp) / "data")
         results = {}
-        for mode, workers in (("sequential", 0), ("pipeline", 1), ("pipeline", 2)):
+        runs = (("sequential", 0, 0), ("sequential", 0, 1), ("pipeline", 1, 0), ("pipeline", 2, 0))
+        for mode, workers, threads in runs:
             cmd = [sys.executable, __file__, "--mode", mode, "--workers", str(workers),
+                   "--threads", str(threads),
                    "--npy", str(npy), "--workdir", tmp, "--model", args.model]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
-            results[f"{mode}" + (f"-{workers}w" if workers else "")] = json.loads(line[7:])
-    base = results["sequential"]
+            name = f"pipeline-{workers}w" if workers else ("sequential-1t" if threads else mode)
+            results[name] = json.loads(line[7:])
+    base, single = results["sequential"], results["sequential-1t"]
     print(f"model={args.model}  reference={REFERENCE} RGB uint8, one section every {SPACING}")
     print(f"{'mode':<14}{'wall s':>9}{'slices/s':>10}{'peak MB':>10}{'speed x':>9}{'memory x':>10}"
-          f"{'MB w/ Ray services':>20}")
+          f"{'MB w/ Ray services':>20}{'speed x vs 1 thread':>21}")
     for name, r in results.items():
         r["speedup"] = r["slices_per_s"] / base["slices_per_s"]
         r["memory_ratio"] = r["peak_pss_mb"] / base["peak_pss_mb"]
+        r["speedup_vs_1_thread"] = r["slices_per_s"] / single["slices_per_s"]
         print(f"{name:<14}{r['wall_s']:>9.2f}{r['slices_per_s']:>10.1f}{r['peak_pss_mb']:>10.0f}"
               f"{r['speedup']:>9.2f}{r['memory_ratio']:>10.2f}"
-              f"{r['peak_pss_with_ray_services_mb']:>20.0f}")
+              f"{r['peak_pss_with_ray_services_mb']:>20.0f}{r['speedup_vs_1_thread']:>21.2f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"pipeline-{args.model}.json").write_text(json.dumps(results, indent=2))

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from atlinter_ray.models.base import FlowEstimator
-from atlinter_ray.models.flow import warp
+from atlinter_ray.errors import ConfigError
+from atlinter_ray.models.base import FlowEstimator, PairInterpolator
+from atlinter_ray.models.flow import FlowInterpolator, warp
 
 
 def nearest_known(slice_number: int, known_sections: Sequence[int]) -> int:
@@ -35,6 +36,18 @@ def nearest_known(slice_number: int, known_sections: Sequence[int]) -> int:
     if len(known_sections) == 0:
         raise ValueError("nearest_known: no known sections to choose from")
     return min(sorted(known_sections), key=lambda k: abs(k - slice_number))
+
+
+def reference_estimator(model: PairInterpolator, model_name: str) -> FlowEstimator:
+    """The flow estimator behind a built model, or a ConfigError for pair interpolators."""
+    if isinstance(model, FlowInterpolator):
+        return model.estimator
+    raise ConfigError(
+        f"interpolation.reference is set but model {model_name!r} is a pair interpolator "
+        "(it predicts frames, not flow), so the reference cannot guide it. Fix: choose a "
+        "flow model (dis, farneback, deepflow, tvl1, raft, raft_small, maskflownet) or "
+        "set interpolation.reference=null"
+    )
 
 
 def predict_from_reference(

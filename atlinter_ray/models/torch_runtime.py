@@ -143,7 +143,7 @@ class TorchRuntime:
     ) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(
-                f"model.precision={precision!r}: choose one of {sorted(PRECISIONS)}"
+                f"model.params.precision={precision!r}: choose one of {sorted(PRECISIONS)}"
             )
         self.device = select_device(device)
         if precision == "fp16" and self.device.type != "cuda":
