@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from atlinter_ray import pipeline
 from atlinter_ray.config import Config
 from atlinter_ray.errors import AtlinterRayError
+from atlinter_ray.evaluate import EvaluateConfig
 
 log = logging.getLogger("atlinter_ray")
 
@@ -41,6 +43,7 @@ def _sample_file(name: str) -> str:
 def register_configs() -> None:
     """Register the config schema and the resolvers the YAML files use."""
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     OmegaConf.register_new_resolver("sample_dir", lambda: _sample_file(""), replace=True)
     OmegaConf.register_new_resolver(
         "sample_truth", lambda: _sample_file("mni152_t1_truth.npz"), replace=True
@@ -61,14 +64,17 @@ def interpolate(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def main() -> None:
-    """Console entry point: compose ``conf/config.yaml`` with command-line overrides."""
-    if not (CONF_DIR / "config.yaml").is_file():
+def run_app(config_name: str, task: Callable[[DictConfig], None]) -> None:
+    """Compose ``conf/<config_name>.yaml`` with command-line overrides and run ``task``."""
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
         sys.exit(
-            f"atlinter_ray: configuration folder {CONF_DIR} not found; run from the "
+            f"atlinter_ray: {CONF_DIR / f'{config_name}.yaml'} not found; run from the "
             "root of a checkout of the repository (where conf/ is), or pip install -e ."
         )
     register_configs()
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(
-        interpolate
-    )()
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+
+
+def main() -> None:
+    """Console entry point of the interpolation job."""
+    run_app("config", interpolate)

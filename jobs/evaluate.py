@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from atlinter_ray.cli import CONF_DIR, register_configs
+from atlinter_ray.cli import run_app
 from atlinter_ray.errors import AtlinterRayError
 from atlinter_ray.evaluate import EvaluateConfig, evaluate, format_table
 
@@ -40,14 +38,7 @@ def run(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Compose ``conf/evaluate.yaml`` with command-line overrides and run it."""
-    if not (CONF_DIR / "evaluate.yaml").is_file():
-        sys.exit(
-            f"atlinter_ray: {CONF_DIR / 'evaluate.yaml'} not found; run from the root of "
-            "a checkout of the repository (where conf/ is), or pip install -e ."
-        )
-    register_configs()
-    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-    hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")(run)()
+    run_app("evaluate", run)
 
 
 if __name__ == "__main__":

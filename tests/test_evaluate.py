@@ -41,9 +41,6 @@ IRREGULAR = [3, 9, 14, 22, 27, 36, 40, 52, 57, 63, 71, 80, 86]
 def _sample_config(tmp_path: Path, **values: object) -> EvaluateConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        from hydra.core.config_store import ConfigStore
-
-        ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
         cfg: EvaluateConfig = OmegaConf.to_object(compose("evaluate"))  # type: ignore[assignment]
     cfg.output_root = str(tmp_path / "eval")
     cfg.serial = True

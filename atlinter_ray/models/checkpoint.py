@@ -20,19 +20,26 @@ import torch
 from atlinter_ray.errors import CheckpointError
 
 
-def read_checkpoint(
-    url: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[Any, str]:
-    """Load a torch checkpoint from ``url`` on the CPU; return it and its sha256."""
+def fetch_bytes(
+    url: str, storage_options: Mapping[str, Any] | None = None, what: str = "weights file"
+) -> tuple[bytes, str]:
+    """Read a checkpoint file whole from a path or fsspec URL; return it and its sha256."""
     try:
         with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
             data = f.read()
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"checkpoint {url}: file not found; set model.checkpoint to the path or "
-            "URL of the original weights file"
+            f"URL of the original {what}"
         ) from exc
-    digest = hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
+    """Load a torch checkpoint from ``url`` on the CPU; return it and its sha256."""
+    data, digest = fetch_bytes(url, storage_options)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -28,15 +28,14 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Mapping
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from atlinter_ray.errors import CheckpointError
+from atlinter_ray.models.checkpoint import fetch_bytes
 
 LIST_MAGIC = 0x112
 NDARRAY_V1_MAGIC = 0xF993FAC8
@@ -219,12 +218,5 @@ def read_params(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, np.ndarray], str]:
     """Read a ``.params`` file from a path or fsspec URL; return its arrays and sha256."""
-    try:
-        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"checkpoint {url}: file not found; set model.checkpoint to the path or URL "
-            "of the original maskflownet.params"
-        ) from exc
-    return params_from_bytes(data, url), hashlib.sha256(data).hexdigest()
+    data, digest = fetch_bytes(url, storage_options, "maskflownet.params")
+    return params_from_bytes(data, url), digest
