@@ -67,6 +67,16 @@ def unwrap_state_dict(obj: Any, url: str = "<checkpoint>") -> dict[str, torch.Te
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def describe_mismatch(**groups: list[str]) -> str:
+    """``"2 missing keys: a, b; 1 unexpected keys: c"`` for the non-empty groups (10 shown)."""
+    parts = []
+    for label, keys in groups.items():
+        if keys:
+            shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
+            parts.append(f"{len(keys)} {label.replace('_', ' ')}: {shown}")
+    return "; ".join(parts)
+
+
 def load_strict(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], url: str
 ) -> None:
@@ -80,18 +90,12 @@ def load_strict(
         if tuple(state_dict[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or misshaped:
-        parts = []
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", misshaped),
-        ):
-            if keys:
-                shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
-                parts.append(f"{len(keys)} {label}: {shown}")
+        listing = describe_mismatch(
+            missing_keys=missing, unexpected_keys=unexpected, shape_mismatches=misshaped
+        )
         raise CheckpointError(
             f"checkpoint {url} does not match the {type(module).__name__} "
-            f"architecture: {'; '.join(parts)}. Check that model.name matches the "
+            f"architecture: {listing}. Check that model.name matches the "
             "file (for example rife_hd for the predecessor's RIFE folder)."
         )
     module.load_state_dict(state_dict, strict=True)

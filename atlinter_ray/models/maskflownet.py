@@ -58,7 +58,7 @@ from torch import nn
 
 from atlinter_ray.errors import CheckpointError
 from atlinter_ray.models.base import register_model
-from atlinter_ray.models.checkpoint import load_strict
+from atlinter_ray.models.checkpoint import describe_mismatch, load_strict
 from atlinter_ray.models.mxnet_params import read_params
 from atlinter_ray.models.torch_runtime import TorchFlowEstimator
 
@@ -390,14 +390,10 @@ def remap_params(
     missing = sorted(set(mapping) - set(arrays))
     unexpected = sorted(set(arrays) - set(mapping))
     if missing or unexpected:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                shown = ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
-                parts.append(f"{len(keys)} {label} arrays: {shown}")
+        listing = describe_mismatch(missing_arrays=missing, unexpected_arrays=unexpected)
         raise CheckpointError(
             f"checkpoint {url} does not match the MaskFlownet architecture (legacy Gluon "
-            f"names): {'; '.join(parts)}. model.name=maskflownet takes the original "
+            f"names): {listing}. model.name=maskflownet takes the original "
             "maskflownet.params (MaskFlownet, both stages)"
         )
     return {
