@@ -47,7 +47,7 @@ class IsolatedCluster(AutoscalingCluster):
     def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False,
                          **config_kwargs):
         if autoscaler_v2:
-            raise NotImplementedError("this test drives the v1 autoscaler")
+            raise ValueError("IsolatedCluster drives the v1 autoscaler only; pass autoscaler_v2=False")
         config = {
             "cluster_name": "fake_multinode",
             "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
@@ -85,7 +85,7 @@ class IsolatedCluster(AutoscalingCluster):
 
     def start(self, _system_config=None, override_env=None):
         if _system_config is not None:
-            raise NotImplementedError("_system_config is not supported here")
+            raise ValueError("IsolatedCluster takes no _system_config")
         self.head = LocalHead(
             num_cpus=int(self._head_resources["CPU"]),
             num_gpus=int(self._head_resources.get("GPU", 0)),

@@ -35,6 +35,7 @@ bottom/right to a multiple of 32 (64 for 5-block 4.x) divided by ``scale``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -438,20 +439,16 @@ def _check_scale(scale: float) -> None:
 
 
 # ---------------------------------------------------------------------- models
-@register_model("rife_hd")
-class RifeHD(TorchPairInterpolator):
-    """The predecessor's RIFE_HD (folder of flownet/contextnet/unet ``.pkl``); midpoint only.
+class _Rife(TorchPairInterpolator):
+    """What every RIFE wrapper shares: arguments, scale check, padding, the forward.
 
     Args:
-        checkpoint: folder path or fsspec URL holding ``flownet.pkl``,
-            ``contextnet.pkl`` and ``unet.pkl`` as released (atlinter's ``rife/``).
+        checkpoint: path or fsspec URL of the released weights (see each model).
         storage_options: fsspec options for a remote ``checkpoint`` (default none).
-        scale: flow resolution factor (1.0 = atlinter's; 0.5 for large motion).
+        scale: flow resolution factor (1.0 default, atlinter's; 0.5 for large motion).
         **runtime: device, precision, batch_size, tile, tile_overlap, channels_last
             (see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`).
     """
-
-    arbitrary_t = False
 
     def __init__(
         self,
@@ -461,6 +458,34 @@ class RifeHD(TorchPairInterpolator):
         **runtime: Any,
     ) -> None:
         _check_scale(scale)
+        net, digest, coarsest = self._load(checkpoint, storage_options)
+        self.scale = scale
+        self.multiple = int(coarsest / min(scale, 1.0))
+        super().__init__(net, digest, **runtime)
+
+    @abstractmethod
+    def _load(
+        self, checkpoint: str, storage_options: Mapping[str, Any] | None
+    ) -> tuple[nn.Module, str, int]:
+        """The network with its weights, their sha256, and the padding multiple at scale 1."""
+
+    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        """Midpoint frames of padded RGB batches in [0, 1]."""
+        return self.module(a, b, self.scale)
+
+
+@register_model("rife_hd")
+class RifeHD(_Rife):
+    """The predecessor's RIFE_HD; ``checkpoint`` is the folder (path or URL) holding
+    ``flownet.pkl``, ``contextnet.pkl`` and ``unet.pkl`` as released (atlinter's
+    ``rife/``). Midpoint only."""
+
+    arbitrary_t = False
+
+    def _load(
+        self, checkpoint: str, storage_options: Mapping[str, Any] | None
+    ) -> tuple[nn.Module, str, int]:
+        """The three networks from their three files; one hash over all three."""
         net = RifeHDNet()
         digests = {}
         base = checkpoint.rstrip("/")
@@ -473,70 +498,38 @@ class RifeHD(TorchPairInterpolator):
             url = f"{base}/{file}"
             state, digests[file] = _read_state(url, storage_options)
             load_strict(part, state, url)
-        self.scale = scale
-        self.multiple = int(32 / min(scale, 1.0))
-        super().__init__(net, combine_sha256(digests), **runtime)
-
-    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-        """Midpoint frames of padded RGB batches in [0, 1]."""
-        return self.module(a, b, self.scale)
+        return net, combine_sha256(digests), 32
 
 
 @register_model("rife_v3")
-class RifeV3(TorchPairInterpolator):
-    """RIFE HDv3 from its ``flownet.pkl`` (path to the file or its folder); midpoint only.
-
-    Args:
-        checkpoint: ``flownet.pkl`` path/URL, or the folder that holds it.
-        storage_options: fsspec options for a remote ``checkpoint``.
-        scale: flow resolution factor (1.0 default; 0.5 for large motion).
-        **runtime: see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`.
-    """
+class RifeV3(_Rife):
+    """RIFE HDv3; ``checkpoint`` is its ``flownet.pkl`` or the folder that holds it.
+    Midpoint only."""
 
     arbitrary_t = False
 
-    def __init__(
-        self,
-        checkpoint: str,
-        storage_options: Mapping[str, Any] | None = None,
-        scale: float = 1.0,
-        **runtime: Any,
-    ) -> None:
-        _check_scale(scale)
+    def _load(
+        self, checkpoint: str, storage_options: Mapping[str, Any] | None
+    ) -> tuple[nn.Module, str, int]:
+        """The HDv3 flow network, training-only keys dropped."""
         url = _flownet_url(checkpoint)
         state, digest = _read_state(url, storage_options)
         net = RifeV3Net()
         load_strict(net, _drop(state, _TRAINING_ONLY), url)
-        self.scale = scale
-        self.multiple = int(32 / min(scale, 1.0))
-        super().__init__(net, digest, **runtime)
-
-    def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-        """Midpoint frames of padded RGB batches in [0, 1]."""
-        return self.module(a, b, self.scale)
+        return net, digest, 32
 
 
 @register_model("rife_v4")
-class RifeV4(TorchPairInterpolator):
-    """RIFE 4.x from its ``flownet.pkl`` (4.0 or 4.2x layout, read from the keys); any t.
-
-    Args:
-        checkpoint: ``flownet.pkl`` path/URL, or the folder that holds it.
-        storage_options: fsspec options for a remote ``checkpoint``.
-        scale: flow resolution factor (1.0 default; 0.5 for large motion).
-        **runtime: see :class:`~atlinter_ray.models.torch_runtime.TorchRuntime`.
-    """
+class RifeV4(_Rife):
+    """RIFE 4.x; ``checkpoint`` is its ``flownet.pkl`` or the folder that holds it
+    (4.0 or 4.2x layout, read from the keys). Any t."""
 
     arbitrary_t = True
 
-    def __init__(
-        self,
-        checkpoint: str,
-        storage_options: Mapping[str, Any] | None = None,
-        scale: float = 1.0,
-        **runtime: Any,
-    ) -> None:
-        _check_scale(scale)
+    def _load(
+        self, checkpoint: str, storage_options: Mapping[str, Any] | None
+    ) -> tuple[nn.Module, str, int]:
+        """The 4.x network in the layout its keys describe."""
         url = _flownet_url(checkpoint)
         state, digest = _read_state(url, storage_options)
         widths, modern = v4_layout(state)
@@ -544,9 +537,7 @@ class RifeV4(TorchPairInterpolator):
         net = RifeV4Net(widths, modern)
         load_strict(net, _drop(state, drop), url)
         self.version = "4.2x" if modern else "4.0"
-        self.scale = scale
-        self.multiple = int(2 ** (len(widths) + 1) / min(scale, 1.0))
-        super().__init__(net, digest, **runtime)
+        return net, digest, 2 ** (len(widths) + 1)
 
     def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
         """Frames at ``t`` of padded RGB batches in [0, 1]."""
