@@ -53,6 +53,7 @@ from atlinter_ray.allen import (
 )
 from atlinter_ray.dataset import CCF_25UM_SHAPE
 from atlinter_ray.errors import AtlinterRayError, ConfigError, DatasetError, StoreError
+from atlinter_ray.pool import PoolSpec, map_unordered
 
 log = logging.getLogger(__name__)
 
@@ -472,41 +473,13 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
 
     if not ray.is_initialized():
         ray.init()
-    n_actors = min(config.concurrency, len(todo))
-    actor_cls = ray.remote(num_cpus=config.worker_cpus)(ExperimentWorker)
-    actors = [actor_cls.remote(config, config.concurrency) for _ in range(n_actors)]
-    queue = list(reversed(todo))
-    in_flight: dict[Any, tuple[Any, Experiment]] = {}
-    results: list[ExperimentResult] = []
-    try:
-        for actor in actors:
-            if queue:
-                exp = queue.pop()
-                in_flight[actor.run.remote(exp)] = (actor, exp)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, exp = in_flight.pop(ready[0])
-            try:
-                results.append(ray.get(ready[0]))
-            except ray.exceptions.RayError as exc:  # the actor died: the experiment failed
-                results.append(
-                    ExperimentResult(
-                        exp.experiment_id,
-                        exp.gene,
-                        exp.plane,
-                        "failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
-                )
-                actor = actor_cls.remote(config, config.concurrency)
-                actors.append(actor)
-            if queue:
-                nxt = queue.pop()
-                in_flight[actor.run.remote(nxt)] = (actor, nxt)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return results
+    spec = PoolSpec(min_workers=1, max_workers=config.concurrency, num_cpus=config.worker_cpus)
+    return list(map_unordered(
+        ExperimentWorker, (config, config.concurrency), todo, spec,
+        lambda exp, error: ExperimentResult(
+            exp.experiment_id, exp.gene, exp.plane, "failed", error=error
+        ),
+    ))
 
 
 def run_download(config: DownloadConfig) -> DownloadSummary:

@@ -2,7 +2,10 @@
 
 Models with arbitrary ``t`` are asked for every position in one call. Midpoint-only
 models are driven by bisection over only the tree nodes the positions need (see
-:func:`atlinter_ray.planning.bisection_nodes`), one batched call per tree level.
+:func:`atlinter_ray.planning.bisection_nodes`), one batched call per tree level. A
+midpoint-only model paired with an arbitrary-t fallback (:class:`ExactFallback`,
+``interpolation.exact_fallback``) keeps every dyadic position and hands the others
+(t = 1/3, ...) to the fallback, so ``placement=exact`` works with RIFE_HD or CAIN.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import FlowEstimator, PairInterpolator, build_model
 from atlinter_ray.models.flow import FlowInterpolator
-from atlinter_ray.planning import bisection_nodes
+from atlinter_ray.planning import GapTask, bisection_nodes, is_dyadic
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +30,35 @@ class Prediction:
     model_calls: int
 
 
-def build_interpolator(
-    name: str, checkpoint: str | None = None, params: Mapping[str, Any] | None = None
+class ExactFallback(PairInterpolator):
+    """A midpoint-only model for dyadic positions and an arbitrary-t model for the rest."""
+
+    arbitrary_t = True
+
+    def __init__(self, midpoint: PairInterpolator, fallback: PairInterpolator) -> None:
+        self.midpoint = midpoint
+        self.fallback = fallback
+        self.name = midpoint.name  # type: ignore[misc]
+
+    def producer(self, t: float) -> PairInterpolator:
+        """The model that predicts position ``t``."""
+        return self.midpoint if is_dyadic(t) else self.fallback
+
+    def interpolate(
+        self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> np.ndarray:
+        """Frames ``(N, K, C, H, W)``, each position from its :meth:`producer`."""
+        return predict(self, a, b, [float(x) for x in np.ravel(t)], peak).frames
+
+    def provenance(self) -> dict[str, Any]:
+        """The midpoint model's provenance, with the fallback's under ``exact_fallback``."""
+        return {**self.midpoint.provenance(), "exact_fallback": self.fallback.provenance()}
+
+
+def _build(
+    name: str, checkpoint: str | None, params: Mapping[str, Any] | None, key: str
 ) -> PairInterpolator:
-    """Build the configured model; flow estimators are wrapped to give frames at any t."""
+    """One model by name (configured under ``key``); flow estimators give frames at any t."""
     kwargs = dict(params or {})
     if checkpoint:
         kwargs["checkpoint"] = checkpoint
@@ -38,12 +66,62 @@ def build_interpolator(
         model = build_model(name, **kwargs)
     except TypeError as exc:
         raise ConfigError(
-            f"model {name!r} does not accept these settings ({exc}); check model.params "
-            "and model.checkpoint (classical models take no checkpoint)"
+            f"model {name!r} does not accept these settings ({exc}); check {key}.params "
+            f"and {key}.checkpoint (classical models take no checkpoint)"
         ) from exc
     if isinstance(model, FlowEstimator):
         return FlowInterpolator(model)
     return model
+
+
+def build_interpolator(
+    name: str,
+    checkpoint: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    exact_fallback: Mapping[str, Any] | None = None,
+) -> PairInterpolator:
+    """Build the configured model, with its ``exact_fallback`` when it is midpoint-only.
+
+    ``exact_fallback`` is ``interpolation.exact_fallback`` as a mapping (``name``,
+    ``checkpoint``, ``params``); it is ignored for models that take any t.
+    """
+    model = _build(name, checkpoint, params, "model")
+    fb = dict(exact_fallback or {})
+    if model.arbitrary_t or not fb.get("name"):
+        return model
+    key = "interpolation.exact_fallback"
+    fallback = _build(fb["name"], fb.get("checkpoint"), fb.get("params"), key)
+    if not fallback.arbitrary_t:
+        raise ConfigError(
+            f"{key}.name={fb['name']!r} predicts midpoints only too; choose a model "
+            "with arbitrary t (e.g. dis, farneback, rife_v4, raft)"
+        )
+    return ExactFallback(model, fallback)
+
+
+def check_reachable(model: PairInterpolator, tasks: Sequence[GapTask]) -> None:
+    """Refuse, before any work, positions that a midpoint-only model cannot reach."""
+    if model.arbitrary_t:
+        return
+    for task in tasks:
+        for job in task.predicted:
+            if not is_dyadic(job.t):
+                raise ConfigError(
+                    f"model {model.name!r} predicts midpoints only, but slice {job.slice} of "
+                    f"{task.dataset_id} sits at t={job.t:.4g} between sections {task.left} "
+                    f"and {task.right} (interpolation.placement=exact). Fix: set "
+                    "interpolation.exact_fallback.name to a model with arbitrary t (e.g. "
+                    "dis, or rife_v4 with its checkpoint), or interpolation.placement=atlinter"
+                )
+
+
+def slice_provenance(
+    model: PairInterpolator, t: float, run_provenance: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Provenance of the slice at ``t``: the producing model's with a fallback, else the run's."""
+    if isinstance(model, ExactFallback):
+        return model.producer(t).provenance()
+    return dict(run_provenance)
 
 
 def predict(
@@ -57,6 +135,8 @@ def predict(
     a = a.astype(np.float32, copy=False)
     b = b.astype(np.float32, copy=False)
     n = a.shape[0]
+    if isinstance(model, ExactFallback):
+        return _split(model, a, b, positions, peak)
     if model.arbitrary_t:
         frames = model.interpolate(a, b, np.asarray(positions, dtype=np.float32), peak)
         return Prediction(frames, n * len(positions))
@@ -71,6 +151,21 @@ def predict(
         for i, t in enumerate(level):
             known[t] = mids[i * n : (i + 1) * n]
     return Prediction(np.stack([known[t] for t in positions], axis=1), calls)
+
+
+def _split(
+    model: ExactFallback, a: np.ndarray, b: np.ndarray, positions: Sequence[float], peak: float
+) -> Prediction:
+    """Dyadic positions by bisection with the midpoint model, the others by the fallback."""
+    frames = np.empty((a.shape[0], len(positions), *a.shape[1:]), np.float32)
+    calls = 0
+    for sub in (model.midpoint, model.fallback):
+        which = [k for k, t in enumerate(positions) if model.producer(t) is sub]
+        if which:
+            part = predict(sub, a, b, [positions[k] for k in which], peak)
+            frames[:, which] = part.frames
+            calls += part.model_calls
+    return Prediction(frames, calls)
 
 
 def _half_step(t: float) -> float:

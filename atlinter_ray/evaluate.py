@@ -23,7 +23,7 @@ Layers: :func:`plan_holdout`, :func:`aggregate` and :func:`panel_slices` are pur
 :class:`EvalWorker` reads its sections, runs every model on a task and scores it (the
 models are built once per worker); :func:`evaluate` is the driver, running the
 workers in-process (``serial``) or on a Ray actor pool
-(:func:`atlinter_ray.execution.map_on_actor_pool`). Only scores and the few slices
+(:func:`atlinter_ray.execution.map_batches`). Only scores and the few slices
 drawn in the panels travel back to the driver.
 """
 
@@ -46,7 +46,7 @@ from atlinter_ray.config import DataConfig, ResourcesConfig, redact
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.engine import build_interpolator, predict
 from atlinter_ray.errors import ConfigError
-from atlinter_ray.execution import check_resources, connect, map_on_actor_pool
+from atlinter_ray.execution import check_resources, connect, map_batches
 from atlinter_ray.metrics import score_slice
 from atlinter_ray.pipeline import load_datasets
 from atlinter_ray.planning import (
@@ -67,7 +67,6 @@ HOLDOUTS = ("every_k", "leave_one_out")
 METRICS = ("psnr", "ssim", "mae")
 #: Name under which edge held-out sections (copied from the nearest section) are scored.
 EDGE_COPY = "edge-copy"
-RESULT_COLUMNS = ("task_id", "status", "error", "scores", "arrays")
 
 
 @dataclass
@@ -256,6 +255,12 @@ def _hwc(frame: np.ndarray) -> np.ndarray:
     return frame[0] if frame.shape[0] == 1 else np.moveaxis(frame, 0, -1)
 
 
+def failed_result(task: GapTask, error: str = "") -> dict[str, Any]:
+    """A task's result before it is scored; the driver's for a task no worker ran."""
+    return {"task_id": task.task_id, "status": "failed", "error": error,
+            "scores": "[]", "arrays": b""}
+
+
 class EvalWorker:
     """Scores every configured model on batches of evaluation tasks (models built once)."""
 
@@ -268,17 +273,13 @@ class EvalWorker:
         self.datasets = {k: Dataset.from_json(v) for k, v in spec.datasets.items()}
         self.panel = {k: set(v) for k, v in spec.panel.items()}
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Ray Data entry point: a batch with a ``task`` column of task JSON."""
-        rows = [self.run_task(GapTask.from_json(str(t))) for t in batch["task"]]
-        out = {c: np.array([r[c] for r in rows]) for c in RESULT_COLUMNS if c != "arrays"}
-        out["arrays"] = np.array([r["arrays"] for r in rows], dtype=object)
-        return out
+    def run(self, tasks: list[GapTask]) -> list[dict[str, Any]]:
+        """Score a batch of tasks: the pool's entry point."""
+        return [self.run_task(task) for task in tasks]
 
     def run_task(self, task: GapTask) -> dict[str, Any]:
         """Score one task; failures are reported in the row, never raised."""
-        row: dict[str, Any] = {"task_id": task.task_id, "status": "failed", "error": "",
-                               "scores": "[]", "arrays": b""}
+        row = failed_result(task)
         try:
             scores, arrays = self._score(task)
             buffer = io.BytesIO()
@@ -402,9 +403,7 @@ def _run(tasks: list[GapTask], spec: EvalSpec, cfg: EvaluateConfig) -> Iterator[
             yield worker.run_task(task)
         return
     connect(cfg.resources)
-    items = [{"task": t.to_json()} for t in tasks]
-    yield from map_on_actor_pool(items, EvalWorker, {"spec": spec}, cfg.resources,
-                                 RESULT_COLUMNS)
+    yield from map_batches(tasks, EvalWorker, spec, cfg.resources, failed_result)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

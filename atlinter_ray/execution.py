@@ -2,23 +2,24 @@
 
 Both paths drive the same :class:`~atlinter_ray.worker.TaskWorker` and yield one result
 row per task as tasks finish, so the driver's progress bar and summary do not care
-where the work ran. The Ray path is Ray Data's own answer to a pool of stateful GPU
-workers: ``map_batches`` with the worker class and an ``ActorPoolStrategy`` that grows
-from ``min_workers`` to ``max_workers`` actors while tasks are queued. Only task
-descriptions (a few hundred bytes) and result rows travel through the driver.
+where the work ran. The Ray path hands batches of tasks to an autoscaling pool of worker
+actors (:mod:`atlinter_ray.pool`), at most ``max_workers`` of them, each with its own
+``gpus_per_worker``. Only task descriptions (a few hundred bytes) and result rows
+travel through the driver.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.planning import GapTask
-from atlinter_ray.worker import RESULT_COLUMNS, TaskWorker, WorkerSpec
+from atlinter_ray.pool import PoolSpec, map_unordered
+from atlinter_ray.worker import TaskWorker, WorkerSpec, failed_row
 
 log = logging.getLogger(__name__)
 
@@ -64,49 +65,38 @@ def check_resources(resources: ResourcesConfig) -> None:
         raise ConfigError("resources.tasks_per_batch must be at least 1")
 
 
+def pool_spec(resources: ResourcesConfig) -> PoolSpec:
+    """The actor pool that ``resources`` asks for."""
+    return PoolSpec(
+        min_workers=resources.min_workers,
+        max_workers=resources.max_workers,
+        num_cpus=resources.cpus_per_worker,
+        num_gpus=resources.gpus_per_worker,
+    )
+
+
 def run_on_ray(
     tasks: list[GapTask], spec: WorkerSpec, resources: ResourcesConfig
 ) -> Iterator[dict[str, Any]]:
     """Run ``tasks`` on an autoscaling actor pool; yield result rows as they finish."""
-    items = [{"task": t.to_json()} for t in tasks]
-    yield from map_on_actor_pool(items, TaskWorker, {"spec": spec}, resources, RESULT_COLUMNS)
+    yield from map_batches(tasks, TaskWorker, spec, resources, failed_row)
 
 
-def map_on_actor_pool(
-    items: list[dict[str, Any]],
+def map_batches(
+    tasks: Sequence[GapTask],
     worker_class: type,
-    constructor_kwargs: dict[str, Any],
+    spec: Any,
     resources: ResourcesConfig,
-    columns: Sequence[str],
+    failed: Callable[[GapTask, str], dict[str, Any]],
 ) -> Iterator[dict[str, Any]]:
-    """Feed ``items`` (one block each) to a pool of ``worker_class`` actors; yield their rows.
+    """Hand ``resources.tasks_per_batch`` tasks per call to ``worker_class(spec).run``.
 
-    ``worker_class(**constructor_kwargs)`` is built once per actor and called with
-    numpy batches of ``resources.tasks_per_batch`` items; it returns a batch whose
-    ``columns`` become plain Python rows here.
+    Yields the workers' rows; ``failed(task, error)`` stands for a task whose actor died.
     """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows one bar over tasks
-    ctx.print_on_execution_start = False
-    pool = ray.data.ActorPoolStrategy(
-        min_size=max(1, resources.min_workers),
-        max_size=resources.max_workers,
-    )
-    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        worker_class,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_size=resources.tasks_per_batch,
-        batch_format="numpy",
-        compute=pool,
-        num_gpus=resources.gpus_per_worker or None,
-        num_cpus=resources.cpus_per_worker,
-    )
-    for row in results.iter_rows():
-        yield {c: _plain(row[c]) for c in columns}
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars for JSON summaries."""
-    return value.item() if hasattr(value, "item") else value
+    n = resources.tasks_per_batch
+    batches = [list(tasks[i : i + n]) for i in range(0, len(tasks), n)]
+    for rows in map_unordered(
+        worker_class, (spec,), batches, pool_spec(resources),
+        lambda batch, error: [failed(t, error) for t in batch],
+    ):
+        yield from rows

@@ -1,7 +1,9 @@
 """The driver: datasets in, whole volumes out.
 
-``run(config)`` validates every dataset, the model and the reference volume of the
-reference-guided mode (``interpolation.reference``) before any Ray work, plans the
+``run(config)`` validates every dataset, the model (and that it reaches every planned
+position: a midpoint-only model with ``placement=exact`` needs
+``interpolation.exact_fallback``) and the reference volume of the reference-guided
+mode (``interpolation.reference``) before any Ray work, plans the
 gap tasks, skips those already marked done, runs the rest (on Ray, or in-process with
 ``run.serial``), merges provenance, draws quick-looks and returns a
 :class:`RunSummary`, which it also writes beside the output.
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from atlinter_ray import __version__
 from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
-from atlinter_ray.engine import build_interpolator
+from atlinter_ray.engine import build_interpolator, check_reachable
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
 from atlinter_ray.models.base import PairInterpolator
@@ -153,9 +155,12 @@ def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
     check_resources(cfg.resources)
+    if not 1 <= cfg.output.zstd_level <= 22:
+        raise ConfigError(f"output.zstd_level={cfg.output.zstd_level}: choose 1 (fast) to 22 (small)")
     datasets = load_datasets(cfg.data)
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
-    model = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params)
+    fallback = asdict(cfg.interpolation.exact_fallback)
+    model = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params, fallback)
     provenance = model.provenance()
     reference = check_reference(cfg, model, datasets)
     if reference is not None:
@@ -166,6 +171,8 @@ def run(cfg: Config) -> RunSummary:
                             cfg.interpolation.placement, cfg.interpolation.edge)
         for ds in datasets
     }
+    for tasks in tasks_by_ds.values():
+        check_reachable(model, tasks)
     dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
     todo: list[GapTask] = []
     skipped = 0
@@ -177,7 +184,8 @@ def run(cfg: Config) -> RunSummary:
             "edge": cfg.interpolation.edge,
             "dtype": dtypes[ds.id],
         }
-        store.prepare_image(ds, dtypes[ds.id], run_info, cfg.output.overwrite)
+        store.prepare_image(ds, dtypes[ds.id], run_info, cfg.output.overwrite,
+                            cfg.output.zstd_level)
         done = store.done_records(ds.id)
         pending = [t for t in tasks_by_ds[ds.id] if t.task_id not in done]
         skipped += len(tasks_by_ds[ds.id]) - len(pending)
@@ -192,6 +200,7 @@ def run(cfg: Config) -> RunSummary:
         output_storage_options=dict(cfg.output.storage_options),
         threads=cfg.resources.threads_per_worker,
         reference=None if reference is None else reference.to_json(),
+        exact_fallback=fallback,
     )
     log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
     rows = _execute(todo, spec, cfg)

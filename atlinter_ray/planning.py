@@ -150,6 +150,12 @@ def plan_dataset(
     return tasks
 
 
+def is_dyadic(t: float) -> bool:
+    """True when ``t`` in (0, 1) is ``m / 2**k`` with ``k <= MAX_BISECTION_DEPTH``."""
+    _, den = float(t).as_integer_ratio()  # every float is m/2^k; 1/3 has a huge k
+    return 0 < t < 1 and den <= 2**MAX_BISECTION_DEPTH
+
+
 def bisection_nodes(positions: Sequence[float]) -> list[list[float]]:
     """Tree nodes a midpoint-only model must compute to reach dyadic ``positions``.
 
@@ -170,12 +176,13 @@ def bisection_nodes(positions: Sequence[float]) -> list[list[float]]:
         visit(num + 1, depth)
 
     for t in positions:
-        num, den = float(t).as_integer_ratio()
-        if den > 2**MAX_BISECTION_DEPTH or not 0 < t < 1:  # every float is m/2^k
+        if not is_dyadic(t):
             raise ConfigError(
-                f"position {t} is not a dyadic fraction in (0, 1): midpoint-only models "
-                "need interpolation.placement=atlinter (or a model with arbitrary t)"
+                f"position {t} is not a dyadic fraction in (0, 1): a midpoint-only model "
+                "cannot reach it; set interpolation.exact_fallback.name to a model with "
+                "arbitrary t (e.g. dis, rife_v4) or use interpolation.placement=atlinter"
             )
+        num, den = float(t).as_integer_ratio()
         visit(num, den.bit_length() - 1)
     levels: dict[int, list[float]] = {}
     for num, depth in needed:

