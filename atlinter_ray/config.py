@@ -95,6 +95,9 @@ class ResourcesConfig:
     max_workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    #: Seconds to wait for the first worker to be placed and started (GPU nodes of an
+    #: autoscaling cluster take minutes) before the run gives up with the fix; None: wait.
+    start_timeout_s: float | None = 900.0
     #: Gap tasks handed to a worker per call.
     tasks_per_batch: int = 1
     #: Threads each worker's model may use (OpenCV, torch on CPU).

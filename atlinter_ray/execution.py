@@ -63,6 +63,11 @@ def check_resources(resources: ResourcesConfig) -> None:
         )
     if resources.tasks_per_batch < 1:
         raise ConfigError("resources.tasks_per_batch must be at least 1")
+    if resources.start_timeout_s is not None and resources.start_timeout_s <= 0:
+        raise ConfigError(
+            f"resources.start_timeout_s={resources.start_timeout_s}: give a number of "
+            "seconds > 0, or null to wait for workers forever"
+        )
 
 
 def pool_spec(resources: ResourcesConfig) -> PoolSpec:
@@ -72,6 +77,7 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
         max_workers=resources.max_workers,
         num_cpus=resources.cpus_per_worker,
         num_gpus=resources.gpus_per_worker,
+        start_timeout_s=resources.start_timeout_s,
     )
 
 

@@ -23,6 +23,7 @@ job of a few seconds of compute that start-up was the largest cost.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ class PoolSpec:
     calls_per_actor: int = 2
     #: Runs of one item before it is reported failed (its actors having died).
     max_attempts: int = 3
+    #: Seconds to wait for the first actor to be placed and built before every item is
+    #: reported failed (None: forever); a warning is logged every ``warn_every_s``.
+    start_timeout_s: float | None = 900.0
+    warn_every_s: float = 60.0
 
 
 @dataclass
@@ -123,10 +128,21 @@ def map_unordered(
             start(1)
 
     start(min(spec.max_workers, max(len(items), spec.min_workers if items else 0)))
+    since = time.monotonic()  # of the last event: an actor up or down, a result
     try:
         while calls or (queue and actors):
             waiting = [k for k, a in actors.items() if not a.ready] + list(calls)
-            (ref,), _ = ray.wait(waiting, num_returns=1)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=spec.warn_every_s)
+            if not done:
+                if not any(a.ready for a in actors.values()):
+                    waited = time.monotonic() - since
+                    last_error = _unplaced(spec, waited)
+                    if spec.start_timeout_s is not None and waited >= spec.start_timeout_s:
+                        break
+                    log.warning("%s", last_error)
+                continue
+            since = time.monotonic()
+            ref = done[0]
             if ref in actors:  # an actor finished starting, or failed to
                 try:
                     ray.get(ref)
@@ -166,6 +182,18 @@ def _shrink(actors: list[_Actor], keep: int, release: Callable[[_Actor], None]) 
     idle = [a for a in ready if not a.calls]
     for actor in idle[: max(0, len(ready) - keep)]:
         release(actor)
+
+
+def _unplaced(spec: PoolSpec, waited: float) -> str:
+    """Why no worker runs yet, and what to change."""
+    import ray
+
+    return (
+        f"no worker started in {waited:.0f} s: each asks for {spec.num_cpus} CPU and "
+        f"{spec.num_gpus} GPU, and the cluster now has {ray.available_resources()}. Fix: "
+        "lower resources.gpus_per_worker / resources.cpus_per_worker, or add nodes (an "
+        "autoscaling cluster can take minutes: raise resources.start_timeout_s)"
+    )
 
 
 def _describe(exc: BaseException) -> str:

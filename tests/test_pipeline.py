@@ -115,6 +115,19 @@ def test_another_model_cannot_silently_mix_into_an_output(tmp_path: Path) -> Non
     assert summary.ok and summary.tasks_skipped == 0
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("max_workers", 0), ("min_workers", 3), ("tasks_per_batch", 0), ("start_timeout_s", 0.0),
+])
+def test_impossible_pool_settings_are_refused_before_any_work(
+    tmp_path: Path, setting: str, value: float
+) -> None:
+    cfg = _config(tmp_path)
+    setattr(cfg.resources, setting, value)
+    with pytest.raises(ConfigError, match=f"resources.{setting}"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     cfg.run.serial = True

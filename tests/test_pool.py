@@ -107,3 +107,14 @@ def test_workers_that_cannot_start_fail_every_item_with_the_cause(ray_cluster, t
 
 def test_no_items_starts_no_actor(ray_cluster, tmp_path):
     assert list(map_unordered(Unbuildable, (str(tmp_path),), [], PoolSpec(), failed)) == []
+
+
+def test_workers_the_cluster_cannot_place_fail_with_the_fix_after_the_timeout(
+    ray_cluster, tmp_path
+):
+    # the test cluster has 2 GPUs: an actor asking for 3 can never be placed
+    got = results(Echo, ["a", "b"], tmp_path, num_gpus=3, max_workers=1,
+                  start_timeout_s=2.0, warn_every_s=0.5)
+    for r in got.values():
+        assert "no worker started in" in r["failed"]
+        assert "3 GPU" in r["failed"] and "resources.gpus_per_worker" in r["failed"]

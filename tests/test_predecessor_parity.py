@@ -35,7 +35,7 @@ def _ours(tmp_path: Path, volume: np.ndarray, axis: str, dtype: str | None, seri
 
 
 def _theirs(volume: np.ndarray, axis: str) -> np.ndarray:
-    atlinter = import_predecessor()
+    import_predecessor()
     from atlinter.data import GeneDataset
     from atlinter.pair_interpolation import GeneInterpolate, LinearPairInterpolationModel
 
