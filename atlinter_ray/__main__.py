@@ -1,4 +1,4 @@
-"""``python -m atlinter_ray``: the interpolation job (same app as jobs/interpolate.py)."""
+"""``python -m atlinter_ray``: the interpolation job (same app as ``atlinter-ray``)."""
 
 from atlinter_ray.cli import main
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from atlinter_ray.dataset import CCF_25UM_SHAPE
+from atlinter_ray.planning import EdgePolicy, Placement
+
 
 @dataclass
 class DataConfig:
@@ -24,7 +27,9 @@ class DataConfig:
     genes: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     manifest: str | None = None
-    reference_shape: list[int] = field(default_factory=lambda: [528, 320, 456])
+    #: The reference volume (AP, DV, LR); default: the 25 µm CCF. A dataset's json may
+    #: give its own ``reference_shape``.
+    reference_shape: list[int] = field(default_factory=lambda: list(CCF_25UM_SHAPE))
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Optional ground truth per dataset id: ``.npz`` files holding ``volume``
     #: (reference orientation, channels last), to score the predicted slices.
@@ -74,9 +79,13 @@ class FallbackConfig:
 class InterpolationConfig:
     """Where predicted slices sit (``exact``/``atlinter``) and how edges are filled."""
 
-    placement: str = "exact"
+    #: ``exact``: each slice at its true position; ``atlinter``: the predecessor's
+    #: nearest-of-2^k bisection frame.
+    placement: Placement = Placement.exact
     exact_fallback: FallbackConfig = field(default_factory=FallbackConfig)
-    edge: str = "copy"
+    #: ``copy``: slices outside the known sections repeat the nearest one (as the
+    #: predecessor); ``empty``: left at 0.
+    edge: EdgePolicy = EdgePolicy.copy
     #: Reference volume ``.npy`` (e.g. the Nissl; shape ``reference_shape``, or with a
     #: trailing 3 for RGB) for the reference-guided mode; read with data.storage_options.
     reference: str | None = None
@@ -133,13 +142,29 @@ class Config:
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
+def _is_secret_key(key: Any) -> bool:
+    return any(w in str(key).lower() for w in _SECRET_WORDS)
+
+
 def redact(obj: Any) -> Any:
     """Copy of ``obj`` with values of secret-looking keys replaced by ``***``."""
     if isinstance(obj, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else redact(v)
-            for k, v in obj.items()
-        }
+        return {k: "***" if _is_secret_key(k) and v else redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+def secret_values(obj: Any) -> set[str]:
+    """Every non-empty string value under a secret-looking key of ``obj`` (nested)."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if _is_secret_key(k) and isinstance(v, str) and v:
+                found.add(v)
+            else:
+                found |= secret_values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found |= secret_values(v)
+    return found

@@ -75,34 +75,6 @@ class Dataset:
         h, w = self.image_shape
         return h * w * self.channels * np.dtype(self.dtype).itemsize
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form, for shipping to workers."""
-        return {
-            "id": self.id,
-            "images_url": self.images_url,
-            "metadata_url": self.metadata_url,
-            "section_numbers": list(self.section_numbers),
-            "axis": self.axis,
-            "reference_shape": list(self.reference_shape),
-            "channels": self.channels,
-            "dtype": self.dtype,
-            "data_offset": self.data_offset,
-            "peak": self.peak,
-            "storage_options": dict(self.storage_options),
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> Dataset:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            **{
-                **obj,
-                "section_numbers": tuple(obj["section_numbers"]),
-                "reference_shape": tuple(obj["reference_shape"]),
-            }
-        )
-
 
 def dataset_urls(url: str) -> tuple[str, str, str]:
     """``(id, images_url, metadata_url)`` for a dataset given by any of its paths."""

@@ -7,9 +7,18 @@ subclass also inherits the builtin a caller would naturally catch, so
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class AtlinterRayError(Exception):
-    """Base class of every error raised on purpose by atlinter_ray."""
+    """Base class of every error raised on purpose by atlinter_ray.
+
+    ``exit_status`` is what a job exits with when this error ends it: 2 for bad
+    configuration or input (found before anything is written), 1 for failures while
+    running (a rerun of the same command finishes the work).
+    """
+
+    exit_status: ClassVar[int] = 2
 
 
 class DatasetError(AtlinterRayError, ValueError):

@@ -13,20 +13,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.planning import GapTask
 from atlinter_ray.pool import PoolSpec, map_unordered
-from atlinter_ray.worker import TaskWorker, WorkerSpec, failed_row
+from atlinter_ray.worker import TaskResult, TaskWorker, WorkerSpec, failed_result
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 def run_serial(
     tasks: list[GapTask], spec: WorkerSpec, tasks_per_batch: int = 1
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[TaskResult]:
     """Run every task in this process (no Ray): for debugging and small data."""
     worker = TaskWorker(spec)
     for start in range(0, len(tasks), tasks_per_batch):
@@ -83,9 +84,9 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
 
 def run_on_ray(
     tasks: list[GapTask], spec: WorkerSpec, resources: ResourcesConfig
-) -> Iterator[dict[str, Any]]:
-    """Run ``tasks`` on an autoscaling actor pool; yield result rows as they finish."""
-    yield from map_batches(tasks, TaskWorker, spec, resources, failed_row)
+) -> Iterator[TaskResult]:
+    """Run ``tasks`` on an autoscaling actor pool; yield results as they finish."""
+    yield from map_batches(tasks, TaskWorker, spec, resources, failed_result)
 
 
 def map_batches(
@@ -93,8 +94,8 @@ def map_batches(
     worker_class: type,
     spec: Any,
     resources: ResourcesConfig,
-    failed: Callable[[GapTask, str], dict[str, Any]],
-) -> Iterator[dict[str, Any]]:
+    failed: Callable[[GapTask, str], R],
+) -> Iterator[R]:
     """Hand ``resources.tasks_per_batch`` tasks per call to ``worker_class(spec).run``.
 
     Yields the workers' rows; ``failed(task, error)`` stands for a task whose actor died.

@@ -27,7 +27,9 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from skimage.metrics import structural_similarity
@@ -187,3 +189,14 @@ def score_stack(
         )
     value_range = resolve_data_range(t, data_range)
     return [score_slice(p[i], t[i], value_range) for i in range(p.shape[0])]
+
+
+def summarize(scores: Sequence[SliceScores]) -> dict[str, Any]:
+    """Mean PSNR (finite slices only), SSIM and MAE of scored slices, and how many."""
+    finite = [s.psnr for s in scores if math.isfinite(s.psnr)]
+    return {
+        "psnr": round(float(np.mean(finite)), 4) if finite else math.inf,
+        "ssim": round(float(np.mean([s.ssim for s in scores])), 4),
+        "mae": round(float(np.mean([s.mae for s in scores])), 4),
+        "slices": len(scores),
+    }

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
-import numpy as np
 from tqdm import tqdm
 
 from atlinter_ray import __version__
 from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
+from atlinter_ray.dtypes import output_dtype
 from atlinter_ray.engine import build_interpolator, check_reachable
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
@@ -35,7 +35,7 @@ from atlinter_ray.planning import GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.worker import WorkerSpec
+from atlinter_ray.worker import TaskResult, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,20 @@ def dataset_urls(data: DataConfig) -> list[str]:
     return urls
 
 
+def _shape3(shape: list[int]) -> tuple[int, int, int]:
+    """``data.reference_shape`` as a 3-tuple; ConfigError otherwise."""
+    if len(shape) != 3:
+        raise ConfigError(
+            f"data.reference_shape={list(shape)}: give three sizes (AP, DV, LR), e.g. "
+            "[528, 320, 456] for the 25 um CCF"
+        )
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
 def load_datasets(data: DataConfig) -> list[Dataset]:
     """Load and validate every dataset; ids must be unique (they name the outputs)."""
     datasets = [
-        load_dataset(u, tuple(data.reference_shape), data.storage_options)
+        load_dataset(u, _shape3(data.reference_shape), data.storage_options)
         for u in dataset_urls(data)
     ]
     seen: dict[str, str] = {}
@@ -139,16 +149,6 @@ def check_reference(
         return None
     reference_estimator(model, cfg.model.name)  # a pair interpolator cannot be guided
     return load_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options)
-
-
-def output_dtype(ds: Dataset, requested: str | None) -> str:
-    """The output dtype: as configured, else the input's (float64 -> float32)."""
-    if requested:
-        try:
-            return np.dtype(requested).name
-        except TypeError as exc:
-            raise ConfigError(f"output.dtype={requested!r} is not a numpy dtype") from exc
-    return "float32" if ds.dtype == "float64" else ds.dtype
 
 
 def run(cfg: Config) -> RunSummary:
@@ -194,12 +194,12 @@ def run(cfg: Config) -> RunSummary:
         model_name=cfg.model.name,
         checkpoint=cfg.model.checkpoint,
         model_params=dict(cfg.model.params),
-        datasets={ds.id: ds.to_json() for ds in datasets},
+        datasets={ds.id: ds for ds in datasets},
         dtypes=dtypes,
         output_root=cfg.output.root,
         output_storage_options=dict(cfg.output.storage_options),
         threads=cfg.resources.threads_per_worker,
-        reference=None if reference is None else reference.to_json(),
+        reference=reference,
         exact_fallback=fallback,
     )
     log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
@@ -215,8 +215,8 @@ def run(cfg: Config) -> RunSummary:
         for ds in complete
         if ds.id in cfg.data.truth
     }
-    failed = [r for r in rows if r["status"] != "done"]
-    written = sum(r["slices"] for r in rows if r["status"] == "done")
+    failed = [r for r in rows if not r.done]
+    written = sum(r.slices for r in rows if r.done)
     wall = time.perf_counter() - start
     summary = RunSummary(
         datasets=[ds.id for ds in datasets],
@@ -227,11 +227,11 @@ def run(cfg: Config) -> RunSummary:
         slices_written=written,
         wall_seconds=round(wall, 3),
         slices_per_second=round(written / wall, 3) if wall > 0 else 0.0,
-        model_calls=sum(r["model_calls"] for r in rows),
-        nodes=sorted({r["node_id"] or socket.gethostname() for r in rows}),
-        gpus=sorted({f"{r['node_id']}:{g}" for r in rows for g in r["gpu_ids"].split(",") if g}),
+        model_calls=sum(r.model_calls for r in rows),
+        nodes=sorted({r.worker.node_id or socket.gethostname() for r in rows}),
+        gpus=sorted({f"{r.worker.node_id}:{g}" for r in rows for g in r.worker.gpu_ids}),
         outputs=outputs,
-        failures=[{"task_id": r["task_id"], "error": r["error"]} for r in failed],
+        failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
         scores=scores,
         config=redact(asdict(cfg)),
     )
@@ -239,12 +239,12 @@ def run(cfg: Config) -> RunSummary:
     return summary
 
 
-def _execute(tasks: list[GapTask], spec: WorkerSpec, cfg: Config) -> list[dict[str, Any]]:
-    """Run the tasks with a progress bar over slices; return every result row."""
+def _execute(tasks: list[GapTask], spec: WorkerSpec, cfg: Config) -> list[TaskResult]:
+    """Run the tasks with a progress bar over slices; return every task's result."""
     if not tasks:
         return []
     if cfg.run.serial:
-        stream: Iterable[dict[str, Any]] = run_serial(tasks, spec, cfg.resources.tasks_per_batch)
+        stream: Iterable[TaskResult] = run_serial(tasks, spec, cfg.resources.tasks_per_batch)
     else:
         connect(cfg.resources)
         stream = run_on_ray(tasks, spec, cfg.resources)
@@ -254,9 +254,9 @@ def _execute(tasks: list[GapTask], spec: WorkerSpec, cfg: Config) -> list[dict[s
               desc=f"atlinter_ray {__version__}") as bar:
         for row in stream:
             rows.append(row)
-            bar.update(row["slices"])
-            if row["status"] != "done":
-                log.error("task %s failed: %s", row["task_id"], row["error"])
+            bar.update(row.slices)
+            if not row.done:
+                log.error("task %s failed: %s", row.task_id, row.error)
     return rows
 
 

@@ -25,20 +25,33 @@ Each predicted slice gets a fractional position ``t`` between its two sections:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 
 from atlinter_ray.errors import ConfigError
 
-Placement = Literal["exact", "atlinter"]
-EdgePolicy = Literal["copy", "empty"]
-PLACEMENTS = ("exact", "atlinter")
-EDGE_POLICIES = ("copy", "empty")
+E = TypeVar("E", bound=StrEnum)
+
+
+class Placement(StrEnum):
+    """Where a predicted slice sits between its two sections (``interpolation.placement``)."""
+
+    exact = "exact"
+    atlinter = "atlinter"
+
+
+class EdgePolicy(StrEnum):
+    """How slices outside the known sections are filled (``interpolation.edge``)."""
+
+    copy = "copy"
+    empty = "empty"
+
+
 MEASURED, PREDICTED, EDGE = "measured", "predicted", "edge-filled"
 #: Deepest bisection level: gaps up to 2**16 slices, far beyond any section spacing.
 MAX_BISECTION_DEPTH = 16
@@ -84,19 +97,8 @@ class GapTask:
         """Known sections the task reads."""
         wanted = {j.source for j in self.jobs if j.source is not None}
         if self.predicted:
-            wanted |= {self.left, self.right}
-        return tuple(sorted(s for s in wanted if s is not None))
-
-    def to_json(self) -> str:
-        """Serialise for shipping to a worker."""
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> GapTask:
-        """Inverse of :meth:`to_json`."""
-        obj = json.loads(text)
-        obj["jobs"] = tuple(SliceJob(**j) for j in obj["jobs"])
-        return cls(**obj)
+            wanted |= {s for s in (self.left, self.right) if s is not None}
+        return tuple(sorted(wanted))
 
 
 def atlinter_position(slice_number: int, left: int, right: int) -> float:
@@ -104,34 +106,40 @@ def atlinter_position(slice_number: int, left: int, right: int) -> float:
     n_repeat = math.ceil(math.log2(right - left))
     positions = np.linspace(left, right, 2**n_repeat + 1)[1:-1]
     index = min(range(len(positions)), key=lambda i: abs(positions[i] - slice_number))
-    return (index + 1) / 2**n_repeat
+    return float((index + 1) / 2**n_repeat)
 
 
-def slice_position(slice_number: int, left: int, right: int, placement: Placement) -> float:
+def slice_position(
+    slice_number: int, left: int, right: int, placement: Placement | str
+) -> float:
     """Fractional position ``t`` in (0, 1) of ``slice_number`` between two sections."""
-    if placement == "exact":
+    if placement == Placement.exact:
         return (slice_number - left) / (right - left)
     return atlinter_position(slice_number, left, right)
+
+
+def as_choice(enum: type[E], value: str, key: str) -> E:
+    """``value`` as a member of ``enum``; ConfigError listing the choices otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: choose one of {[e.value for e in enum]}") from None
 
 
 def plan_dataset(
     dataset_id: str,
     section_numbers: Iterable[int],
     n_slices: int,
-    placement: Placement = "exact",
-    edge: EdgePolicy = "copy",
+    placement: Placement | str = Placement.exact,
+    edge: EdgePolicy | str = EdgePolicy.copy,
 ) -> list[GapTask]:
     """All tasks that together write every slice ``0..n_slices-1`` of one dataset."""
-    if placement not in PLACEMENTS:
-        raise ConfigError(
-            f"interpolation.placement={placement!r}: choose one of {list(PLACEMENTS)}"
-        )
-    if edge not in EDGE_POLICIES:
-        raise ConfigError(f"interpolation.edge={edge!r}: choose one of {list(EDGE_POLICIES)}")
+    placement = as_choice(Placement, placement, "interpolation.placement")
+    edge = as_choice(EdgePolicy, edge, "interpolation.edge")
     known = sorted(section_numbers)
     first, last = known[0], known[-1]
     tasks: list[GapTask] = []
-    if first > 0 and edge == "copy":
+    if first > 0 and edge == EdgePolicy.copy:
         tasks.append(
             GapTask(dataset_id, None, first,
                     tuple(SliceJob(s, EDGE, source=first) for s in range(first)))
@@ -144,7 +152,7 @@ def plan_dataset(
         ]
         tasks.append(GapTask(dataset_id, left, right, tuple(jobs)))
     tail = [SliceJob(last, MEASURED, source=last)]
-    if edge == "copy":
+    if edge == EdgePolicy.copy:
         tail += [SliceJob(s, EDGE, source=last) for s in range(last + 1, n_slices)]
     tasks.append(GapTask(dataset_id, last, None, tuple(tail)))
     return tasks

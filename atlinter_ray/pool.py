@@ -64,12 +64,12 @@ class _Actor:
     handle: Any
     ready_ref: Any
     ready: bool = False
-    calls: list = field(default_factory=list)  # in the order the actor runs them
+    calls: list[Any] = field(default_factory=list)  # refs, in the order the actor runs them
 
 
 def map_unordered(
     worker_class: type,
-    args: tuple,
+    args: tuple[Any, ...],
     items: Sequence[T],
     spec: PoolSpec,
     failed: Callable[[T, str], R],
@@ -79,98 +79,131 @@ def map_unordered(
 
     ``failed(item, error)`` builds the result of an item that could not be run.
     """
-    import ray
-
-    remote = ray.remote(worker_class).options(
-        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None, max_restarts=0
-    )
-    queue: deque[_Entry[T]] = deque(_Entry(item) for item in items)
-    actors: dict[Any, _Actor] = {}  # by the ref that resolves when the actor is ready
-    calls: dict[Any, tuple[_Actor, _Entry[T]]] = {}
-    replacements = 2 * spec.max_workers  # for actors that died
-    last_error = "no worker could be started"
-
-    def start(n: int) -> None:
-        for _ in range(n):
-            handle = remote.remote(*args)
-            ready_ref = handle.__ray_ready__.remote()
-            actors[ready_ref] = _Actor(handle, ready_ref)
-
-    def release(actor: _Actor) -> None:
-        del actors[actor.ready_ref]
-        ray.kill(actor.handle)
-
-    def feed() -> None:
-        for actor in actors.values():
-            while actor.ready and queue and len(actor.calls) < spec.calls_per_actor:
-                entry = queue.popleft()
-                entry.attempts += 1
-                ref = getattr(actor.handle, method).remote(entry.item)
-                actor.calls.append(ref)
-                calls[ref] = (actor, entry)
-
-    def lost(actor: _Actor, error: str) -> Iterator[R]:
-        """Forget a dead actor; requeue or fail its items; start a replacement."""
-        nonlocal replacements, last_error
-        last_error = error
-        del actors[actor.ready_ref]
-        for position, ref in enumerate(actor.calls):
-            _, entry = calls.pop(ref)
-            if position:  # queued behind the running call: it never ran
-                entry.attempts -= 1
-            if entry.attempts < spec.max_attempts:
-                queue.appendleft(entry)
-            else:
-                yield failed(entry.item, error)
-        if queue and replacements > 0 and len(actors) < spec.max_workers:
-            replacements -= 1
-            log.warning("a worker died (%s); starting a replacement", error)
-            start(1)
-
-    start(min(spec.max_workers, max(len(items), spec.min_workers if items else 0)))
-    since = time.monotonic()  # of the last event: an actor up or down, a result
+    pool = _ActorPool(worker_class, args, spec, failed, method)
     try:
-        while calls or (queue and actors):
-            waiting = [k for k, a in actors.items() if not a.ready] + list(calls)
+        yield from pool.run(items)
+    finally:
+        pool.close()
+
+
+class _ActorPool(Generic[T, R]):
+    """The state of one :func:`map_unordered` call: actors, their calls and the queue."""
+
+    def __init__(
+        self,
+        worker_class: type,
+        args: tuple[Any, ...],
+        spec: PoolSpec,
+        failed: Callable[[T, str], R],
+        method: str,
+    ) -> None:
+        import ray
+
+        self.remote: Any = ray.remote(worker_class).options(
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None, max_restarts=0
+        )
+        self.args, self.spec, self.failed, self.method = args, spec, failed, method
+        self.queue: deque[_Entry[T]] = deque()
+        self.actors: dict[Any, _Actor] = {}  # by the ref that resolves when it is ready
+        self.calls: dict[Any, tuple[_Actor, _Entry[T]]] = {}
+        self.replacements = 2 * spec.max_workers  # for actors that died
+        self.last_error = "no worker could be started"
+
+    def run(self, items: Sequence[T]) -> Iterator[R]:
+        """Feed every item to the actors; yield each result (or failure) once."""
+        import ray
+
+        spec = self.spec
+        self.queue.extend(_Entry(item) for item in items)
+        self.start(min(spec.max_workers, max(len(items), spec.min_workers if items else 0)))
+        since = time.monotonic()  # of the last event: an actor up or down, a result
+        while self.calls or (self.queue and self.actors):
+            waiting = [k for k, a in self.actors.items() if not a.ready] + list(self.calls)
             done, _ = ray.wait(waiting, num_returns=1, timeout=spec.warn_every_s)
             if not done:
-                if not any(a.ready for a in actors.values()):
+                if not any(a.ready for a in self.actors.values()):
                     waited = time.monotonic() - since
-                    last_error = _unplaced(spec, waited)
+                    self.last_error = _unplaced(spec, waited)
                     if spec.start_timeout_s is not None and waited >= spec.start_timeout_s:
                         break
-                    log.warning("%s", last_error)
+                    log.warning("%s", self.last_error)
                 continue
             since = time.monotonic()
-            ref = done[0]
-            if ref in actors:  # an actor finished starting, or failed to
-                try:
-                    ray.get(ref)
-                    actors[ref].ready = True
-                except ray.exceptions.RayError as exc:
-                    yield from lost(actors[ref], _describe(exc))
+            yield from self.collect(done[0])
+            self.feed()
+            if not self.queue:
+                _shrink(list(self.actors.values()), spec.min_workers, self.release)
+        for entry in self.queue:  # no actor could be started or kept alive
+            yield self.failed(entry.item, self.last_error)
+
+    def collect(self, ref: Any) -> Iterator[R]:
+        """Handle a finished ref: an actor that started (or failed to), or a call's result."""
+        import ray
+
+        if ref in self.actors:
+            try:
+                ray.get(ref)
+                self.actors[ref].ready = True
+            except ray.exceptions.RayError as exc:
+                yield from self.lost(self.actors[ref], _describe(exc))
+            return
+        actor, entry = self.calls[ref]
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            yield from self.lost(actor, _describe(exc))
+            return
+        except ray.exceptions.RayError as exc:  # the method itself raised
+            result = self.failed(entry.item, _describe(exc))
+        del self.calls[ref]
+        actor.calls.remove(ref)
+        yield result
+
+    def start(self, n: int) -> None:
+        """Ask Ray for ``n`` more actors (they may stay pending until placed)."""
+        for _ in range(n):
+            handle = self.remote.remote(*self.args)
+            ready_ref = handle.__ray_ready__.remote()
+            self.actors[ready_ref] = _Actor(handle, ready_ref)
+
+    def release(self, actor: _Actor) -> None:
+        """Forget ``actor`` and end it."""
+        import ray
+
+        del self.actors[actor.ready_ref]
+        ray.kill(actor.handle)
+
+    def feed(self) -> None:
+        """Keep ``calls_per_actor`` calls queued on every ready actor."""
+        for actor in self.actors.values():
+            while actor.ready and self.queue and len(actor.calls) < self.spec.calls_per_actor:
+                entry = self.queue.popleft()
+                entry.attempts += 1
+                ref = getattr(actor.handle, self.method).remote(entry.item)
+                actor.calls.append(ref)
+                self.calls[ref] = (actor, entry)
+
+    def lost(self, actor: _Actor, error: str) -> Iterator[R]:
+        """Forget a dead actor; requeue or fail its items; start a replacement."""
+        self.last_error = error
+        del self.actors[actor.ready_ref]
+        for position, ref in enumerate(actor.calls):
+            _, entry = self.calls.pop(ref)
+            if position:  # queued behind the running call: it never ran
+                entry.attempts -= 1
+            if entry.attempts < self.spec.max_attempts:
+                self.queue.appendleft(entry)
             else:
-                actor, entry = calls[ref]
-                died = False
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    died = True
-                    yield from lost(actor, _describe(exc))
-                except ray.exceptions.RayError as exc:  # the method itself raised
-                    result = failed(entry.item, _describe(exc))
-                if not died:
-                    del calls[ref]
-                    actor.calls.remove(ref)
-                    yield result
-            feed()
-            if not queue:
-                _shrink(list(actors.values()), spec.min_workers, release)
-        for entry in queue:  # no actor could be started or kept alive
-            yield failed(entry.item, last_error)
-    finally:
-        for actor in list(actors.values()):
-            release(actor)
+                yield self.failed(entry.item, error)
+        if self.queue and self.replacements > 0 and len(self.actors) < self.spec.max_workers:
+            self.replacements -= 1
+            log.warning("a worker died (%s); starting a replacement", error)
+            self.start(1)
+
+    def close(self) -> None:
+        """End every actor still held."""
+        for actor in list(self.actors.values()):
+            self.release(actor)
 
 
 def _shrink(actors: list[_Actor], keep: int, release: Callable[[_Actor], None]) -> None:
@@ -190,7 +223,7 @@ def _unplaced(spec: PoolSpec, waited: float) -> str:
 
     return (
         f"no worker started in {waited:.0f} s: each asks for {spec.num_cpus} CPU and "
-        f"{spec.num_gpus} GPU, and the cluster now has {ray.available_resources()}. Fix: "
+        f"{spec.num_gpus} GPU, and the cluster now has {ray.available_resources()}. Fix: "  # type: ignore[no-untyped-call]
         "lower resources.gpus_per_worker / resources.cpus_per_worker, or add nodes (an "
         "autoscaling cluster can take minutes: raise resources.start_timeout_s)"
     )

@@ -51,23 +51,6 @@ class ReferenceVolume:
     peak: float = 1.0
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form, for shipping to workers."""
-        return {
-            "url": self.url,
-            "shape": list(self.shape),
-            "channels": self.channels,
-            "dtype": self.dtype,
-            "data_offset": self.data_offset,
-            "peak": self.peak,
-            "storage_options": dict(self.storage_options),
-        }
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> ReferenceVolume:
-        """Inverse of :meth:`to_json`."""
-        return cls(**{**obj, "shape": tuple(obj["shape"])})
-
 
 def reference_provenance(url: str) -> dict[str, str]:
     """What a reference-guided run records per predicted slice and in its fingerprint."""

@@ -8,7 +8,6 @@ so every run reports how much its model adds over the trivial one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,13 +15,13 @@ import fsspec
 import numpy as np
 
 from atlinter_ray.dataset import Dataset, read_sections
+from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import predict
 from atlinter_ray.errors import DatasetError
-from atlinter_ray.metrics import score_stack
+from atlinter_ray.metrics import score_stack, summarize
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.worker import to_dtype
 
 
 def load_truth(url: str, ds: Dataset, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
@@ -45,18 +44,6 @@ def take_slices(volume: np.ndarray, axis: int, slices: Sequence[int], channel_fi
     return np.moveaxis(np.take(volume, list(slices), axis=axis), axis, 0)
 
 
-def summarize(pred: np.ndarray, truth: np.ndarray, data_range: float) -> dict[str, float]:
-    """Mean PSNR (finite slices), SSIM and MAE over a stack of slices."""
-    scores = score_stack(pred, truth, data_range)
-    finite = [s.psnr for s in scores if math.isfinite(s.psnr)]
-    return {
-        "psnr": round(float(np.mean(finite)), 4) if finite else math.inf,
-        "ssim": round(float(np.mean([s.ssim for s in scores])), 4),
-        "mae": round(float(np.mean([s.mae for s in scores])), 4),
-        "slices": len(scores),
-    }
-
-
 def score_run(
     store: VolumeStore, ds: Dataset, truth: np.ndarray, placement: str
 ) -> dict[str, dict[str, float]]:
@@ -76,6 +63,6 @@ def score_run(
     base = np.concatenate(frames)  # (N, C, H, W)
     base = np.moveaxis(base, 1, -1) if ds.channels > 1 else base[:, 0]
     return {
-        "model": summarize(ours, true, ds.peak),
-        "linear": summarize(base, true, ds.peak),
+        "model": summarize(score_stack(ours, true, ds.peak)),
+        "linear": summarize(score_stack(base, true, ds.peak)),
     }

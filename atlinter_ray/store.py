@@ -18,7 +18,6 @@ image's attributes at the end.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -26,12 +25,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import StoreError
+from atlinter_ray.files import write_atomic
 
 _SPACE_AXES = ("z", "y", "x")
 
@@ -144,14 +143,8 @@ class VolumeStore:
     def mark_done(self, task_id: str, record: Mapping[str, Any]) -> None:
         """Record that a task's slices are all written (atomically)."""
         path = self._marker_path(task_id)
-        data = json.dumps(record, sort_keys=True).encode()
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = f"{path}.tmp.{os.getpid()}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        else:  # object stores make a PUT visible whole or not at all
-            self.fs.pipe_file(path, data)
+        write_atomic(self.fs, path, json.dumps(record, sort_keys=True).encode())
 
     def done_records(self, dataset_id: str) -> dict[str, dict[str, Any]]:
         """Markers of the dataset's finished tasks, by task id (one listing)."""
@@ -161,7 +154,7 @@ class VolumeStore:
         except FileNotFoundError:
             return {}
         records = {}
-        for path, blob in self.fs.cat(paths).items():
+        for blob in self.fs.cat(paths).values():
             record = json.loads(blob)
             records[record["task_id"]] = record
         return records
@@ -180,7 +173,7 @@ class VolumeStore:
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write a small file (summary, picture) under the root; return its URL."""
         self.fs.makedirs(self._root_path, exist_ok=True)
-        self.fs.pipe_file(self._fs_path(name), data)
+        write_atomic(self.fs, self._fs_path(name), data)
         return _join(self.root, name)
 
     def _opts(self, url: str) -> dict[str, Any] | None:

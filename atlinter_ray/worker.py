@@ -25,6 +25,7 @@ import numpy as np
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset, read_sections
+from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import build_interpolator, predict, slice_provenance
 from atlinter_ray.models.base import FlowEstimator
 from atlinter_ray.models.reference_guided import (
@@ -40,13 +41,39 @@ log = logging.getLogger(__name__)
 SOFTWARE = f"atlinter_ray {__version__}"
 
 
-def failed_row(task: GapTask, error: str = "", **identity: Any) -> dict[str, Any]:
-    """A task's result row before it succeeds; the driver's row for a task no worker ran."""
-    return {
-        "task_id": task.task_id, "dataset_id": task.dataset_id, "status": "failed",
-        "slices": len(task.jobs), "model_calls": 0, "seconds": 0.0, "error": error,
-        "pid": 0, "node_id": "", "gpu_ids": "", "cuda_visible_devices": "", **identity,
-    }
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    """Where a worker runs: its process, Ray node and the GPUs Ray gave it."""
+
+    pid: int = 0
+    node_id: str = ""
+    gpu_ids: tuple[str, ...] = ()
+    cuda_visible_devices: str = ""
+
+
+@dataclass(slots=True)
+class TaskResult:
+    """What became of one gap task; the driver counts, reports and sums these."""
+
+    task_id: str
+    dataset_id: str
+    #: Slices the task writes (done) or should have written (failed).
+    slices: int
+    status: str = "failed"  # "done" | "failed"
+    model_calls: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    worker: WorkerIdentity = field(default_factory=WorkerIdentity)
+
+    @property
+    def done(self) -> bool:
+        """True when the task's slices and marker are written."""
+        return self.status == "done"
+
+
+def failed_result(task: GapTask, error: str = "") -> TaskResult:
+    """A task's result before it succeeds; the driver's for a task no worker ran."""
+    return TaskResult(task.task_id, task.dataset_id, len(task.jobs), error=error)
 
 
 @dataclass(frozen=True)
@@ -56,42 +83,32 @@ class WorkerSpec:
     model_name: str
     checkpoint: str | None
     model_params: Mapping[str, Any]
-    datasets: Mapping[str, Mapping[str, Any]]
+    datasets: Mapping[str, Dataset]
     dtypes: Mapping[str, str]
     output_root: str
     output_storage_options: Mapping[str, Any] = field(default_factory=dict)
     threads: int = 1
-    #: :meth:`ReferenceVolume.to_json` of the reference-guided mode's volume, or None.
-    reference: Mapping[str, Any] | None = None
+    #: The reference-guided mode's volume, or None.
+    reference: ReferenceVolume | None = None
     #: ``interpolation.exact_fallback`` (name, checkpoint, params), or None.
     exact_fallback: Mapping[str, Any] | None = None
 
 
-def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast model output to the output dtype: round and clip for integers."""
-    dt = np.dtype(dtype)
-    if frames.dtype == dt or dt.kind not in "ui":
-        return frames.astype(dt, copy=False)
-    info = np.iinfo(dt)
-    values = np.rint(frames) if frames.dtype.kind == "f" else frames
-    return np.clip(values, info.min, info.max).astype(dt)
-
-
-def _identity() -> dict[str, Any]:
+def _identity() -> WorkerIdentity:
     """Where this worker runs: process, Ray node and the GPUs Ray gave it."""
-    node_id, gpu_ids = "", ""
+    node_id, gpu_ids = "", ()
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
-            gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
-    return {
-        "pid": os.getpid(),
-        "node_id": node_id,
-        "gpu_ids": gpu_ids,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-    }
+            gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+    return WorkerIdentity(
+        pid=os.getpid(),
+        node_id=node_id,
+        gpu_ids=gpu_ids,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    )
 
 
 class TaskWorker:
@@ -104,21 +121,23 @@ class TaskWorker:
         )
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(spec.threads)
-        self.datasets = {k: Dataset.from_json(v) for k, v in spec.datasets.items()}
+        self.datasets = dict(spec.datasets)
         self.dtypes = dict(spec.dtypes)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
         self.reference: ReferenceVolume | None = None
         self.estimator: FlowEstimator | None = None
         if spec.reference is not None:
-            self.reference = ReferenceVolume.from_json(spec.reference)
+            self.reference = spec.reference
             self.estimator = reference_estimator(self.model, spec.model_name)
             self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
         self.identity = _identity()
 
-    def run(self, tasks: list[GapTask]) -> list[dict[str, Any]]:
-        """Run ``tasks``; return one result row per task, in order."""
-        rows = {t.task_id: failed_row(t, **self.identity) for t in tasks}
+    def run(self, tasks: list[GapTask]) -> list[TaskResult]:
+        """Run ``tasks``; return one result per task, in order."""
+        rows = {t.task_id: failed_result(t) for t in tasks}
+        for row in rows.values():
+            row.worker = self.identity
         groups: dict[tuple, list[GapTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
@@ -143,15 +162,16 @@ class TaskWorker:
                 for i, task in enumerate(group):
                     self._write(task, sections[task.task_id],
                                 None if frames is None else frames[i], calls)
-                    rows[task.task_id].update(status="done", model_calls=calls)
+                    rows[task.task_id].status = "done"
+                    rows[task.task_id].model_calls = calls
             except Exception as exc:  # report, never hide: the driver counts failures
                 log.exception("tasks %s failed", [t.task_id for t in group])
                 for task in group:
-                    if rows[task.task_id]["status"] != "done":
-                        rows[task.task_id]["error"] = f"{type(exc).__name__}: {exc}"
+                    if not rows[task.task_id].done:
+                        rows[task.task_id].error = f"{type(exc).__name__}: {exc}"
             elapsed = (time.perf_counter() - start) / len(group)
             for task in group:
-                rows[task.task_id]["seconds"] = elapsed
+                rows[task.task_id].seconds = elapsed
         return [rows[t.task_id] for t in tasks]
 
     def _from_reference(self, task: GapTask, sections: Mapping[int, np.ndarray]) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,10 +29,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from atlinter_ray.models.base import build_model  # noqa: E402
-from predecessor import import_predecessor  # noqa: E402
+from atlinter_ray.testing.predecessor import import_predecessor  # noqa: E402
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int) -> list[tuple[str, float, float]]:

@@ -29,33 +29,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from atlinter_ray.models import build_model  # noqa: E402
-from mxnet_env import run_oracle  # noqa: E402
-from pypi import CACHE  # noqa: E402
-
-
-def random_params() -> Path:
-    """A random-weight maskflownet.params in the original layout (cached)."""
-    path = CACHE / "bench" / "maskflownet-random-seed0.params"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        run_oracle("make-params", str(tmp), "--seed", "0", "--flow-gain", "1.0")
-        tmp.rename(path)
-    return path
+from atlinter_ray.testing.mxnet_env import random_params, run_oracle  # noqa: E402
 
 
 def image_pair(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,10 +27,12 @@ def calls_for_gap(gap: int) -> tuple[int, int]:
 
 def main() -> None:
     """Print the table for gaps 2..17 and for the CCF with one section every 8 slices."""
-    print(f"{'gap':>4}{'missing':>9}{'atlinter calls':>16}{'ours':>6}{'atlinter/slice':>16}{'ours/slice':>12}")
+    print(f"{'gap':>4}{'missing':>9}{'atlinter calls':>16}{'ours':>6}"
+          f"{'atlinter/slice':>16}{'ours/slice':>12}")
     for gap in range(2, 18):
         theirs, ours = calls_for_gap(gap)
-        print(f"{gap:>4}{gap - 1:>9}{theirs:>16}{ours:>6}{theirs / (gap - 1):>16.2f}{ours / (gap - 1):>12.2f}")
+        print(f"{gap:>4}{gap - 1:>9}{theirs:>16}{ours:>6}"
+              f"{theirs / (gap - 1):>16.2f}{ours / (gap - 1):>12.2f}")
     known = list(range(4, 528, 8))
     tasks = plan_dataset("ccf", known, 528, "atlinter")
     missing = sum(len(t.predicted) for t in tasks)

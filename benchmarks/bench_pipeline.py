@@ -140,8 +140,7 @@ def save_uint8(volume: np.ndarray, out: Path) -> None:
 
 def predecessor(npy: Path, model_name: str, out: Path) -> dict:
     """atlinter 0.2.3's ``predict_volume`` with our model as its pair model."""
-    sys.path[:0] = [str(ROOT / "tests")]
-    from predecessor import import_predecessor
+    from atlinter_ray.testing.predecessor import import_predecessor
 
     import_predecessor()
     from atlinter.data import GeneDataset

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -37,12 +36,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import test_models_rife as T  # noqa: E402  (wheel table, oracle loader, scoring)
 from atlinter_ray.models.base import build_model  # noqa: E402
 from atlinter_ray.models.rife import auto_scale  # noqa: E402
-from predecessor import import_predecessor  # noqa: E402
+from atlinter_ray.testing import rife_wheels as W  # noqa: E402  (wheels, oracles, scoring)
+from atlinter_ray.testing.predecessor import import_predecessor  # noqa: E402
 
 
 def compare(
@@ -67,7 +64,7 @@ def compare(
 
 def test_pair() -> tuple[np.ndarray, np.ndarray]:
     """A 320x456 RGB pair in [0, 1] made from two real MNI slices (resized)."""
-    volume = np.load(T.SAMPLE)["volume"].astype(np.float32) / 255
+    volume = np.load(W.SAMPLE)["volume"].astype(np.float32) / 255
     pair = torch.from_numpy(volume[44:46:1][:, None]).repeat(1, 3, 1, 1)
     big = torch.nn.functional.interpolate(pair, size=(320, 456), mode="bilinear").numpy()
     return big[:1].copy(), big[1:].copy()
@@ -113,11 +110,11 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
             },
             repeats,
         )
-    wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
+    wheels = {spec: W.pypi.extract(spec) for spec in W.WHEELS}
     big_a, big_b = np.repeat(a, batch, 0), np.repeat(b, batch, 0)
-    for spec, (_, _, layout) in T.WHEELS.items():
+    for spec, (_, _, layout) in W.WHEELS.items():
         name = "rife_v3" if layout == "v3" else "rife_v4"
-        net = T._oracle_ifnet(wheels, spec)
+        net = W.oracle_ifnet(wheels, spec)
         multiple = 64 if layout == "4.2x" else 32
         x = torch.nn.functional.pad(torch.cat((ta, tb), 1), (0, (-456) % multiple, 0, 0))
         if layout == "v3":
@@ -131,7 +128,7 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
             with torch.inference_mode():
                 return call()
 
-        path = T._flownet(wheels, spec)
+        path = W.flownet_path(wheels, spec)
         ours = build_model(name, checkpoint=path, device="cpu", batch_size=batch)
         ours_cl = build_model(name, checkpoint=path, device="cpu", channels_last=True)
         rows += compare(
@@ -164,25 +161,25 @@ def template_1mm() -> np.ndarray:
 
 def quality(gaps: tuple[int, ...]) -> list[tuple[str, str, int, float, float]]:
     """Rows (volume, model, gap, mean PSNR, mean SSIM) on the two real volumes."""
-    volumes = {"MNI152 2 mm": np.load(T.SAMPLE)["volume"], "MNI152 1 mm": template_1mm()}
-    wheels = {spec: T.pypi.extract(spec) for spec in T.WHEELS}
+    volumes = {"MNI152 2 mm": np.load(W.SAMPLE)["volume"], "MNI152 1 mm": template_1mm()}
+    wheels = {spec: W.pypi.extract(spec) for spec in W.WHEELS}
     rows = []
     for title, volume in volumes.items():
         models = {"linear": build_model("linear")}
         scales: list[float | str] = ["auto"]
         if auto_scale(*volume.shape[1:]) != 1.0:
             scales.append(1.0)
-        for spec, (_, _, layout) in T.WHEELS.items():
+        for spec, (_, _, layout) in W.WHEELS.items():
             name = "rife_v3" if layout == "v3" else "rife_v4"
             for scale in scales:
                 label = f"{name} {layout} scale={scale}"
                 models[label] = build_model(
-                    name, checkpoint=T._flownet(wheels, spec), device="cpu", batch_size=16,
+                    name, checkpoint=W.flownet_path(wheels, spec), device="cpu", batch_size=16,
                     scale=scale,
                 )
         for gap in gaps:
             for label, model in models.items():
-                rows.append((title, label, gap, *T._gap_scores(model, volume, gap)))
+                rows.append((title, label, gap, *W.gap_scores(model, volume, gap)))
     return rows
 
 

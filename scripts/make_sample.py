@@ -3,7 +3,7 @@
 The template ships inside nilearn's wheel on PyPI
 (``nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz``, a
 skull-stripped 1 mm volume of 197 x 233 x 189 uint8 voxels in RAS+ orientation).
-nilearn is only downloaded (``pip download --no-deps``, cached by ``tests/pypi.py``),
+nilearn is only downloaded (``pip download --no-deps``, cached by ``atlinter_ray/testing/pypi.py``),
 never installed or imported, and the NIfTI-1 file is read with numpy alone.
 
 Steps, each a small pure function below::
@@ -30,7 +30,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -207,8 +206,7 @@ def load_template(nii: Path | None) -> bytes:
     if nii is not None:
         compressed = nii.read_bytes()
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        import pypi  # the project's cached PyPI fetcher
+        from atlinter_ray.testing import pypi  # the project's cached PyPI fetcher
 
         wheel = pypi.download(NILEARN_SPEC)
         with zipfile.ZipFile(wheel) as zf:

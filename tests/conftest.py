@@ -1,28 +1,65 @@
-"""Shared fixtures: a small real local Ray cluster, started once per test session."""
+"""Shared fixtures (a small real local Ray cluster, an S3 server) and the markers' rules.
+
+Markers mean what the README says, and are applied here from what a test uses:
+``ray`` (and ``slow``) for every test that uses the ``ray_cluster`` fixture, and
+``network`` for every test of a module that fetches data or oracles from the package
+index (cached under ``.cache/`` after the first run). A test that starts Ray in this
+process without being marked ``ray`` fails, so ``-m "not ray"`` never starts a cluster.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import types
 
 import pytest
+
+from atlinter_ray.testing.ray_head import free_port, start_local_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+#: Helper modules that download from the package index on first use.
+_FETCHING = {
+    "atlinter_ray.testing.pypi",
+    "atlinter_ray.testing.predecessor",
+    "atlinter_ray.testing.mxnet_env",
+    "atlinter_ray.testing.rife_wheels",
+}
 
-def start_local_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
-    """Start a small local cluster: dashboard off, small object store."""
-    import ray
 
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+def _fetches(module: types.ModuleType) -> bool:
+    """True when a test module uses one of the fetching helpers."""
+    for value in vars(module).values():
+        origin = value.__name__ if isinstance(value, types.ModuleType) else getattr(
+            value, "__module__", None
+        )
+        if origin in _FETCHING:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests ``ray``/``slow`` and ``network`` from what they use."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+        module = getattr(item, "module", None)
+        if module is not None and _fetches(module):
+            item.add_marker(pytest.mark.network)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request: pytest.FixtureRequest):
+    """Fail a test that starts Ray in this process without the ``ray`` marker."""
+    import sys
+
+    before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    after = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if after and not before and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray (and slow)")
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +73,6 @@ def ray_cluster():
     start_local_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,10 @@ from pathlib import Path
 import pytest
 import zarr
 from ray.cluster_utils import AutoscalingCluster
-from ray_head import REPO, LocalHead
+
+from atlinter_ray.testing.ray_head import LocalHead
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

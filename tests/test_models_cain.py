@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.cain import CAIN
-from predecessor import import_predecessor
+from atlinter_ray.testing.predecessor import import_predecessor
 
 ATOL = 1e-5
 
@@ -162,7 +162,7 @@ class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 

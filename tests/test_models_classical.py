@@ -10,8 +10,7 @@ from atlinter_ray.errors import ConfigError
 from atlinter_ray.models import available_models, build_model
 from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.models.classical import LinearInterpolator
-
-from datasets import real_volume
+from atlinter_ray.testing.datasets import real_volume
 
 
 def _shifted_pair(rgb: bool, shift: int = 6):

@@ -29,26 +29,10 @@ from atlinter_ray.models.maskflownet import (
     warp,
 )
 from atlinter_ray.models.mxnet_params import params_from_bytes, parse_ndarray_list, read_params
-from mxnet_env import run_oracle
+from atlinter_ray.testing.mxnet_env import run_oracle, write_ndarray_list
 
 ORIGINAL_SIZE = 82_646_478  # bytes of atlinter's maskflownet.params (its DVC record)
 ATOL, RTOL = 1e-3, 1e-4
-
-
-def write_ndarray_list(path, arrays: dict[str, np.ndarray]) -> None:
-    """Write float32 arrays as MXNet does (V2 records); checked against mxnet's bytes."""
-    out = [struct.pack("<QQQ", 0x112, 0, len(arrays))]
-    for value in arrays.values():
-        value = np.ascontiguousarray(value, dtype="<f4")
-        out.append(struct.pack("<Iii", 0xF993FAC9, 0, value.ndim))
-        out.append(struct.pack(f"<{value.ndim}q", *value.shape))
-        out.append(struct.pack("<iii", 1, 0, 0))
-        out.append(value.tobytes())
-    out.append(struct.pack("<Q", len(arrays)))
-    for name in arrays:
-        raw = name.encode()
-        out.append(struct.pack("<Q", len(raw)) + raw)
-    path.write_bytes(b"".join(out))
 
 
 def _smooth_pair(

@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-import pypi
 from atlinter_ray.config import Config
 from atlinter_ray.models.cain import CAINNet
 from atlinter_ray.models.maskflownet import MaskFlownetNet, legacy_names
 from atlinter_ray.models.raft import RAFTNet
-from atlinter_ray.models.rife import RifeHDNet
+from atlinter_ray.models.rife_arch import RifeHDNet
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
-
-from datasets import real_volume, sections_of, write_dataset
-from test_models_maskflownet import write_ndarray_list
+from atlinter_ray.testing import pypi
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.mxnet_env import write_ndarray_list
 
 SECTIONS = [30, 34, 38]
 

@@ -9,7 +9,6 @@ own ``RAFTNet.preprocess_images`` / ``predict_flow`` (pad to 8, 20 iterations).
 
 from __future__ import annotations
 
-import argparse
 import os
 import zipfile
 from pathlib import Path
@@ -21,29 +20,10 @@ import torch
 from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.raft import CorrPyramid, pixel_grid
-from predecessor import import_predecessor
+from atlinter_ray.testing.predecessor import predecessor_raft
 
 ATOL = 2e-4  # pixels; flows here span about +-20 (large) and +-40 (small) pixels
 NAMES = {False: "raft", True: "raft_small"}
-
-
-def _predecessor_raft(small: bool) -> torch.nn.DataParallel:
-    """The predecessor's RAFT with random weights and random BatchNorm statistics."""
-    import_predecessor()
-    from atlinter.vendor.RAFT.raft import RAFT as PredecessorRAFT
-
-    torch.manual_seed(10 + small)
-    net = torch.nn.DataParallel(
-        PredecessorRAFT(argparse.Namespace(small=small, mixed_precision=False))
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["large", "small"])
@@ -51,7 +31,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     """(small, predecessor RAFTNet, checkpoint path, our model) for each size."""
     torch.set_num_threads(1)
     small = request.param
-    net = _predecessor_raft(small)
+    net = predecessor_raft(small)
     path = tmp_path_factory.mktemp("raft") / ("raft-small.pth" if small else "raft-things.pth")
     torch.save(net.state_dict(), path)
     from atlinter.optical_flow import RAFTNet as PredecessorRAFTNet
@@ -167,7 +147,7 @@ def test_wrong_file_names_missing_unexpected_and_misshaped_keys(case, tmp_path: 
 
 def test_both_names_of_the_shared_batchnorm_are_required(tmp_path: Path) -> None:
     """The large file stores cnet's strided-block BN as norm3 and downsample.1."""
-    state = dict(_predecessor_raft(small=False).state_dict())
+    state = dict(predecessor_raft(small=False).state_dict())
     aliases = [k for k in state if ".downsample.1." in k]
     assert len(aliases) == 10 and all(k.startswith("module.cnet.") for k in aliases)
     del state["module.cnet.layer2.0.downsample.1.running_var"]
@@ -183,7 +163,7 @@ class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+    def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
 
 

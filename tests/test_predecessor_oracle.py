@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from predecessor import STUBBED, ToTensor, import_predecessor, predecessor_src
+from atlinter_ray.testing.predecessor import STUBBED, ToTensor, import_predecessor, predecessor_src
 
 
 @pytest.fixture(scope="module")

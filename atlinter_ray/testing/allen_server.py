@@ -169,6 +169,8 @@ class Fault:
     status: int = 503
     times: int | None = 1  # None: forever
     delay_s: float = 0.0
+    #: ``Retry-After`` header sent with the status (e.g. "1" with a 429), or None.
+    retry_after: str | None = None
 
 
 class AllenServer:
@@ -227,13 +229,21 @@ class AllenServer:
                     return fault
         return None
 
-    def answer(self, url: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for one GET."""
+    def answer(self, url: str) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) for one GET: a matching fault, else the API's answer."""
         fault = self._fault_for(url)
         if fault is not None:
             time.sleep(fault.delay_s)
             if fault.delay_s == 0.0:
-                return fault.status, "text/html", b"<html>Service Unavailable</html>"
+                headers = {"Content-Type": "text/html"}
+                if fault.retry_after is not None:
+                    headers["Retry-After"] = fault.retry_after
+                return fault.status, headers, b"<html>Service Unavailable</html>"
+        status, ctype, body = self._serve(url)
+        return status, {"Content-Type": ctype}, body
+
+    def _serve(self, url: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of the API for one GET."""
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         if parts.path == "/api/v2/data/query.json":
@@ -330,12 +340,13 @@ class AllenServer:
         class Handler(BaseHTTPRequestHandler):
             """Dispatch GETs to :meth:`AllenServer.answer`."""
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 """Answer one GET."""
-                status, ctype, body = server.answer(self.path)
+                status, headers, body = server.answer(self.path)
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", ctype)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)

@@ -3,7 +3,7 @@
 `ray start --head --block` with its own temp dir and free ports, in its own process
 group. Stopping it signals exactly that group (and any process naming its temp dir),
 never `ray stop`, which ends every Ray cluster on the machine, other people's too.
-Used by tests/test_job_submit.py and tests/test_autoscaling.py.
+Also :func:`start_local_ray`, the small in-process cluster of most tests.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -41,6 +40,27 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
+    """Start a small local cluster in this process: dashboard off, small object store."""
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 class LocalHead:
@@ -131,10 +151,12 @@ class LocalHead:
         except OSError:
             return None
 
-    def ray_cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run the `ray` CLI against this head (with its token), from the repository."""
+    def ray_cli(
+        self, *args: str, timeout: float = 300, cwd: str | Path | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run the `ray` CLI against this head (with its token), from ``cwd``."""
         return subprocess.run(
-            [RAY, *args], env={**self.env, "RAY_ADDRESS": self.address}, cwd=REPO,
+            [RAY, *args], env={**self.env, "RAY_ADDRESS": self.address}, cwd=cwd,
             capture_output=True, text=True, timeout=timeout,
         )
 
