@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from atlinter_ray import __version__
+from atlinter_ray.commit import commit_task
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import build_interpolator, predict, slice_provenance
@@ -197,7 +198,7 @@ class TaskWorker:
         frames: np.ndarray | None,
         model_calls: int,
     ) -> None:
-        """Write every slice of ``task``, then its done marker with provenance."""
+        """Convert ``task``'s slices to the output dtype, with provenance; commit them."""
         ds = self.datasets[task.dataset_id]
         dtype = self.dtypes[ds.id]
         records = []
@@ -216,9 +217,4 @@ class TaskWorker:
                 if self.reference is not None:
                     record["known"] = nearest_known(job.slice, (task.left, task.right))
             records.append(record)
-        # a task's slices are consecutive (planning.GapTask), so they go in one write
-        self.store.write_slices(ds, task.jobs[0].slice, np.stack(block))
-        self.store.mark_done(
-            task.task_id,
-            {"task_id": task.task_id, "slices": records, "model_calls": model_calls},
-        )
+        commit_task(self.store, ds, task, np.stack(block), records, model_calls)
