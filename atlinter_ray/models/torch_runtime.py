@@ -59,12 +59,12 @@ def select_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(
-            f"model.device={device!r} is not a device name; use auto, cpu or cuda[:i]"
+            f"model.params.device={device!r} is not a device name; use auto, cpu or cuda[:i]"
         ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"model.device={device!r} but CUDA is not available here; use auto or cpu "
-            "(or give the Ray workers GPUs with resources.num_gpus)"
+            f"model.params.device={device!r} but CUDA is not available here; use auto or cpu "
+            "(or give the Ray workers GPUs with resources.gpus_per_worker)"
         )
     return resolved
 
@@ -148,7 +148,7 @@ class TorchRuntime:
         self.device = select_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError(
-                "model.precision=fp16 needs a CUDA device (CPU half kernels are slow "
+                "model.params.precision=fp16 needs a CUDA device (CPU half kernels are slow "
                 "or missing); use fp32 or bf16 on the CPU"
             )
         if batch_size < 1:
