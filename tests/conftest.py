@@ -1,7 +1,8 @@
 """Shared fixtures (a small real local Ray cluster, an S3 server) and the markers' rules.
 
 Markers mean what the README says, and are applied here from what a test uses:
-``ray`` (and ``slow``) for every test that uses the ``ray_cluster`` fixture, and
+``ray`` for every test that uses the ``ray_cluster`` fixture, ``slow`` for every ``ray``
+test, and
 ``network`` for every test of a module that fetches data or oracles from the package
 index (cached under ``.cache/`` after the first run). A test that starts Ray in this
 process without being marked ``ray`` fails, so ``-m "not ray"`` never starts a cluster.
@@ -44,7 +45,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)  # a cluster takes seconds to start
         module = getattr(item, "module", None)
         if module is not None and _fetches(module):
             item.add_marker(pytest.mark.network)
