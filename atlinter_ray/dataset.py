@@ -10,8 +10,20 @@ memory, let alone in float64 as the predecessor did.
 Images are stored ``(n, H, W)`` (grayscale) or ``(n, H, W, 3)`` (RGB) in the order of
 ``section_numbers``; ``(H, W)`` is the reference plane for the axis: for ``coronal``
 (axis 0 of the 25 µm CCF, 528 × 320 × 456) images are 320 × 456, for ``sagittal``
-(axis 2) they are 528 × 320. The json may carry ``reference_shape`` (our extension)
-for volumes that are not the CCF.
+(axis 2) they are 528 × 320. The json may carry ``reference_shape`` and
+``voxel_size_um`` (our extensions) for volumes that are not the CCF.
+
+Any ``.npy`` numpy writes is read as numpy reads it: either byte order (``>u2`` is
+converted to native order on read, never reinterpreted) and C or Fortran order (a
+Fortran-ordered file is memory-mapped when local; remote ones are refused with the fix,
+since one section of such a file is spread over the whole file).
+
+Full intensity (``Dataset.peak``; the models scale by it, PSNR/SSIM use it as the data
+range) is stated, never estimated from the data: the dtype's maximum for integers
+(255, 65535) and 1.0 for floats, whose images are taken as they are in ``[0, 1]``, the
+predecessor's range. A json ``intensity_max`` (our extension) states another one (e.g.
+255.0 for float images in 8-bit units, 4095 for 12-bit data in uint16); float values
+above full intensity are refused.
 """
 
 from __future__ import annotations
@@ -19,11 +31,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 
@@ -32,6 +45,23 @@ AXES: dict[str, int] = {"coronal": 0, "sagittal": 2}
 CCF_25UM_SHAPE: tuple[int, int, int] = (528, 320, 456)
 SUPPORTED_DTYPES = ("uint8", "uint16", "float32", "float64")
 _NPY_HEADER_MAX = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class NpyLayout:
+    """How a ``.npy`` file stores its array, from its header."""
+
+    shape: tuple[int, ...]
+    #: The stored dtype with its byte order (``dtype.str``: ``<u2``, ``>f4``, ``|u1``).
+    stored: str
+    offset: int
+    fortran: bool
+    file_size: int
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The stored dtype in native byte order: what reads return."""
+        return np.dtype(self.stored).newbyteorder("=")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +75,11 @@ class Dataset:
     axis: str
     reference_shape: tuple[int, int, int]
     channels: int
+    #: The images' dtype in native byte order (``uint16`` for a ``>u2`` file).
     dtype: str
-    data_offset: int
-    #: Value of full intensity: the integer maximum, or the largest value of float data.
+    layout: NpyLayout
+    #: Full intensity: ``intensity_max`` from the json, else the integer dtype's maximum,
+    #: 1.0 for float images (see the module docstring).
     peak: float = 1.0
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
@@ -68,12 +100,6 @@ class Dataset:
         shape = list(self.reference_shape)
         del shape[self.axis_index]
         return shape[0], shape[1]
-
-    @property
-    def section_bytes(self) -> int:
-        """Size in bytes of one stored section image."""
-        h, w = self.image_shape
-        return h * w * self.channels * np.dtype(self.dtype).itemsize
 
 
 def dataset_urls(url: str) -> tuple[str, str, str]:
@@ -112,10 +138,8 @@ def _read_metadata(url: str, storage_options: Mapping[str, Any]) -> dict[str, An
     return meta
 
 
-def read_npy_header(
-    url: str, storage_options: Mapping[str, Any]
-) -> tuple[tuple[int, ...], np.dtype, int, int]:
-    """Shape, dtype, data offset and file size of a ``.npy`` file, reading its header."""
+def read_npy_header(url: str, storage_options: Mapping[str, Any]) -> NpyLayout:
+    """The layout of the ``.npy`` file at ``url``, reading only its header."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         size = fs.size(path)
@@ -138,10 +162,23 @@ def read_npy_header(
             f"{url}: unreadable .npy file ({exc}). Fix: re-save the array with "
             "numpy.save."
         ) from exc
-    if fortran:
-        raise field_error(url, "fortran_order", "Fortran-ordered arrays are not supported",
-                    "re-save with numpy.save(np.ascontiguousarray(images))")
-    return tuple(shape), dtype, offset, size
+    layout = NpyLayout(tuple(shape), dtype.str, offset, bool(fortran), size)
+    expected = offset + math.prod(layout.shape) * dtype.itemsize
+    if size < expected:
+        raise field_error(url, "data", f"file is truncated or its header is wrong: {size} "
+                          f"bytes, but the header's shape {layout.shape} of {dtype.name} "
+                          f"needs {expected}", "download or save the .npy file again")
+    if fortran and not is_local(fs):
+        raise field_error(url, "fortran_order", "a Fortran-ordered array on remote "
+                          "storage: each section is spread over the whole file",
+                          "re-save it C-ordered with numpy.save(path, "
+                          "numpy.ascontiguousarray(array)), or read it from a local path")
+    return layout
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local filesystem, where files can be memory-mapped."""
+    return isinstance(fs, LocalFileSystem)
 
 
 def _check_sections(url: str, sections: Any, n: int, n_slices: int, axis: str) -> None:
@@ -178,14 +215,38 @@ def finite_peak(planes: Iterable[np.ndarray], non_finite: Callable[[int], Datase
     return peak if peak > 0 else 1.0
 
 
-def _float_peak(ds: Dataset) -> float:
-    """Scan float images section by section (bounded memory): reject NaN/inf, find max."""
-    return finite_peak(
+def _intensity_max(url: str, meta: Mapping[str, Any], dtype: np.dtype[Any]) -> float:
+    """Full intensity: the json's ``intensity_max``, else 1.0 (floats) or the dtype's maximum."""
+    default = float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0
+    value = meta.get("intensity_max", default)
+    top = np.iinfo(dtype).max if dtype.kind == "u" else math.inf
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value <= top or not math.isfinite(value)):
+        raise field_error(url, "intensity_max", f"{value!r} is not a full intensity for "
+                          f"{dtype.name} images", f"give a positive number (at most {top} "
+                          "for this dtype), e.g. 255.0 for float images in 8-bit units, or "
+                          "leave it out (float images are then taken in [0, 1])")
+    return float(value)
+
+
+def _check_float_range(ds: Dataset) -> None:
+    """Scan float images section by section (bounded memory): finite and <= full intensity."""
+    brightest = finite_peak(
         iter_sections(ds),
         lambda i: field_error(ds.images_url, f"images[{i}]",
                               f"section {ds.section_numbers[i]} contains NaN or inf",
                               "replace non-finite values (e.g. numpy.nan_to_num) and re-save"),
     )
+    if brightest > ds.peak:
+        stated = "intensity_max" in ds.metadata
+        raise field_error(
+            ds.metadata_url, "intensity_max",
+            f"{ds.images_url} holds float values up to {brightest:g}, above full intensity "
+            f"{ds.peak:g} ({'as stated' if stated else 'float images are taken in [0, 1]'})",
+            "state the images' full intensity as 'intensity_max' in the json (e.g. 255.0 "
+            "for 8-bit units), or scale the images to [0, 1]; it is never guessed from the "
+            "data, so every run and every score uses the same scale",
+        )
 
 
 def load_dataset(
@@ -204,6 +265,9 @@ def load_dataset(
     meta = _read_metadata(metadata_url, opts)
 
     axis = meta.get("axis")
+    if axis is None:
+        raise field_error(metadata_url, "axis", "missing",
+                          f'add "axis": one of {sorted(AXES)} (the sectioning plane)')
     if axis not in AXES:
         raise field_error(metadata_url, "axis", f"unknown axis {axis!r}",
                     f"use one of {sorted(AXES)}")
@@ -213,8 +277,15 @@ def load_dataset(
         raise field_error(metadata_url, "reference_shape", f"invalid shape {ref!r}",
                     "give three positive integers (AP, DV, LR)")
     ref = tuple(int(v) for v in ref)
+    voxel = meta.get("voxel_size_um", 25.0)
+    if (isinstance(voxel, bool) or not isinstance(voxel, (int, float))
+            or not math.isfinite(voxel) or voxel <= 0):
+        raise field_error(metadata_url, "voxel_size_um", f"{voxel!r} is not a voxel size",
+                          "give one positive number of micrometres (the volume's voxels "
+                          "are cubes), e.g. 25.0 for the CCF")
 
-    shape, dtype, offset, size = read_npy_header(images_url, opts)
+    layout = read_npy_header(images_url, opts)
+    shape, dtype = layout.shape, layout.dtype
     if dtype.name not in SUPPORTED_DTYPES:
         raise field_error(images_url, "dtype", f"unsupported dtype {dtype.name}",
                     f"convert the images to one of {', '.join(SUPPORTED_DTYPES)}")
@@ -234,7 +305,8 @@ def load_dataset(
         reference_shape=ref,
         channels=channels,
         dtype=dtype.name,
-        data_offset=offset,
+        layout=layout,
+        peak=_intensity_max(metadata_url, meta, dtype),
         storage_options=opts,
         metadata={k: v for k, v in meta.items() if k not in ("section_numbers",)},
     )
@@ -245,39 +317,46 @@ def load_dataset(
                     "align the sections to the reference space, or set "
                     "data.reference_shape (or 'reference_shape' in the json)")
     _check_sections(metadata_url, meta.get("section_numbers"), shape[0], ds.n_slices, axis)
-    expected = offset + shape[0] * ds.section_bytes
-    if size < expected:
-        raise field_error(images_url, "data", f"file is truncated: {size} bytes, "
-                    f"{expected} expected for shape {shape}", "download or save it again")
-    if dtype.kind == "u":
-        return replace(ds, peak=float(np.iinfo(dtype).max))
-    return replace(ds, peak=_float_peak(ds))
+    if dtype.kind == "f":
+        _check_float_range(ds)
+    return ds
 
 
 def read_planes(
     url: str,
     storage_options: Mapping[str, Any],
-    data_offset: int,
-    plane: tuple[int, int, int],
-    dtype: str,
+    layout: NpyLayout,
     indices: Sequence[int],
 ) -> np.ndarray:
-    """Read whole leading-axis planes ``(C, H, W)`` of a C-ordered ``.npy`` by seeking."""
-    channels, h, w = plane
-    nbytes = channels * h * w * np.dtype(dtype).itemsize
-    out = np.empty((len(indices), channels, h, w), dtype=dtype)
+    """Whole leading-axis planes ``(k, C, H, W)`` of a ``.npy``, native byte order.
+
+    C-ordered files are read by seeking to each plane; Fortran-ordered ones (local only,
+    see :func:`read_npy_header`) through a memory map.
+    """
+    h, w = layout.shape[1:3]
+    channels = layout.shape[3] if len(layout.shape) == 4 else 1
+    out = np.empty((len(indices), channels, h, w), dtype=layout.dtype)
+    if layout.fortran:
+        _, path = fsspec.core.url_to_fs(url, **storage_options)
+        array = np.memmap(path, np.dtype(layout.stored), "r", layout.offset,
+                          layout.shape, order="F")
+        for k, i in enumerate(indices):
+            plane = array[i]
+            out[k] = plane[None] if channels == 1 else np.moveaxis(plane, -1, 0)
+        return out
+    stored = np.dtype(layout.stored)
+    nbytes = channels * h * w * stored.itemsize
     with fsspec.open(url, "rb", **storage_options) as f:
         for k, i in enumerate(indices):
-            f.seek(data_offset + i * nbytes)
-            out[k] = _to_chw(np.frombuffer(f.read(nbytes), dtype=dtype), channels, h, w)
+            f.seek(layout.offset + i * nbytes)
+            out[k] = _to_chw(np.frombuffer(f.read(nbytes), dtype=stored), channels, h, w)
     return out
 
 
 def read_sections(ds: Dataset, section_numbers: list[int] | tuple[int, ...]) -> np.ndarray:
-    """Read the given known sections as ``(k, C, H, W)`` in the stored dtype."""
+    """Read the given known sections as ``(k, C, H, W)`` in the images' dtype."""
     index = {s: i for i, s in enumerate(ds.section_numbers)}
-    return read_planes(ds.images_url, ds.storage_options, ds.data_offset,
-                       (ds.channels, *ds.image_shape), ds.dtype,
+    return read_planes(ds.images_url, ds.storage_options, ds.layout,
                        [index[s] for s in section_numbers])
 
 

@@ -9,13 +9,13 @@ from atlinter_ray.errors import ConfigError
 
 
 def output_dtype(ds: Dataset, requested: str | None) -> str:
-    """The output dtype: as configured, else the input's (float64 -> float32)."""
+    """The output dtype: as configured, else the input's."""
     if requested:
         try:
             return np.dtype(requested).name
         except TypeError as exc:
             raise ConfigError(f"output.dtype={requested!r} is not a numpy dtype") from exc
-    return "float32" if ds.dtype == "float64" else ds.dtype
+    return ds.dtype
 
 
 def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:

@@ -6,6 +6,13 @@ models are driven by bisection over only the tree nodes the positions need (see
 midpoint-only model paired with an arbitrary-t fallback (:class:`ExactFallback`,
 ``interpolation.exact_fallback``) keeps every dyadic position and hands the others
 (t = 1/3, ...) to the fallback, so ``placement=exact`` works with RIFE_HD or CAIN.
+
+With ``placement=atlinter`` a model may also ask for the predecessor's padded canvas
+(:func:`atlinter_canvas`): atlinter 0.2.3 padded the two sections of a RIFE pair once,
+with zeros at the bottom/right to a multiple of 32, bisected on that canvas (so the
+padded border of each level's frames feeds the next level) and cropped at the end;
+:func:`predict` does the same when given ``canvas``. Float64 sections stay float64
+(the predecessor's volume was float64), so arithmetic models reproduce its values.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import FlowEstimator, PairInterpolator, build_model
 from atlinter_ray.models.flow import FlowInterpolator
-from atlinter_ray.planning import GapTask, bisection_nodes, is_dyadic
+from atlinter_ray.planning import GapTask, Placement, bisection_nodes, is_dyadic
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,14 @@ def check_reachable(model: PairInterpolator, tasks: Sequence[GapTask]) -> None:
                 )
 
 
+def atlinter_canvas(model: PairInterpolator, placement: Placement | str) -> int:
+    """The padding multiple :func:`predict` bisects on: the model's with ``atlinter``, else 1."""
+    if placement != Placement.atlinter:
+        return 1
+    inner = model.midpoint if isinstance(model, ExactFallback) else model
+    return inner.atlinter_canvas
+
+
 def slice_provenance(
     model: PairInterpolator, t: float, run_provenance: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -130,10 +145,22 @@ def predict(
     b: np.ndarray,
     positions: Sequence[float],
     peak: float,
+    canvas: int = 1,
 ) -> Prediction:
-    """Frames between each pair ``(a[i], b[i])`` at every position in ``positions``."""
-    a = a.astype(np.float32, copy=False)
-    b = b.astype(np.float32, copy=False)
+    """Frames between each pair ``(a[i], b[i])`` at every position in ``positions``.
+
+    ``canvas`` > 1 pads every pair once at the bottom/right with zeros to a multiple of
+    it, predicts on that canvas and crops the frames (see :func:`atlinter_canvas`).
+    Sections in float64 are kept in float64; any other dtype is computed in float32.
+    """
+    if canvas > 1:
+        h, w = a.shape[-2:]
+        pad = [(0, 0)] * (a.ndim - 2) + [(0, -h % canvas), (0, -w % canvas)]
+        whole = predict(model, np.pad(a, pad), np.pad(b, pad), positions, peak)
+        return Prediction(whole.frames[..., :h, :w], whole.model_calls)
+    dtype = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32
+    a = a.astype(dtype, copy=False)
+    b = b.astype(dtype, copy=False)
     n = a.shape[0]
     if isinstance(model, ExactFallback):
         return _split(model, a, b, positions, peak)
@@ -157,7 +184,7 @@ def _split(
     model: ExactFallback, a: np.ndarray, b: np.ndarray, positions: Sequence[float], peak: float
 ) -> Prediction:
     """Dyadic positions by bisection with the midpoint model, the others by the fallback."""
-    frames = np.empty((a.shape[0], len(positions), *a.shape[1:]), np.float32)
+    frames = np.empty((a.shape[0], len(positions), *a.shape[1:]), a.dtype)
     calls = 0
     for sub in (model.midpoint, model.fallback):
         which = [k for k, t in enumerate(positions) if model.producer(t) is sub]

@@ -201,6 +201,7 @@ def run(cfg: Config) -> RunSummary:
         threads=cfg.resources.threads_per_worker,
         reference=reference,
         exact_fallback=fallback,
+        placement=cfg.interpolation.placement,
     )
     log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
     rows = _execute(todo, spec, cfg)

@@ -14,20 +14,20 @@ memory map (local files) or a bounded stream of planes (other URLs) for sagittal
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from atlinter_ray.dataset import (
     SUPPORTED_DTYPES,
     Dataset,
+    NpyLayout,
     field_error,
     finite_peak,
+    is_local,
     read_npy_header,
     read_planes,
 )
@@ -45,9 +45,11 @@ class ReferenceVolume:
     url: str
     shape: tuple[int, int, int]
     channels: int
+    #: The volume's dtype in native byte order.
     dtype: str
-    data_offset: int
-    #: Value of full intensity: the integer maximum, or the largest value of float data.
+    layout: NpyLayout
+    #: Value of full intensity: the integer maximum, or the largest value of float data
+    #: (it only scales the flow models' input).
     peak: float = 1.0
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -66,7 +68,7 @@ def load_reference(
         raise field_error(url, FIELD, "not a .npy file",
                           "save the reference volume with numpy.save and give its .npy path")
     try:
-        shape, dtype, offset, size = read_npy_header(url, opts)
+        layout = read_npy_header(url, opts)
     except DatasetNotFoundError as exc:
         raise DatasetNotFoundError(
             f"{url}: field {FIELD!r}: reference volume not found. Fix: give the path or "
@@ -75,6 +77,7 @@ def load_reference(
         ) from exc
     except DatasetError as exc:
         raise DatasetError(f"{FIELD}: {exc}") from exc
+    shape, dtype = layout.shape, layout.dtype
     if dtype.name not in SUPPORTED_DTYPES:
         raise field_error(url, FIELD, f"unsupported dtype {dtype.name}",
                           f"convert the volume to one of {', '.join(SUPPORTED_DTYPES)}")
@@ -87,13 +90,9 @@ def load_reference(
                 f"give the whole reference volume in reference orientation, shape "
                 f"{ds.reference_shape} (grayscale) or {(*ds.reference_shape, 3)} (RGB)",
             )
-    expected = offset + math.prod(shape) * dtype.itemsize
-    if size < expected:
-        raise field_error(url, FIELD, f"file is truncated: {size} bytes, {expected} "
-                          f"expected for shape {shape}", "save or download it again")
     ref = ReferenceVolume(
-        url=url, shape=shape[:3], channels=3 if len(shape) == 4 else 1, dtype=dtype.name,
-        data_offset=offset, storage_options=opts,
+        url=url, shape=(shape[0], shape[1], shape[2]), channels=3 if len(shape) == 4 else 1,
+        dtype=dtype.name, layout=layout, storage_options=opts,
     )
     if dtype.kind == "u":
         peak = float(np.iinfo(dtype).max)
@@ -112,15 +111,14 @@ def read_reference_slices(
 ) -> np.ndarray:
     """Reference slices ``(k, C, H, W)`` along ``axis_index`` (0 or 2), stored dtype."""
     if axis_index == 0:
-        return read_planes(ref.url, ref.storage_options, ref.data_offset,
-                           (ref.channels, *ref.shape[1:]), ref.dtype, slices)
+        return read_planes(ref.url, ref.storage_options, ref.layout, slices)
     if axis_index != 2:
         raise ValueError(f"reference slices along axis {axis_index}: only 0 and 2 exist")
     fs, path = fsspec.core.url_to_fs(ref.url, **ref.storage_options)
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         volume = np.load(path, mmap_mode="r")  # strided read: only the wanted columns
         picked = np.take(volume, list(slices), axis=2)  # (D0, D1, k[, 3])
-        return np.ascontiguousarray(_columns_to_kchw(picked, ref.channels))
+        return np.ascontiguousarray(_columns_to_kchw(picked, ref.channels), dtype=ref.dtype)
     d0, d1, _ = ref.shape
     out = np.empty((len(slices), ref.channels, d0, d1), dtype=ref.dtype)
     start = 0
@@ -144,8 +142,7 @@ def _iter_plane_blocks(ref: ReferenceVolume) -> Iterator[np.ndarray]:
     d0, d1, d2 = ref.shape
     per_block = max(1, STREAM_BLOCK_BYTES // (d1 * d2 * ref.channels * np.dtype(ref.dtype).itemsize))
     for start in range(0, d0, per_block):
-        yield read_planes(ref.url, ref.storage_options, ref.data_offset,
-                          (ref.channels, d1, d2), ref.dtype,
+        yield read_planes(ref.url, ref.storage_options, ref.layout,
                           range(start, min(start + per_block, d0)))
 
 

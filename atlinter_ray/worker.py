@@ -27,14 +27,14 @@ from atlinter_ray import __version__
 from atlinter_ray.commit import commit_task
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
-from atlinter_ray.engine import build_interpolator, predict, slice_provenance
+from atlinter_ray.engine import atlinter_canvas, build_interpolator, predict, slice_provenance
 from atlinter_ray.models.base import FlowEstimator
 from atlinter_ray.models.reference_guided import (
     nearest_known,
     predict_from_reference,
     reference_estimator,
 )
-from atlinter_ray.planning import GapTask
+from atlinter_ray.planning import GapTask, Placement
 from atlinter_ray.reference import ReferenceVolume, read_reference_slices, reference_provenance
 from atlinter_ray.store import VolumeStore
 
@@ -93,6 +93,8 @@ class WorkerSpec:
     reference: ReferenceVolume | None = None
     #: ``interpolation.exact_fallback`` (name, checkpoint, params), or None.
     exact_fallback: Mapping[str, Any] | None = None
+    #: ``interpolation.placement`` (``atlinter``: the predecessor's padded canvas).
+    placement: Placement = Placement.exact
 
 
 def _identity() -> WorkerIdentity:
@@ -126,6 +128,7 @@ class TaskWorker:
         self.dtypes = dict(spec.dtypes)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
+        self.canvas = atlinter_canvas(self.model, spec.placement)
         self.reference: ReferenceVolume | None = None
         self.estimator: FlowEstimator | None = None
         if spec.reference is not None:
@@ -158,7 +161,7 @@ class TaskWorker:
                 elif positions:
                     a = np.stack([sections[t.task_id][t.left] for t in group])
                     b = np.stack([sections[t.task_id][t.right] for t in group])
-                    prediction = predict(self.model, a, b, positions, peak)
+                    prediction = predict(self.model, a, b, positions, peak, self.canvas)
                     frames, calls = prediction.frames, prediction.model_calls // len(group)
                 for i, task in enumerate(group):
                     self._write(task, sections[task.task_id],

@@ -65,13 +65,18 @@ BAD_CASES = {
     "one section": (dict(images=np.zeros((1, 12, 16), np.uint8), section_numbers=[4]),
                     "gene.json", "section_numbers", "at least two"),
     "rgba": (dict(images=np.zeros((3, 12, 16, 4), np.uint8)), "gene.npy", "shape", "(n, H, W, 3)"),
+    "voxel list": (dict(voxel_size_um=[25, 25, 25]), "gene.json", "voxel_size_um", "one positive number"),
+    "voxel zero": (dict(voxel_size_um=0), "gene.json", "voxel_size_um", "one positive number"),
+    "float above 1": (dict(images=np.full((3, 12, 16), 2.5, np.float32)), "gene.json",
+                      "intensity_max", "values up to 2.5"),
+    "above stated": (dict(images=np.full((3, 12, 16), 300.0), intensity_max=255.0), "gene.json",
+                     "intensity_max", "values up to 300"),
+    "intensity_max": (dict(intensity_max=300), "gene.json", "intensity_max", "at most 255"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, capsys) -> None:
-    changes, file, field, hint = BAD_CASES[case]
-    path = _good(tmp_path, **changes)
+def assert_refused(tmp_path: Path, path: Path, file: str, field: str, hint: str, capsys) -> None:
+    """Loading ``path`` fails naming file, field and fix; the job exits 2, writing nothing."""
     with pytest.raises(DatasetError) as err:
         load_dataset(str(path), SHAPE)
     message = str(err.value)
@@ -83,8 +88,86 @@ def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, capsys) -
     with pytest.raises(SystemExit) as stop:
         guarded(interpolate)(OmegaConf.structured(cfg))
     assert stop.value.code == 2
-    assert message in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert message in out.err and message not in out.out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_names_file_field_and_fix(tmp_path: Path, case: str, capsys) -> None:
+    changes, file, field, hint = BAD_CASES[case]
+    assert_refused(tmp_path, _good(tmp_path, **changes), file, field, hint, capsys)
+
+
+def test_missing_axis_says_missing(tmp_path: Path, capsys) -> None:
+    path = _good(tmp_path)
+    meta = tmp_path / "gene.json"
+    meta.write_text(json.dumps({"section_numbers": [2, 9, 17]}))
+    assert_refused(tmp_path, path, "gene.json", "axis", "missing", capsys)
+
+
+def test_header_claiming_a_billion_images_blames_the_npy(tmp_path: Path, capsys) -> None:
+    """The json's three section numbers are right; the .npy header is what is wrong."""
+    path = _good(tmp_path)
+    data = np.load(path)
+    with open(path, "wb") as f:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 12, 16)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(data.tobytes())
+    assert_refused(tmp_path, path, "gene.npy", "data", "header", capsys)
+
+
+def test_byte_order_is_read_not_reinterpreted(tmp_path: Path) -> None:
+    """``>u2`` and ``>f4`` files give the values numpy reads, in native order."""
+    values = np.arange(3 * 12 * 16, dtype=np.uint16).reshape(3, 12, 16) * 37
+    assert values[0, 0, 1] == 37 and values.max() > 255
+    for stored, expected in ((">u2", values), (">f4", values / values.max()),
+                             (">f8", values / values.max()), ("<u2", values)):
+        path = _good(tmp_path, images=expected.astype(stored))
+        ds = load_dataset(str(path), SHAPE)
+        assert ds.dtype == np.dtype(stored).newbyteorder("=").name
+        assert ds.layout.stored == np.dtype(stored).str
+        got = read_sections(ds, [9, 2])[:, 0]
+        assert got.dtype.isnative
+        np.testing.assert_array_equal(got, expected[[1, 0]].astype(ds.dtype))
+    assert load_dataset(str(_good(tmp_path, images=values.astype(">f4") / 65535)), SHAPE).peak == 1.0
+
+
+def test_fortran_order_is_read_locally(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 12, 16, 3), dtype=np.uint8)
+    for images in (rgb, rgb[..., 0], rgb.astype(">u2")):
+        path = _good(tmp_path, images=np.asfortranarray(images))
+        assert np.load(path).flags.f_contiguous and np.load(path).ndim == images.ndim
+        ds = load_dataset(str(path), SHAPE)
+        assert ds.layout.fortran
+        got = read_sections(ds, [17, 2])
+        want = images[[2, 0]]
+        want = want[:, None] if want.ndim == 3 else np.moveaxis(want, -1, 1)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fortran_order_on_remote_storage_is_refused_with_the_fix() -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    images = np.asfortranarray(np.zeros((3, 12, 16), np.uint8))
+    with fs.open("/i10/gene.npy", "wb") as f:
+        np.save(f, images)
+    fs.pipe("/i10/gene.json", json.dumps({"section_numbers": [2, 9, 17], "axis": "coronal"}).encode())
+    with pytest.raises(DatasetError) as err:
+        load_dataset("memory://i10/gene", SHAPE)
+    assert "'fortran_order'" in str(err.value) and "ascontiguousarray" in str(err.value)
+
+
+def test_full_intensity_is_stated_never_estimated(tmp_path: Path) -> None:
+    """Floats in [0, 1] stay as they are (full intensity 1.0, whatever their maximum)."""
+    dim = np.full((3, 12, 16), 0.2, np.float32)
+    assert load_dataset(str(_good(tmp_path, images=dim)), SHAPE).peak == 1.0
+    units = np.full((3, 12, 16), 200.0)
+    assert load_dataset(str(_good(tmp_path, images=units, intensity_max=255)), SHAPE).peak == 255.0
+    twelve_bit = np.full((3, 12, 16), 4000, np.uint16)
+    assert load_dataset(str(_good(tmp_path, images=twelve_bit, intensity_max=4095)), SHAPE).peak == 4095.0
+    assert load_dataset(str(_good(tmp_path, images=twelve_bit)), SHAPE).peak == 65535.0
 
 
 def test_truncated_and_unreadable_files(tmp_path: Path) -> None:

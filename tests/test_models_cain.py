@@ -21,34 +21,26 @@ import torch.nn.functional as F
 from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.cain import CAIN
-from atlinter_ray.testing.predecessor import import_predecessor
+from atlinter_ray.testing.predecessor import predecessor_cain
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def oracle() -> torch.nn.DataParallel:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``{"state_dict": DataParallel keys}`` in the legacy format of the original file."""
+    return tmp_path_factory.mktemp("cain") / "pretrained_cain.pth"
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint: Path) -> torch.nn.DataParallel:
     """The predecessor's CAIN with random weights (training mode, as atlinter ran it)."""
     torch.set_num_threads(1)
-    import_predecessor()
-    from atlinter.vendor.cain.cain import CAIN as PredecessorCAIN
-
-    torch.manual_seed(0)
-    return torch.nn.DataParallel(PredecessorCAIN())  # its own (random) initialisation
+    return predecessor_cain(checkpoint)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(oracle: torch.nn.DataParallel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``{"state_dict": DataParallel keys}`` in the legacy format of the original file."""
-    path = tmp_path_factory.mktemp("cain") / "pretrained_cain.pth"
-    torch.save(
-        {"state_dict": oracle.state_dict()}, path, _use_new_zipfile_serialization=False
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: Path) -> CAIN:
+def model(oracle: torch.nn.DataParallel, checkpoint: Path) -> CAIN:
     """Our CAIN loaded from that file through the registry."""
     return build_model("cain", checkpoint=str(checkpoint), device="cpu")
 

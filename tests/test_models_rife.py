@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,13 @@ from atlinter_ray.errors import CheckpointError, ConfigError
 from atlinter_ray.metrics import psnr
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.rife import RifeHD, auto_scale, v4_layout
-from atlinter_ray.testing.predecessor import import_predecessor
+from atlinter_ray.testing.predecessor import import_predecessor, predecessor_rife_hd
 from atlinter_ray.testing.rife_wheels import (
     SAMPLE,
     WHEELS,
     flownet_path,
     gap_scores,
     oracle_ifnet,
-    randomise,
     unpacked_wheels,
 )
 
@@ -49,23 +47,8 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def hd_oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The predecessor's RIFE_HD Model with random weights, and its checkpoint folder."""
-    import_predecessor()
-    from atlinter.vendor.rife.RIFE_HD import Model
-
-    torch.manual_seed(0)
-    model = Model()
     folder = tmp_path_factory.mktemp("rife_hd")
-    nets = {
-        "flownet.pkl": model.flownet,
-        "contextnet.pkl": model.contextnet,
-        "unet.pkl": model.fusionnet,
-    }
-    for seed, (file, net) in enumerate(nets.items()):
-        randomise(net, seed)
-        state = OrderedDict((f"module.{k}", v) for k, v in net.state_dict().items())
-        torch.save(state, folder / file, _use_new_zipfile_serialization=False)
-    model.eval()
-    return model, folder
+    return predecessor_rife_hd(folder), folder
 
 
 @pytest.fixture(scope="module")

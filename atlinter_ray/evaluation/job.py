@@ -100,7 +100,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         models=tuple(cfg.models), params={m: dict(p) for m, p in cfg.params.items()},
         checkpoints=dict(cfg.checkpoints), datasets={ds.id: ds for ds in datasets},
         panel={t: s for by_task in panel.values() for t, s in by_task.items()},
-        threads=cfg.resources.threads_per_worker,
+        threads=cfg.resources.threads_per_worker, placement=cfg.placement,
     )
     tasks = [t for per_k in plans.values() for ts in per_k for t in ts]
     log.info("evaluating %s on %d datasets, %d tasks", cfg.models, len(datasets), len(tasks))

@@ -17,10 +17,10 @@ import numpy as np
 
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
-from atlinter_ray.engine import build_interpolator, predict
+from atlinter_ray.engine import atlinter_canvas, build_interpolator, predict
 from atlinter_ray.evaluation.holdout import slice_geometry
 from atlinter_ray.metrics import score_slice
-from atlinter_ray.planning import GapTask
+from atlinter_ray.planning import GapTask, Placement
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class EvalSpec:
     #: Task id -> held-out slices whose predictions come back for the panels.
     panel: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     threads: int = 1
+    #: ``placement`` (``atlinter``: the predecessor's padded canvas for its RIFE).
+    placement: Placement = Placement.exact
 
 
 @dataclass
@@ -72,6 +74,7 @@ class EvalWorker:
             name: build_interpolator(name, spec.checkpoints.get(name), spec.params.get(name))
             for name in spec.models
         }
+        self.canvas = {n: atlinter_canvas(m, spec.placement) for n, m in self.models.items()}
         self.datasets = dict(spec.datasets)
         self.panel = {k: set(v) for k, v in spec.panel.items()}
 
@@ -99,7 +102,8 @@ class EvalWorker:
             candidates = {}
             for name, model in self.models.items():
                 start = time.perf_counter()
-                frames = predict(model, a, b, [j.t for j in task.jobs], ds.peak).frames[0]
+                positions = [j.t for j in task.jobs]
+                frames = predict(model, a, b, positions, ds.peak, self.canvas[name]).frames[0]
                 seconds = (time.perf_counter() - start) / len(task.jobs)
                 candidates[name] = (to_dtype(frames, ds.dtype), seconds)
         else:

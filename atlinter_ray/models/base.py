@@ -39,6 +39,9 @@ class PairInterpolator(ABC):
     arbitrary_t: ClassVar[bool] = True
     #: Registry name, set by :func:`register_model`.
     name: ClassVar[str] = ""
+    #: With ``placement=atlinter``: the multiple the predecessor zero-padded a pair to
+    #: once before bisecting on the padded canvas (32 for its RIFE); 1 for no padding.
+    atlinter_canvas: ClassVar[int] = 1
 
     @abstractmethod
     def interpolate(

@@ -185,6 +185,7 @@ class RifeHD(_Rife):
 
     arbitrary_t = False
     default_scale = 1.0
+    atlinter_canvas = 32  # RIFEPairInterpolationModel.before_interpolation
 
     def _load(
         self, checkpoint: str, storage_options: Mapping[str, Any] | None

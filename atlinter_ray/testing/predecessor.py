@@ -223,3 +223,95 @@ def predecessor_raft(small: bool) -> Any:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return net
+
+
+def predecessor_rife_hd(folder: Path) -> Any:
+    """The predecessor's RIFE_HD ``Model`` with random weights (eval mode); its three files
+    are written to ``folder`` as released (``module.`` keys, torch's legacy format)."""
+    import torch
+
+    from atlinter_ray.testing.rife_wheels import randomise
+
+    import_predecessor()
+    from atlinter.vendor.rife.RIFE_HD import Model
+
+    torch.manual_seed(0)
+    model = Model()
+    nets = {"flownet.pkl": model.flownet, "contextnet.pkl": model.contextnet,
+            "unet.pkl": model.fusionnet}
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (file, net) in enumerate(nets.items()):
+        randomise(net, seed)
+        state = {f"module.{k}": v for k, v in net.state_dict().items()}
+        torch.save(state, folder / file, _use_new_zipfile_serialization=False)
+    model.eval()
+    return model
+
+
+def predecessor_cain(path: Path) -> Any:
+    """The predecessor's CAIN in ``DataParallel`` with its own random initialisation, in
+    training mode as atlinter ran it; saved to ``path`` as the released file."""
+    import torch
+
+    import_predecessor()
+    from atlinter.vendor.cain.cain import CAIN
+
+    torch.manual_seed(0)
+    net = torch.nn.DataParallel(CAIN())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict()}, path, _use_new_zipfile_serialization=False)
+    return net
+
+
+class CainOracleFixes:
+    """The two changes without which atlinter's ``CAINPairInterpolationModel`` cannot run.
+
+    ``GeneInterpolate`` hands it sections of its float64 volume, which its ``ToTensor``
+    leaves float64, so the float32 network fails ("Input type (double) and bias type
+    (float)"): inputs are cast to float32 here. Its RGB path passes CHW arrays to
+    ``ToTensor``, which takes them as HWC and builds ``(1, W, 3, H)``: :meth:`to_tensor`
+    keeps CHW instead, the layout the code meant. Nothing else changes.
+    """
+
+    def __init__(self, net: Any) -> None:
+        """Wrap the predecessor's CAIN network ``net``."""
+        self.net = net
+
+    def __call__(self, a: Any, b: Any) -> Any:
+        """The network on float32 inputs."""
+        return self.net(a.float(), b.float())
+
+    @staticmethod
+    def to_tensor(image: np.ndarray) -> Any:
+        """HW -> (1, H, W); CHW stays CHW. Always a copy, as torchvision's is for
+        transposed input: CAIN subtracts the mean from its inputs in place."""
+        import torch
+
+        return torch.from_numpy(np.array(image[None] if image.ndim == 2 else image))
+
+
+def predecessor_cain_model(net: Any) -> Any:
+    """atlinter's ``CAINPairInterpolationModel`` around ``net``, with :class:`CainOracleFixes`."""
+    import_predecessor()
+    from atlinter.pair_interpolation import CAINPairInterpolationModel
+
+    fixes = CainOracleFixes(net)
+    model = CAINPairInterpolationModel(fixes)
+    model.to_tensor = fixes.to_tensor
+    return model
+
+
+def predecessor_volume(
+    images: np.ndarray, sections: list[int], axis: str, volume_shape: tuple[int, ...],
+    model: Any,
+) -> np.ndarray:
+    """atlinter's ``GeneInterpolate(GeneDataset(...), model).predict_volume()`` (no gradients)."""
+    import torch
+
+    import_predecessor()
+    from atlinter.data import GeneDataset
+    from atlinter.pair_interpolation import GeneInterpolate
+
+    gene = GeneDataset(images, sections, axis, volume_shape)
+    with torch.no_grad():
+        return GeneInterpolate(gene, model).predict_volume()
