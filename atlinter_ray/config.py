@@ -42,7 +42,7 @@ class OutputConfig:
 
     root: str = "outputs/volumes"
     storage_options: dict[str, Any] = field(default_factory=dict)
-    #: Output dtype; default: the input's (float64 input is written as float32).
+    #: Output dtype; default: the input's.
     dtype: str | None = None
     overwrite: bool = False
     quicklook: bool = True
