@@ -1,8 +1,9 @@
 """Every job's command line: Hydra composes ``conf/`` with the user's overrides.
 
 One console script per job (``atlinter-ray``, ``atlinter-ray-evaluate``,
-``atlinter-ray-download``), the same apps as ``python -m atlinter_ray`` /
-``-m atlinter_ray.evaluation`` / ``-m atlinter_ray.allen`` and the thin ``jobs/*.py``
+``atlinter-ray-download``, ``atlinter-ray-align``), the same apps as ``python -m
+atlinter_ray`` / ``-m atlinter_ray.evaluation`` / ``-m atlinter_ray.allen`` /
+``-m atlinter_ray.align`` and the thin ``jobs/*.py``
 handed to ``ray job submit``. The configuration folder is ``./conf`` when the working
 directory has one (a checkout, or the folder ``ray job submit --working-dir`` uploads,
 so users' edits win), else the copy shipped inside the package (``atlinter_ray.conf``).
@@ -59,6 +60,7 @@ def _sample_file(name: str) -> str:
 
 def register_configs() -> None:
     """Register every job's schema and the resolvers the YAML files use."""
+    from atlinter_ray.align.config import AlignConfig
     from atlinter_ray.allen.config import DownloadConfig
     from atlinter_ray.evaluation.config import EvaluateConfig
 
@@ -66,6 +68,7 @@ def register_configs() -> None:
     store.store(name="schema", node=Config)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="download_schema", node=DownloadConfig)
+    store.store(name="align_schema", node=AlignConfig)
     OmegaConf.register_new_resolver("sample_dir", lambda: _sample_file(""), replace=True)
     OmegaConf.register_new_resolver(
         "sample_truth", lambda: _sample_file("mni152_t1_truth.npz"), replace=True
@@ -156,6 +159,16 @@ def download(config: Any) -> int:
     return 0
 
 
+def align(config: Any) -> int:
+    """The align job: register every section to its Nissl slice, print the summary."""
+    from atlinter_ray.align.job import run_align
+
+    logging.getLogger("atlinter_ray").setLevel(config.run.log_level)
+    summary = run_align(config)
+    print(summary.to_text(), flush=True)
+    return 0 if summary.ok else EXIT_FAILED
+
+
 def main() -> None:
     """``atlinter-ray``: the interpolation job."""
     run_app("config", interpolate)
@@ -169,3 +182,8 @@ def evaluate_main() -> None:
 def download_main() -> None:
     """``atlinter-ray-download``: the Allen download job."""
     run_app("download", download)
+
+
+def align_main() -> None:
+    """``atlinter-ray-align``: the align job (sections registered to the Nissl)."""
+    run_app("align", align)

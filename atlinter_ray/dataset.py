@@ -45,6 +45,8 @@ AXES: dict[str, int] = {"coronal": 0, "sagittal": 2}
 CCF_25UM_SHAPE: tuple[int, int, int] = (528, 320, 456)
 SUPPORTED_DTYPES = ("uint8", "uint16", "float32", "float64")
 _NPY_HEADER_MAX = 65536
+#: numpy's ``.npy`` header functions, untyped: their stubs differ between numpy 2.3 and 2.4.
+NPY_FORMAT: Any = np.lib.format
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +146,11 @@ def read_npy_header(url: str, storage_options: Mapping[str, Any]) -> NpyLayout:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         size = fs.size(path)
         with fs.open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
+            version = NPY_FORMAT.read_magic(f)
             read_header = (
-                np.lib.format.read_array_header_1_0
+                NPY_FORMAT.read_array_header_1_0
                 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
+                else NPY_FORMAT.read_array_header_2_0
             )
             shape, fortran, dtype = read_header(f, max_header_size=_NPY_HEADER_MAX)
             offset = f.tell()
@@ -181,7 +183,9 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _check_sections(url: str, sections: Any, n: int, n_slices: int, axis: str) -> None:
+def _check_sections(
+    url: str, sections: Any, n: int, n_slices: int, axis: str, outside_ok: bool = False
+) -> None:
     if not isinstance(sections, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) for s in sections
     ):
@@ -199,7 +203,7 @@ def _check_sections(url: str, sections: Any, n: int, n_slices: int, axis: str) -
         raise field_error(url, "section_numbers", f"duplicate section numbers {dupes}",
                     "keep one image per section number")
     bad = [s for s in sections if s < 0 or s >= n_slices]
-    if bad:
+    if bad and not outside_ok:
         raise field_error(url, "section_numbers",
                     f"{bad} outside 0..{n_slices - 1} along the {axis} axis",
                     "check the slice numbers or data.reference_shape")
@@ -253,10 +257,13 @@ def load_dataset(
     url: str,
     reference_shape: tuple[int, int, int] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    outside_ok: bool = False,
 ) -> Dataset:
     """Open and validate the dataset at ``url`` (``.npy``, ``.json`` or their stem).
 
     ``reference_shape`` applies unless the json gives its own; default: the 25 µm CCF.
+    ``outside_ok`` accepts section numbers beyond the reference (the align job passes
+    such sections through, as the predecessor did); the interpolation job refuses them.
     Raises :class:`~atlinter_ray.errors.DatasetError` naming the file, the field and
     the fix for every problem found.
     """
@@ -316,7 +323,8 @@ def load_dataset(
                     f"{ref} reference is {ds.image_shape[0]}x{ds.image_shape[1]}",
                     "align the sections to the reference space, or set "
                     "data.reference_shape (or 'reference_shape' in the json)")
-    _check_sections(metadata_url, meta.get("section_numbers"), shape[0], ds.n_slices, axis)
+    _check_sections(metadata_url, meta.get("section_numbers"), shape[0], ds.n_slices, axis,
+                    outside_ok)
     if dtype.kind == "f":
         _check_float_range(ds)
     return ds

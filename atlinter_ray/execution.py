@@ -23,6 +23,7 @@ from atlinter_ray.worker import TaskResult, TaskWorker, WorkerSpec, failed_resul
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def run_serial(
@@ -90,11 +91,11 @@ def run_on_ray(
 
 
 def map_batches(
-    tasks: Sequence[GapTask],
+    tasks: Sequence[T],
     worker_class: type,
     spec: Any,
     resources: ResourcesConfig,
-    failed: Callable[[GapTask, str], R],
+    failed: Callable[[T, str], R],
 ) -> Iterator[R]:
     """Hand ``resources.tasks_per_batch`` tasks per call to ``worker_class(spec).run``.
 

@@ -1,8 +1,12 @@
-"""Small files written whole or not at all, on any fsspec filesystem."""
+"""Files written whole or not at all, on any fsspec filesystem."""
 
 from __future__ import annotations
 
+import io
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import fsspec
 
@@ -20,6 +24,30 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
     try:
         fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+@contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """A binary file to write a large file piece by piece; ``path`` appears only when done.
+
+    On local disk the pieces go to a temporary sibling that is moved in place after the
+    block ends without error (and removed otherwise). On object stores they are gathered
+    in memory and PUT whole, since an upload cut short must not leave an object behind.
+    """
+    if not _is_local(fs):
+        buffer = io.BytesIO()
+        yield buffer
+        fs.pipe_file(path, buffer.getvalue())
+        return
+    parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):

@@ -22,6 +22,9 @@ Conventions
   be at least 11 pixels on each side.
 - **Perfect scores.** Identical images give ``psnr == inf``, ``ssim == 1.0`` and
   ``mae == 0.0``.
+- **Registration similarity.** :func:`ncc` and :func:`mutual_information` compare two
+  ``(H, W)`` images of different contrasts (a section and its Nissl slice, for the align
+  job); both are unchanged by scaling either image's intensities.
 """
 
 from __future__ import annotations
@@ -200,3 +203,33 @@ def summarize(scores: Sequence[SliceScores]) -> dict[str, Any]:
         "mae": round(float(np.mean([s.mae for s in scores])), 4),
         "slices": len(scores),
     }
+
+
+def ncc(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised cross-correlation of two images, -1..1 (0 when either is constant).
+
+    Global (one mean and spread per image): 1 means one image's intensities are an exact
+    increasing linear function of the other's.
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    x = x - x.mean()
+    y = y - y.mean()
+    denom = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return float(np.dot(x, y)) / denom if denom > 0 else 0.0
+
+
+def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Mutual information (nats) of two images' intensities, from a ``bins`` x ``bins`` histogram.
+
+    The criterion ANTs' ``mattes`` metric maximises (there with Parzen windows): it rewards
+    any consistent mapping between intensities, so it scores an ISH section against a
+    Nissl slice, whose contrasts differ.
+    """
+    joint, _, _ = np.histogram2d(
+        np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel(), bins
+    )
+    p = joint / joint.sum()
+    outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())

@@ -124,10 +124,13 @@ def _shape3(shape: list[int]) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
-def load_datasets(data: DataConfig) -> list[Dataset]:
-    """Load and validate every dataset; ids must be unique (they name the outputs)."""
+def load_datasets(data: DataConfig, outside_ok: bool = False) -> list[Dataset]:
+    """Load and validate every dataset; ids must be unique (they name the outputs).
+
+    ``outside_ok``: accept section numbers beyond the reference (see :func:`load_dataset`).
+    """
     datasets = [
-        load_dataset(u, _shape3(data.reference_shape), data.storage_options)
+        load_dataset(u, _shape3(data.reference_shape), data.storage_options, outside_ok)
         for u in dataset_urls(data)
     ]
     seen: dict[str, str] = {}

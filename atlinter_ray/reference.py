@@ -60,31 +60,37 @@ def reference_provenance(url: str) -> dict[str, str]:
 
 
 def load_reference(
-    url: str, datasets: Sequence[Dataset], storage_options: Mapping[str, Any] | None = None
+    url: str,
+    datasets: Sequence[Dataset],
+    storage_options: Mapping[str, Any] | None = None,
+    setting: str = FIELD,
 ) -> ReferenceVolume:
-    """Open and validate the reference volume at ``url`` against every dataset's shape."""
+    """Open and validate the reference volume at ``url`` against every dataset's shape.
+
+    Errors name ``setting``, the setting that gave ``url``.
+    """
     opts = dict(storage_options or {})
     if not url.endswith(".npy"):
-        raise field_error(url, FIELD, "not a .npy file",
+        raise field_error(url, setting, "not a .npy file",
                           "save the reference volume with numpy.save and give its .npy path")
     try:
         layout = read_npy_header(url, opts)
     except DatasetNotFoundError as exc:
         raise DatasetNotFoundError(
-            f"{url}: field {FIELD!r}: reference volume not found. Fix: give the path or "
+            f"{url}: field {setting!r}: reference volume not found. Fix: give the path or "
             "URL of an existing .npy (storage options come from data.storage_options), "
-            f"or set {FIELD}=null."
+            f"or set {setting}=null."
         ) from exc
     except DatasetError as exc:
-        raise DatasetError(f"{FIELD}: {exc}") from exc
+        raise DatasetError(f"{setting}: {exc}") from exc
     shape, dtype = layout.shape, layout.dtype
     if dtype.name not in SUPPORTED_DTYPES:
-        raise field_error(url, FIELD, f"unsupported dtype {dtype.name}",
+        raise field_error(url, setting, f"unsupported dtype {dtype.name}",
                           f"convert the volume to one of {', '.join(SUPPORTED_DTYPES)}")
     for ds in datasets:
         if shape not in (ds.reference_shape, (*ds.reference_shape, 3)):
             raise field_error(
-                url, FIELD,
+                url, setting,
                 f"volume shape {shape} does not match dataset {ds.id}'s reference shape "
                 f"{ds.reference_shape}",
                 f"give the whole reference volume in reference orientation, shape "
@@ -99,7 +105,7 @@ def load_reference(
     else:
         peak = finite_peak(
             _iter_planes(ref),
-            lambda i: field_error(url, FIELD, f"slice {i} along axis 0 contains NaN or inf",
+            lambda i: field_error(url, setting, f"slice {i} along axis 0 contains NaN or inf",
                                   "replace non-finite values (e.g. numpy.nan_to_num) "
                                   "and re-save"),
         )

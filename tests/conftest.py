@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _FETCHING = {
     "atlinter_ray.testing.pypi",
     "atlinter_ray.testing.predecessor",
+    "atlinter_ray.testing.predecessor_align",
     "atlinter_ray.testing.mxnet_env",
     "atlinter_ray.testing.rife_wheels",
 }

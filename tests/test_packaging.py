@@ -25,7 +25,7 @@ import atlinter_ray
 from atlinter_ray.models import available_models, base
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("atlinter-ray", "atlinter-ray-evaluate", "atlinter-ray-download")
+SCRIPTS = ("atlinter-ray", "atlinter-ray-evaluate", "atlinter-ray-download", "atlinter-ray-align")
 
 
 @pytest.fixture(scope="module")

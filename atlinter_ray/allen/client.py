@@ -32,6 +32,11 @@ from atlinter_ray.errors import AtlinterRayError, ConfigError
 
 #: Default public API root.
 DEFAULT_API_URL = "http://api.brain-map.org"
+#: The 25 µm Nissl volume of the reference space, as Allen ships it (gzip NRRD).
+DEFAULT_NISSL_URL = (
+    "http://download.alleninstitute.org/informatics-archive/current-release/mouse_ccf/"
+    "ara_nissl/ara_nissl_25.nrrd"
+)
 _GENE_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/()@+]*$")
 
 

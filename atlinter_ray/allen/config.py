@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from atlinter_ray.allen.client import DEFAULT_API_URL, check_gene_symbol
+from atlinter_ray.allen.client import DEFAULT_API_URL, DEFAULT_NISSL_URL, check_gene_symbol
 from atlinter_ray.allen.geometry import get_plane
 from atlinter_ray.errors import ConfigError
 
@@ -47,6 +47,10 @@ class DownloadConfig:
     use_ray: bool = True
     #: CPUs each download actor asks Ray for.
     worker_cpus: float = 0.25
+    #: Also fetch the Nissl volume the align job registers sections to, into ``output``.
+    nissl: bool = False
+    #: Where the Nissl volume is (Allen's 25 µm ``ara_nissl_25.nrrd``; a mirror, another URL).
+    nissl_url: str = DEFAULT_NISSL_URL
 
     def __post_init__(self) -> None:
         """Normalise sequences and check every value."""
@@ -54,8 +58,11 @@ class DownloadConfig:
         planes = [self.planes] if isinstance(self.planes, str) else list(self.planes)
         self.genes, self.planes = genes, planes
         self.storage_options = dict(self.storage_options or {})
-        if not genes:
-            raise ConfigError("download config: `genes` is empty; list at least one gene symbol")
+        if not genes and not self.nissl:
+            raise ConfigError(
+                "download config: `genes` is empty; list at least one gene symbol (or set "
+                "nissl=true to fetch only the Nissl volume)"
+            )
         for gene in genes:
             check_gene_symbol(gene)
         if not planes:

@@ -11,6 +11,8 @@
                         warp each into the 25 µm reference plane, sort by slice
                         write <id>.npy aside -> move; then <id>.json aside -> move
                   ──> summary; failed experiments raise DownloadError at the end
+    nissl=true    ──> the Nissl volume (``nissl_url``, Allen's ara_nissl_25.nrrd) into the
+                      same output, as shipped, checked readable, once (for the align job)
 
 The ``.json`` is written last and is the completion marker: an experiment is complete
 when its ``.json`` parses and records the byte size of an existing ``.npy``. Every file is
@@ -24,6 +26,7 @@ Actors are I/O bound and ask Ray for ``worker_cpus`` (a fraction of a CPU) each.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -51,12 +54,14 @@ from atlinter_ray.allen.geometry import (
 from atlinter_ray.dataset import CCF_25UM_SHAPE
 from atlinter_ray.errors import AtlinterRayError, DatasetError, StoreError
 from atlinter_ray.files import write_atomic
+from atlinter_ray.nrrd_volume import read_nrrd
 from atlinter_ray.pool import PoolSpec, map_unordered
 
 log = logging.getLogger(__name__)
 
 #: Written into every ``.json`` so readers can tell our files apart.
 FORMAT = "atlinter_ray.download/1"
+NISSL_FORMAT = "atlinter_ray.download.nissl/1"
 
 
 class DownloadError(AtlinterRayError, RuntimeError):
@@ -115,6 +120,8 @@ class DownloadSummary:
     skipped: tuple[int, ...]
     results: tuple[ExperimentResult, ...]
     genes_without_experiments: tuple[tuple[str, str], ...]
+    #: The Nissl volume's record (``file``, ``sha256``, ``shape``, ``status``), if asked for.
+    nissl: Mapping[str, Any] | None = None
 
     def describe(self) -> str:
         """A few human-readable lines."""
@@ -124,6 +131,9 @@ class DownloadSummary:
             f"experiments: {len(self.planned)} planned, {len(self.skipped)} already complete, "
             f"{len(done)} downloaded, {len(failed)} failed"
         ]
+        if self.nissl is not None:
+            lines.append(f"  Nissl volume {self.nissl['file']} {tuple(self.nissl['shape'])}: "
+                         f"{'already there' if self.nissl['status'] == 'skipped' else 'downloaded'}")
         lines += [
             f"  no {plane} experiment for gene {gene}"
             for gene, plane in self.genes_without_experiments
@@ -379,6 +389,44 @@ class ExperimentWorker:
         return result
 
 
+def download_nissl(
+    client: AllenClient, fs: fsspec.AbstractFileSystem, root: str, url: str
+) -> dict[str, Any]:
+    """Fetch the Nissl volume at ``url`` into ``root``, as shipped, unless already there.
+
+    The file is complete when ``<name>.json`` beside it records its source, sha256 and byte
+    size; the bytes are checked to be a whole, readable 3-D NRRD volume before either file
+    is written.
+    """
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    path, marker = f"{root}/{name}", f"{root}/{name}.json"
+    try:
+        record = json.loads(fs.cat_file(marker))
+        if record.get("source") == url and fs.size(path) == record.get("bytes"):
+            return {**record, "status": "skipped"}
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+    data = client.get(url)
+    volume = read_nrrd(data, url)
+    if volume.ndim != 3:
+        raise DatasetError(
+            f"{url}: a {volume.ndim}-D NRRD file, not a volume. Fix: set nissl_url to the "
+            "3-D Nissl volume (Allen's ara_nissl_25.nrrd)"
+        )
+    record = {
+        "source": url,
+        "file": name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "shape": list(volume.shape),
+        "dtype": volume.dtype.name,
+        "format": NISSL_FORMAT,
+    }
+    write_atomic(fs, path, data)
+    write_atomic(fs, marker, json.dumps(record, indent=1).encode())
+    return {**record, "status": "done"}
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -400,11 +448,12 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
 def run_download(config: DownloadConfig) -> DownloadSummary:
     """Plan, skip complete experiments, download the rest; raise DownloadError on failures."""
     client = allen_client(config)
+    fs, root = open_store(config.output, config.storage_options)
     try:
         experiments, empty = plan(client, config)
+        nissl = download_nissl(client, fs, root, config.nissl_url) if config.nissl else None
     finally:
         client.close()
-    fs, root = open_store(config.output, config.storage_options)
     todo, skipped = [], []
     for exp in experiments:
         record = read_complete_metadata(fs, root, exp.experiment_id)
@@ -432,6 +481,7 @@ def run_download(config: DownloadConfig) -> DownloadSummary:
         skipped=tuple(skipped),
         results=tuple(results),
         genes_without_experiments=tuple(empty),
+        nissl=nissl,
     )
     failures = {r.experiment_id: r.error for r in results if r.status != "done"}
     if failures:

@@ -3,7 +3,8 @@
 It answers ``/api/v2/data/query.json?criteria=...`` for the Gene, SectionDataSet and
 SectionImage models in the documented RMA envelope (``success``, ``id``, ``start_row``,
 ``num_rows``, ``total_rows``, ``msg``) with ``start_row``/``num_rows`` paging, and
-``/api/v2/section_image_download/<id>?downsample=N`` with a JPEG.
+``/api/v2/section_image_download/<id>?downsample=N`` with a JPEG, and
+:data:`NISSL_PATH` with a CCF-sized gzip NRRD "Nissl" volume (:func:`nissl_volume`).
 
 Every section image is rendered from the ground truth, not from the code under test:
 a red square at a known place of the 25 µm reference plane on a light background. Each
@@ -161,6 +162,51 @@ def default_datasets() -> list[DataSet]:
     return [gad_cor, gad_sag, vip_cor, vip_sag, bad_2d, bad_3d]
 
 
+#: Where Allen serves the 25 µm Nissl volume (on its download host).
+NISSL_PATH = "/informatics-archive/current-release/mouse_ccf/ara_nissl/ara_nissl_25.nrrd"
+CCF_SHAPE = (528, 320, 456)
+#: The fake Nissl shows each section's square this many voxels (rows, columns) away from
+#: where the section's own transforms put it: a misalignment left for the align job.
+NISSL_SHIFT = (2, 3)
+
+
+def nissl_volume(datasets: list[DataSet], shift: tuple[int, int] = NISSL_SHIFT) -> np.ndarray:
+    """A uint8 CCF-sized volume: a bright square on each section's slice, moved by ``shift``.
+
+    Experiments that cannot be downloaded (a transform missing) are left out.
+    """
+    volume = np.full(CCF_SHAPE, 20, dtype=np.uint8)
+    for d in datasets:
+        coronal = d.plane == "coronal"
+        complete = d.tvr is not None and all(s.tsv is not None for s in d.sections)
+        for s in d.sections if complete else []:
+            index = expected_slice(s, d.plane)
+            if not 0 <= index < CCF_SHAPE[0 if coronal else 2]:
+                continue
+            lo_r, hi_r, lo_c, hi_c = (round(v / 25) for v in s.box)
+            rows = slice(lo_r + shift[0], hi_r + shift[0])
+            cols = slice(lo_c + shift[1], hi_c + shift[1])
+            if coronal:
+                volume[index, rows, cols] = 200
+            else:
+                volume[rows, cols, index] = 200
+    return volume
+
+
+def nrrd_bytes(volume: np.ndarray) -> bytes:
+    """``volume`` as a gzip NRRD file with 25 µm voxels, the way Allen ships the CCF."""
+    import tempfile
+
+    import nrrd
+
+    header = {"encoding": "gzip", "space": "left-posterior-superior",
+              "space directions": np.eye(3) * 25.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        nrrd.write(f"{tmp}/volume.nrrd", volume, header)
+        with open(f"{tmp}/volume.nrrd", "rb") as f:
+            return f.read()
+
+
 @dataclass
 class Fault:
     """Answer requests whose URL contains ``pattern`` with ``status`` (or delay them)."""
@@ -183,6 +229,8 @@ class AllenServer:
         self.genes = sorted({d.gene for d in self.datasets.values()} | {"Sst"})
         self.requests: list[str] = []
         self.faults: list[Fault] = []
+        #: The bytes served at NISSL_PATH; None: built from the datasets on first request.
+        self.nissl: bytes | None = None
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -248,6 +296,11 @@ class AllenServer:
         query = parse_qs(parts.query)
         if parts.path == "/api/v2/data/query.json":
             return self._rma(query.get("criteria", [""])[0])
+        if parts.path == NISSL_PATH:
+            with self._lock:
+                if self.nissl is None:
+                    self.nissl = nrrd_bytes(nissl_volume(list(self.datasets.values())))
+            return 200, "application/octet-stream", self.nissl
         match = re.fullmatch(r"/api/v2/section_image_download/(\d+)", parts.path)
         if match and int(match.group(1)) in self.images:
             dataset, section = self.images[int(match.group(1))]

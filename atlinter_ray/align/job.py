@@ -1,0 +1,257 @@
+"""The align job: every section of every experiment registered to its Nissl slice.
+
+::
+
+    datasets (npy+json, any URL) ──> validated on the driver (headers only); sections
+                                     beyond the reference are allowed: passed through
+    reference (.nrrd or .npy)    ──> a .nrrd is rewritten once as <output>/reference/<stem>.npy
+                                     (sha256-bound), so workers read only their slices;
+                                     its shape must be every dataset's reference_shape
+    output                       ──> an experiment aligned here with other settings is
+                                     refused (output.overwrite=true redoes it)
+                                 ──> one task per experiment (AlignWorker) on the actor
+                                     pool, or in this process (run.serial=true)
+                                 ──> progress over sections; align_summary.json;
+                                     exit 1 if any experiment failed (rerun to finish)
+
+The predecessor ran the same registration one section after another in one process;
+here experiments run side by side, one ITK thread each, so the bytes do not depend on
+how many workers ran them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import fsspec
+from tqdm import tqdm
+
+from atlinter_ray.align.config import ANTS_TRANSFORMS, AlignConfig, ants_params, check_config
+from atlinter_ray.align.worker import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    AlignResult,
+    AlignSpec,
+    AlignWorker,
+    failed_result,
+    read_marker,
+    settings_digest,
+)
+from atlinter_ray.config import redact
+from atlinter_ray.dataset import Dataset
+from atlinter_ray.errors import StoreError
+from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.files import write_atomic
+from atlinter_ray.nrrd_volume import file_sha256, nrrd_to_npy, read_nrrd_info
+from atlinter_ray.pipeline import load_datasets
+from atlinter_ray.reference import ReferenceVolume, load_reference
+
+log = logging.getLogger(__name__)
+
+FIELD = "reference"
+SUMMARY = "align_summary.json"
+
+
+@dataclass(frozen=True, slots=True)
+class AlignSummary:
+    """What an align run did, for people (printed) and machines (``align_summary.json``)."""
+
+    results: tuple[AlignResult, ...]
+    reference: dict[str, Any]
+    wall_seconds: float
+    outputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no experiment failed."""
+        return not any(r.status == FAILED for r in self.results)
+
+    def count(self, status: str) -> int:
+        """Experiments with ``status``."""
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def sections_per_second(self) -> float:
+        """Sections registered per second of wall time."""
+        done = sum(r.registered for r in self.results if r.status == DONE)
+        return round(done / self.wall_seconds, 4) if self.wall_seconds else 0.0
+
+    def to_text(self) -> str:
+        """A short human-readable report."""
+        lines = [
+            f"experiments: {len(self.results)} (aligned {self.count(DONE)}, already aligned "
+            f"{self.count(SKIPPED)}, failed {self.count(FAILED)}); "
+            f"{self.sections_per_second:.2f} sections/s over {self.wall_seconds:.1f} s",
+        ]
+        for r in self.results:
+            sim = r.similarity
+            if r.status == FAILED:
+                lines.append(f"FAILED {r.dataset_id}: {r.error}")
+                continue
+            line = f"{r.dataset_id}: {r.status}, {r.registered}/{r.sections} sections registered"
+            if sim:
+                line += (f", NCC {sim['before']['ncc']:.3f} -> {sim['after']['ncc']:.3f}, "
+                         f"MI {sim['before']['mi']:.3f} -> {sim['after']['mi']:.3f}")
+            lines.append(line)
+            lines += [f"  section {p['section']} passed through: {p['reason']}"
+                      for p in r.passed_through]
+        lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return {
+            "experiments": [asdict(r) for r in self.results],
+            "aligned": self.count(DONE),
+            "skipped": self.count(SKIPPED),
+            "failed": self.count(FAILED),
+            "sections_per_second": self.sections_per_second,
+            "wall_seconds": self.wall_seconds,
+            "reference": self.reference,
+            "outputs": self.outputs,
+            "config": self.config,
+        }
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def prepare_reference(cfg: AlignConfig, datasets: list[Dataset]) -> tuple[ReferenceVolume, dict[str, Any]]:
+    """The validated Nissl volume (a ``.nrrd`` rewritten once as ``.npy``) and its record."""
+    url = cfg.reference
+    assert url is not None  # check_config
+    opts = dict(cfg.data.storage_options)
+    sha = file_sha256(url, opts)
+    record: dict[str, Any] = {"url": url, "sha256": sha}
+    npy_url, npy_opts = url, opts
+    if url.endswith(".nrrd"):
+        info = read_nrrd_info(url, opts)
+        for ds in datasets:  # before reading the whole volume
+            if info.shape not in (ds.reference_shape, (*ds.reference_shape, 3)):
+                raise _shape_error(url, info.shape, ds)
+        stem = url.rstrip("/").rsplit("/", 1)[-1][: -len(".nrrd")]
+        npy_url = _join(cfg.output.root, f"reference/{stem}.npy")
+        npy_opts = dict(cfg.output.storage_options)
+        fs, path = fsspec.core.url_to_fs(npy_url, **npy_opts)
+        marker = path[: -len(".npy")] + ".json"
+        try:
+            cached = json.loads(fs.cat_file(marker))
+            fresh = cached.get("sha256") == sha and fs.size(path) == cached.get("npy_bytes")
+        except (FileNotFoundError, ValueError, AttributeError):
+            fresh = False
+        if not fresh:
+            log.info("rewriting %s as %s (once; reruns reuse it)", url, npy_url)
+            nrrd_to_npy(url, opts, npy_url, npy_opts)
+            write_atomic(fs, marker, json.dumps(
+                {"source": url, "sha256": sha, "npy_bytes": fs.size(path)}).encode())
+        record["npy"] = npy_url
+    ref = load_reference(npy_url, datasets, npy_opts, setting=FIELD)
+    record.update(shape=list(ref.shape), dtype=ref.dtype, peak=ref.peak)
+    return ref, record
+
+
+def _shape_error(url: str, shape: tuple[int, ...], ds: Dataset) -> Exception:
+    from atlinter_ray.dataset import field_error
+
+    return field_error(
+        url, FIELD, f"volume shape {shape} does not match dataset {ds.id}'s reference shape "
+        f"{ds.reference_shape}",
+        f"give the Nissl volume of the datasets' reference space, shape {ds.reference_shape} "
+        "(the 25 um CCF: ara_nissl_25.nrrd), or set data.reference_shape",
+    )
+
+
+def settings_record(cfg: AlignConfig, reference_sha256: str) -> dict[str, Any]:
+    """Everything an aligned experiment's bytes depend on besides its own input files."""
+    reg = cfg.registration
+    return {
+        "transform": reg.transform.value,
+        "ants_type_of_transform": ANTS_TRANSFORMS[reg.transform],
+        "params": {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in sorted(ants_params(reg.params).items())},
+        "seed": reg.seed,
+        "fill": reg.fill.value,
+        "contrast": reg.contrast.value,
+        "itk_threads": 1,
+        "antspyx": version("antspyx"),
+        "reference_sha256": reference_sha256,
+    }
+
+
+def check_markers(cfg: AlignConfig, datasets: list[Dataset], settings: str) -> None:
+    """Refuse to redo experiments this output holds from other settings (unless overwrite)."""
+    if cfg.output.overwrite:
+        return
+    fs, root = fsspec.core.url_to_fs(cfg.output.root, **dict(cfg.output.storage_options))
+    conflicts = []
+    for ds in datasets:
+        marker = read_marker(fs, root.rstrip("/"), ds.id)
+        if marker is not None and marker.get("settings_sha256") != settings:
+            conflicts.append(f"{ds.id} ({_differences(marker.get('settings', {}), cfg)})")
+    if conflicts:
+        raise StoreError(
+            f"{cfg.output.root} holds experiments aligned with other settings: "
+            f"{', '.join(conflicts)}. Fix: use another output.root, or output.overwrite=true "
+            "to align them again with these settings"
+        )
+
+
+def _differences(theirs: dict[str, Any], cfg: AlignConfig) -> str:
+    """Which settings of a marker differ from this run's (reference hash aside)."""
+    ours = settings_record(cfg, theirs.get("reference_sha256", ""))
+    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return "differs in " + ", ".join(keys) if keys else "another reference volume"
+
+
+def _run(datasets: list[Dataset], spec: AlignSpec, cfg: AlignConfig) -> Iterator[AlignResult]:
+    """Result rows of every experiment, in-process or on the actor pool."""
+    if cfg.run.serial:
+        worker = AlignWorker(spec)
+        for ds in datasets:
+            yield worker.run_one(ds)
+        return
+    connect(cfg.resources)
+    yield from map_batches(datasets, AlignWorker, spec, cfg.resources, failed_result)
+
+
+def run_align(cfg: AlignConfig) -> AlignSummary:
+    """Validate everything, align every experiment not yet aligned, write the summary."""
+    start = time.perf_counter()
+    check_config(cfg)
+    datasets = load_datasets(cfg.data, outside_ok=True)
+    reference, ref_record = prepare_reference(cfg, datasets)
+    settings = settings_record(cfg, ref_record["sha256"])
+    check_markers(cfg, datasets, settings_digest(settings))
+    spec = AlignSpec(
+        registration=cfg.registration, reference=reference, settings=settings,
+        output_root=cfg.output.root, output_storage_options=dict(cfg.output.storage_options),
+        overlay_sections=cfg.output.overlay_sections,
+    )
+    total = sum(len(ds.section_numbers) for ds in datasets)
+    log.info("aligning %d experiments (%d sections) to %s", len(datasets), total, cfg.reference)
+    by_id = {ds.id: ds for ds in datasets}
+    results: list[AlignResult] = []
+    with tqdm(total=total, unit="section", desc="align", disable=not cfg.run.progress) as bar:
+        for result in _run(datasets, spec, cfg):
+            results.append(result)
+            bar.update(len(by_id[result.dataset_id].section_numbers))
+    results.sort(key=lambda r: r.dataset_id)
+    fs, root = fsspec.core.url_to_fs(cfg.output.root, **dict(cfg.output.storage_options))
+    fs.makedirs(root, exist_ok=True)
+    outputs = {"summary": _join(cfg.output.root, SUMMARY)}
+    summary = AlignSummary(
+        results=tuple(results), reference=ref_record,
+        wall_seconds=round(time.perf_counter() - start, 3), outputs=outputs,
+        config=redact(asdict(cfg)),
+    )
+    write_atomic(fs, _join(root, SUMMARY), json.dumps(summary.to_json(), indent=1, default=str).encode())
+    return summary
