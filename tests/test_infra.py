@@ -513,7 +513,7 @@ def test_dockerfile_installs_the_package_after_copying_it():
     copies = [i for i, (ins, _) in enumerate(steps) if ins == "COPY"]
     install = next(
         i for i, (ins, arg) in enumerate(steps)
-        if ins == "RUN" and re.search(r"pip install (--no-cache-dir )?\.(\s|$)", arg)
+        if ins == "RUN" and re.search(r'pip install (--no-cache-dir )?"?\.(\[[a-z,]+\])?"?(\s|$)', arg)
     )
     assert copies and max(copies) < install
     assert {"pyproject.toml", "README.md", "atlinter_ray", "jobs", "conf"} <= copy_sources()

@@ -45,8 +45,8 @@ from atlinter_ray.align.worker import (
     settings_digest,
 )
 from atlinter_ray.config import redact
-from atlinter_ray.dataset import Dataset
-from atlinter_ray.errors import StoreError
+from atlinter_ray.dataset import Dataset, field_error
+from atlinter_ray.errors import DatasetNotFoundError, StoreError
 from atlinter_ray.execution import connect, map_batches
 from atlinter_ray.files import write_atomic
 from atlinter_ray.nrrd_volume import file_sha256, nrrd_to_npy, read_nrrd_info
@@ -126,18 +126,26 @@ def _join(root: str, name: str) -> str:
 
 
 def prepare_reference(cfg: AlignConfig, datasets: list[Dataset]) -> tuple[ReferenceVolume, dict[str, Any]]:
-    """The validated Nissl volume (a ``.nrrd`` rewritten once as ``.npy``) and its record."""
+    """The validated Nissl volume (a ``.nrrd`` rewritten once as ``.npy``) and its record.
+
+    Headers are checked against every dataset before the volume is read whole (to hash
+    it and, for a ``.nrrd``, to rewrite it).
+    """
     url = cfg.reference
     assert url is not None  # check_config
     opts = dict(cfg.data.storage_options)
-    sha = file_sha256(url, opts)
-    record: dict[str, Any] = {"url": url, "sha256": sha}
-    npy_url, npy_opts = url, opts
-    if url.endswith(".nrrd"):
-        info = read_nrrd_info(url, opts)
-        for ds in datasets:  # before reading the whole volume
+    if not url.endswith(".nrrd"):
+        ref = load_reference(url, datasets, opts, setting=FIELD)
+        record: dict[str, Any] = {"url": url, "sha256": _sha256(url, opts)}
+    else:
+        try:
+            info = read_nrrd_info(url, opts)
+        except DatasetNotFoundError as exc:
+            raise _missing(url) from exc
+        for ds in datasets:
             if info.shape not in (ds.reference_shape, (*ds.reference_shape, 3)):
                 raise _shape_error(url, info.shape, ds)
+        sha = _sha256(url, opts)
         stem = url.rstrip("/").rsplit("/", 1)[-1][: -len(".nrrd")]
         npy_url = _join(cfg.output.root, f"reference/{stem}.npy")
         npy_opts = dict(cfg.output.storage_options)
@@ -153,15 +161,28 @@ def prepare_reference(cfg: AlignConfig, datasets: list[Dataset]) -> tuple[Refere
             nrrd_to_npy(url, opts, npy_url, npy_opts)
             write_atomic(fs, marker, json.dumps(
                 {"source": url, "sha256": sha, "npy_bytes": fs.size(path)}).encode())
-        record["npy"] = npy_url
-    ref = load_reference(npy_url, datasets, npy_opts, setting=FIELD)
+        ref = load_reference(npy_url, datasets, npy_opts, setting=FIELD)
+        record = {"url": url, "sha256": sha, "npy": npy_url}
     record.update(shape=list(ref.shape), dtype=ref.dtype, peak=ref.peak)
     return ref, record
 
 
-def _shape_error(url: str, shape: tuple[int, ...], ds: Dataset) -> Exception:
-    from atlinter_ray.dataset import field_error
+def _sha256(url: str, opts: dict[str, Any]) -> str:
+    try:
+        return file_sha256(url, opts)
+    except DatasetNotFoundError as exc:
+        raise _missing(url) from exc
 
+
+def _missing(url: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{url}: field {FIELD!r}: Nissl volume not found. Fix: give the path or URL of the "
+        "Nissl .nrrd or .npy (read with data.storage_options); atlinter-ray-download "
+        "nissl=true fetches Allen's ara_nissl_25.nrrd"
+    )
+
+
+def _shape_error(url: str, shape: tuple[int, ...], ds: Dataset) -> Exception:
     return field_error(
         url, FIELD, f"volume shape {shape} does not match dataset {ds.id}'s reference shape "
         f"{ds.reference_shape}",

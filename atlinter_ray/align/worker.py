@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -162,8 +162,7 @@ class AlignWorker:
         except Exception as exc:  # report, never hide: the driver counts failures
             log.exception("experiment %s failed", ds.id)
             result = AlignResult(ds.id, FAILED, len(ds.section_numbers), error=f"{type(exc).__name__}: {exc}")
-        seconds = round(time.monotonic() - start, 3)
-        return AlignResult(**{**_fields(result), "seconds": seconds})
+        return replace(result, seconds=round(time.monotonic() - start, 3))
 
     def align(self, ds: Dataset) -> AlignResult:
         """Skip ``ds`` if its marker matches its inputs and the settings; else align it."""
@@ -214,8 +213,14 @@ class AlignWorker:
         settings: str,
         overlay: bytes | None,
     ) -> None:
-        """Write transforms, images, picture, then the marker; each file atomically."""
+        """Write transforms, images, picture, then the marker; each file atomically.
+
+        A marker left by an earlier run goes first: until the new one is written, the
+        experiment reads as incomplete, never as the old one over new images.
+        """
         paths = output_paths(self.root, ds.id)
+        if self.fs.exists(paths["json"]):
+            self.fs.rm(paths["json"])
         for folder in ("transforms", "overlays"):
             self.fs.makedirs(f"{self.root}/{folder}", exist_ok=True)
         transforms = _npy_bytes(np.stack([r.field for r in results]))
@@ -259,10 +264,6 @@ class AlignWorker:
                 label=f"{ds.id} section {s}: NCC {b:.3f} -> {a:.3f}",
             ))
         return overlay_png(rows)
-
-
-def _fields(result: AlignResult) -> dict[str, Any]:
-    return {name: getattr(result, name) for name in AlignResult.__slots__}
 
 
 def _result(dataset_id: str, status: str, records: list[dict[str, Any]],
