@@ -18,7 +18,14 @@ from atlinter_ray.align.job import run_align
 from atlinter_ray.align.registration import registration_image
 from atlinter_ray.allen.config import DownloadConfig
 from atlinter_ray.allen.job import run_download
-from atlinter_ray.config import Config, DataConfig, ModelConfig, OutputConfig, RunConfig
+from atlinter_ray.config import (
+    Config,
+    DataConfig,
+    InterpolationConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+)
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import DatasetError
 from atlinter_ray.nrrd_volume import read_nrrd_info
@@ -88,11 +95,14 @@ def test_download_align_interpolate(server: AllenServer, tmp_path: Path, ray_clu
         # half-pixel conventions of the warp); the alignment closes the gap
         assert np.linalg.norm(was - target) > 2.0, (k, was, target)
         assert np.linalg.norm(now - target) < 0.25, (k, now, target)
-    # and the interpolation job reconstructs the aligned experiment
+    # and the interpolation job reconstructs the aligned experiment, here guided by the
+    # Nissl volume the align job rewrote as .npy
     result = run_interpolation(Config(
         data=DataConfig(root=str(tmp_path / "aligned"), genes=[eid]),
-        model=ModelConfig(name="linear"),
+        model=ModelConfig(name="dis"),
+        interpolation=InterpolationConfig(reference=summary.reference["npy"]),
         output=OutputConfig(root=str(tmp_path / "volumes")),
         run=RunConfig(progress=False),
     ))
-    assert result.ok and result.datasets == [eid]
+    assert result.ok and result.datasets == [eid] and result.tasks_failed == 0
+    assert result.slices_written > 0

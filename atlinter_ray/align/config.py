@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -158,6 +159,11 @@ def ants_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_config(cfg: AlignConfig) -> None:
     """Refuse an align run that cannot work, before any data is read."""
+    if importlib.util.find_spec("ants") is None:
+        raise ConfigError(
+            "the align job needs ANTsPy, which is not installed: pip install "
+            "'atlinter_ray[align]' (or pip install antspyx)"
+        )
     if not cfg.reference:
         raise ConfigError(
             "reference is not set: give the Nissl volume (.nrrd as Allen ships it, or .npy), "
