@@ -267,3 +267,29 @@ def test_the_command_line_exits_2_on_bad_input_and_writes_nothing(inputs: dict, 
     assert done.returncode == 2, done.stderr
     assert "nope.npy" in done.stderr
     assert not any((tmp_path / "out").rglob("*.json")) if (tmp_path / "out").exists() else True
+
+
+def test_inputs_reference_and_output_on_s3(inputs: dict, aligned: dict, tmp_path: Path,
+                                           s3_server: dict) -> None:
+    import fsspec
+    import nrrd
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    for suffix in (".npy", ".json"):
+        fs.pipe_file(f"atlas-in/align/cor_rgb{suffix}", (inputs["root"] / f"cor_rgb{suffix}").read_bytes())
+    nrrd.write(str(tmp_path / "nissl.nrrd"), inputs["volume"], {"encoding": "gzip"})
+    fs.put_file(str(tmp_path / "nissl.nrrd"), "atlas-in/align/nissl.nrrd")
+    cfg = AlignConfig(
+        data=DataConfig(root="s3://atlas-in/align", genes=["cor_rgb"], storage_options=s3_server),
+        reference="s3://atlas-in/align/nissl.nrrd",
+        output=AlignOutputConfig(root="s3://atlas-out/aligned", storage_options=s3_server),
+        run=RunConfig(serial=True, progress=False),
+    )
+    summary = run_align(cfg)
+    assert summary.count("done") == 1
+    assert fs.cat_file("atlas-out/aligned/cor_rgb.npy") == aligned["files"]["cor_rgb.npy"]
+    assert fs.cat_file("atlas-out/aligned/transforms/cor_rgb.npy") == aligned["files"][
+        "transforms/cor_rgb.npy"]
+    assert "testing-secret-value" not in fs.cat_file("atlas-out/aligned/align_summary.json").decode()
+    fs.invalidate_cache()
+    assert run_align(cfg).count("skipped") == 1
