@@ -31,7 +31,7 @@ from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
 from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.models.reference_guided import reference_estimator
-from atlinter_ray.planning import GapTask, plan_dataset
+from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.store import VolumeStore
@@ -149,6 +149,12 @@ def check_reference(
 ) -> ReferenceVolume | None:
     """The validated reference volume of the reference-guided mode, or None when unset."""
     if not cfg.interpolation.reference:
+        if cfg.interpolation.edge == EdgePolicy.reference:
+            raise ConfigError(
+                "interpolation.edge=reference predicts edge slices from a reference volume, "
+                "but interpolation.reference is not set. Fix: set interpolation.reference "
+                "to the reference .npy, or use interpolation.edge=copy or empty"
+            )
         return None
     reference_estimator(model, cfg.model.name)  # a pair interpolator cannot be guided
     return load_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options)

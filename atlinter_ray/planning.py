@@ -13,7 +13,9 @@ A gap task reads its two bounding known sections, copies the left one (measured)
 and predicts the slices between them. The leading task fills the slices before the
 first known section and the trailing task writes the last known section and the
 slices after it, following the edge policy: ``copy`` (the nearest known section, as
-the predecessor does) or ``empty`` (left at the fill value, 0).
+the predecessor's ``GeneInterpolate`` does), ``empty`` (left at the fill value, 0) or,
+with a reference volume, ``reference`` (predicted from the nearest known section, as its
+``GeneOpticalFlow`` does; such slices have no ``t``).
 
 Each predicted slice gets a fractional position ``t`` between its two sections:
 
@@ -46,10 +48,16 @@ class Placement(StrEnum):
 
 
 class EdgePolicy(StrEnum):
-    """How slices outside the known sections are filled (``interpolation.edge``)."""
+    """How slices outside the known sections are filled (``interpolation.edge``).
+
+    ``reference`` predicts them like the others, each moved along the reference's flow
+    from the nearest known section (reference-guided mode only), as the predecessor's
+    ``GeneOpticalFlow`` did.
+    """
 
     copy = "copy"
     empty = "empty"
+    reference = "reference"
 
 
 MEASURED, PREDICTED, EDGE = "measured", "predicted", "edge-filled"
@@ -93,11 +101,16 @@ class GapTask:
         return tuple(j for j in self.jobs if j.status == PREDICTED)
 
     @property
+    def bounds(self) -> tuple[int, ...]:
+        """The task's known bounding sections (one for the edge tasks)."""
+        return tuple(s for s in (self.left, self.right) if s is not None)
+
+    @property
     def sources(self) -> tuple[int, ...]:
         """Known sections the task reads."""
         wanted = {j.source for j in self.jobs if j.source is not None}
         if self.predicted:
-            wanted |= {s for s in (self.left, self.right) if s is not None}
+            wanted |= set(self.bounds)
         return tuple(sorted(wanted))
 
 
@@ -139,11 +152,9 @@ def plan_dataset(
     known = sorted(section_numbers)
     first, last = known[0], known[-1]
     tasks: list[GapTask] = []
-    if first > 0 and edge == EdgePolicy.copy:
-        tasks.append(
-            GapTask(dataset_id, None, first,
-                    tuple(SliceJob(s, EDGE, source=first) for s in range(first)))
-        )
+    if first > 0 and edge != EdgePolicy.empty:
+        tasks.append(GapTask(dataset_id, None, first,
+                             tuple(_edge_job(s, first, edge) for s in range(first))))
     for left, right in zip(known, known[1:]):
         jobs = [SliceJob(left, MEASURED, source=left)]
         jobs += [
@@ -152,10 +163,17 @@ def plan_dataset(
         ]
         tasks.append(GapTask(dataset_id, left, right, tuple(jobs)))
     tail = [SliceJob(last, MEASURED, source=last)]
-    if edge == EdgePolicy.copy:
-        tail += [SliceJob(s, EDGE, source=last) for s in range(last + 1, n_slices)]
+    if edge != EdgePolicy.empty:
+        tail += [_edge_job(s, last, edge) for s in range(last + 1, n_slices)]
     tasks.append(GapTask(dataset_id, last, None, tuple(tail)))
     return tasks
+
+
+def _edge_job(slice_number: int, nearest: int, edge: EdgePolicy) -> SliceJob:
+    """A slice outside the known range: a copy of ``nearest``, or predicted from it."""
+    if edge == EdgePolicy.reference:
+        return SliceJob(slice_number, PREDICTED)
+    return SliceJob(slice_number, EDGE, source=nearest)
 
 
 def is_dyadic(t: float) -> bool:

@@ -128,6 +128,7 @@ class TaskWorker:
         self.dtypes = dict(spec.dtypes)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
+        self.placement = spec.placement
         self.canvas = atlinter_canvas(self.model, spec.placement)
         self.reference: ReferenceVolume | None = None
         self.estimator: FlowEstimator | None = None
@@ -182,8 +183,9 @@ class TaskWorker:
         """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
         ds = self.datasets[task.dataset_id]
         targets = [j.slice for j in task.predicted]
-        # Slices strictly inside a gap: the nearest known section is one of its bounds.
-        nearest = [nearest_known(s, (task.left, task.right)) for s in targets]
+        # Inside a gap, or outside the known range (edge=reference): the nearest known
+        # section is one of the task's bounds.
+        nearest = [nearest_known(s, task.bounds) for s in targets]
         wanted = sorted(set(targets) | set(nearest))
         ref = dict(zip(wanted, read_reference_slices(self.reference, ds.axis_index, wanted)))
         return predict_from_reference(
@@ -192,6 +194,7 @@ class TaskWorker:
             np.stack([ref[k] for k in nearest]),
             np.stack([sections[k] for k in nearest]),
             self.reference.peak,
+            atlinter=self.placement == Placement.atlinter,
         )
 
     def _write(
@@ -218,6 +221,6 @@ class TaskWorker:
                 record.update(left=task.left, right=task.right, t=job.t,
                               **slice_provenance(self.model, job.t, self.provenance))
                 if self.reference is not None:
-                    record["known"] = nearest_known(job.slice, (task.left, task.right))
+                    record["known"] = nearest_known(job.slice, task.bounds)
             records.append(record)
         commit_task(self.store, ds, task, np.stack(block), records, model_calls)

@@ -35,6 +35,18 @@ def test_every_slice_written_exactly_once(edge: str) -> None:
         assert sources == {**{s: 4 for s in range(4)}, **{s: 40 for s in range(41, 45)}}
 
 
+def test_reference_edges_are_predicted_from_the_nearest_section() -> None:
+    """``edge=reference``: the predecessor's GeneOpticalFlow predicts edge slices too."""
+    tasks = plan_dataset("g", [4, 9], 12, edge="reference")
+    slices = sorted(j.slice for t in tasks for j in t.jobs)
+    assert slices == list(range(12))
+    lead, _, tail = tasks
+    assert (lead.left, lead.right, lead.bounds) == (None, 4, (4,))
+    assert all(j.status == PREDICTED and j.t is None and j.source is None for j in lead.jobs)
+    assert tail.bounds == (9,) and tail.sources == (9,)
+    assert [j.status for j in tail.jobs] == [MEASURED, PREDICTED, PREDICTED]
+
+
 def test_task_ids_are_deterministic_and_survive_pickling() -> None:
     a = plan_dataset("gene", [17, 3, 11], 22)
     b = plan_dataset("gene", [3, 11, 17], 22)

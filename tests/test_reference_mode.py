@@ -176,6 +176,8 @@ def _bad_reference(tmp_path: Path, cfg: Config, kind: str) -> None:
         np.save(path, bad)
     elif kind == "pair model":
         cfg.model.name, cfg.model.params = "linear", {}
+    elif kind == "edge without reference":
+        cfg.interpolation.reference, cfg.interpolation.edge = None, "reference"
 
 
 @pytest.mark.parametrize(
@@ -191,6 +193,8 @@ def _bad_reference(tmp_path: Path, cfg: Config, kind: str) -> None:
         ("nan", DatasetError, r"'interpolation\.reference': slice 50 along axis 0 contains NaN"),
         ("pair model", ConfigError, r"interpolation\.reference is set but model 'linear' is "
                                     r"a pair interpolator.*Fix: choose a flow model"),
+        ("edge without reference", ConfigError, r"interpolation\.edge=reference predicts "
+                                                r".*Fix: set interpolation\.reference"),
     ],
 )
 def test_a_bad_reference_stops_the_run_before_any_work(

@@ -95,7 +95,7 @@ class EvalWorker:
         """Score rows of every model on the task, and the panel slices' predictions."""
         ds = self.datasets[task.dataset_id]
         targets = [j.slice for j in task.jobs]
-        bounds = [s for s in (task.left, task.right) if s is not None]
+        bounds = list(task.bounds)
         images = dict(zip(bounds + targets, read_sections(ds, bounds + targets)))
         if task.predicted:
             a, b = images[task.left][None], images[task.right][None]
