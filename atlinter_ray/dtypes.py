@@ -9,13 +9,32 @@ from atlinter_ray.errors import ConfigError
 
 
 def output_dtype(ds: Dataset, requested: str | None) -> str:
-    """The output dtype: as configured, else the input's."""
-    if requested:
-        try:
-            return np.dtype(requested).name
-        except TypeError as exc:
-            raise ConfigError(f"output.dtype={requested!r} is not a numpy dtype") from exc
-    return ds.dtype
+    """The output dtype: as configured, else the input's.
+
+    A configured dtype must hold the dataset's whole range ``[0, full intensity]``, so
+    writing never clips a measured value (``int8`` for uint8 data would).
+    """
+    if not requested:
+        return ds.dtype
+    try:
+        dt = np.dtype(requested)
+    except TypeError as exc:
+        raise ConfigError(f"output.dtype={requested!r} is not a numpy dtype") from exc
+    if dt.kind in "iu":
+        top = float(np.iinfo(dt).max)
+    elif dt.kind == "f":
+        top = float(np.finfo(dt).max)
+    else:
+        top = 0.0
+    if top < ds.peak:
+        holds = "it is not a number type" if top == 0.0 else f"its largest value is {top:g}"
+        raise ConfigError(
+            f"output.dtype={requested!r} cannot hold dataset {ds.id}'s values 0..{ds.peak:g} "
+            f"({ds.dtype}): {holds}, so values would be clipped. Fix: leave output.dtype "
+            f"unset (the input's, {ds.dtype}) or choose one that holds 0..{ds.peak:g} "
+            "(e.g. float32)"
+        )
+    return dt.name
 
 
 def to_dtype(frames: np.ndarray, dtype: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from atlinter_ray.cli import guarded, interpolate
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset, read_sections
+from atlinter_ray.dtypes import output_dtype
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 from atlinter_ray.pipeline import run
 from atlinter_ray.testing.datasets import write_dataset
@@ -208,3 +209,26 @@ def test_a_bad_dataset_stops_the_run_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="duplicate"):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "dtype", "hint"),
+    [(np.zeros((3, 12, 16), np.uint8), "int8", "0..255 (uint8): its largest value is 127"),
+     (np.zeros((3, 12, 16), np.uint16), "float16", "0..65535 (uint16): its largest value is 65504"),
+     (np.zeros((3, 12, 16), np.uint8), "bool", "it is not a number type")],
+)
+def test_output_dtype_that_would_clip_is_refused_before_anything_is_written(
+    tmp_path: Path, images: np.ndarray, dtype: str, hint: str, capsys
+) -> None:
+    cfg = _config(tmp_path, _good(tmp_path, images=images))
+    cfg.output.dtype = dtype
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        guarded(interpolate)(OmegaConf.structured(cfg))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"output.dtype={dtype!r} cannot hold" in err and hint in err
+    assert "Fix: leave output.dtype unset" in err
+    assert not (tmp_path / "out").exists()
+    ds = load_dataset(cfg.data.datasets[0], SHAPE)
+    assert output_dtype(ds, "float32") == "float32" and output_dtype(ds, None) == ds.dtype
+    assert output_dtype(ds, "uint16") == "uint16"  # holds 0..255 and 0..65535

@@ -104,12 +104,14 @@ def test_iterations_are_configurable(case) -> None:
         build_model(NAMES[small], checkpoint=str(path), device="cpu", iters=0)
 
 
-def test_small_images_give_finite_flow(case) -> None:
-    """Under 128 px the coarsest level is 1 px wide: the original returned NaN there."""
+@pytest.mark.parametrize("shape", [(64, 96), (40, 56), (8, 12)])
+def test_small_images_give_finite_flow(case, shape: tuple[int, int]) -> None:
+    """Under 128 px the coarsest level is 1 px wide: the original returned NaN there; under
+    64 px it stopped ("Output size is too small"): we zero-pad to 64 and crop the flow."""
     _, _, _, model = case
-    a, b = _pair(5, (64, 96))
+    a, b = _pair(5, shape)
     flow = model.flow(a[None, None].astype(np.float32), b[None, None].astype(np.float32), 255.0)
-    assert flow.shape == (1, 2, 64, 96) and np.isfinite(flow).all()
+    assert flow.shape == (1, 2, *shape) and np.isfinite(flow).all()
 
 
 def test_lookup_follows_our_flow_convention() -> None:
@@ -171,9 +173,33 @@ def test_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"module.fnet.conv1.weight": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as err:
         build_model("raft_small", checkpoint=str(path), device="cpu")
     assert not marker.exists()
+    assert "holds posix.system" in str(err.value) and "weights_only" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", [os.urandom(4096), b"hello\n" * 50, b""],
+                         ids=["random bytes", "text", "empty"])
+def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path: Path, content: bytes) -> None:
+    """Never "could run code", never torch's advice to load with weights_only=False."""
+    path = tmp_path / "raft-small.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        build_model("raft_small", checkpoint=str(path), device="cpu")
+    message = str(err.value)
+    assert f"checkpoint {path}: not a torch checkpoint" in message and "Fix:" in message
+    assert "weights_only" not in message and "run code" not in message
+
+
+def test_a_cut_checkpoint_is_corrupt(case, tmp_path: Path) -> None:
+    _, _, source, _ = case
+    data = source.read_bytes()
+    path = tmp_path / source.name
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated: a corrupt torch") as err:
+        build_model(NAMES[case[0]], checkpoint=str(path), device="cpu")
+    assert "weights_only" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["raft", "raft_small"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,22 +36,51 @@ def fetch_bytes(
     return data, hashlib.sha256(data).hexdigest()
 
 
+#: torch.save's zip format starts as every zip file does.
+_ZIP_MAGIC = b"PK\x03\x04"
+#: Its legacy format starts by pickling this number (opcode LONG1 and its 10 bytes).
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def read_checkpoint(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[Any, str]:
-    """Load a torch checkpoint from ``url`` on the CPU; return it and its sha256."""
+    """Load a torch checkpoint from ``url`` on the CPU; return it and its sha256.
+
+    Only tensors and plain containers load (``weights_only=True``); every failure is a
+    :class:`CheckpointError` that says what the file is (not a torch checkpoint, one that
+    holds code, or a corrupt one) and never repeats torch's advice to load unsafely.
+    """
     data, digest = fetch_bytes(url, storage_options)
+    if not (data.startswith(_ZIP_MAGIC) or _LEGACY_MAGIC in data[:32]):
+        raise CheckpointError(
+            f"checkpoint {url}: not a torch checkpoint (neither torch.save's zip format nor "
+            "its legacy format): the file is corrupt or of another kind (maskflownet takes "
+            "the MXNet .params file). Fix: download the original file again and check "
+            "model.name and model.checkpoint"
+        )
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        blocked = _BLOCKED_GLOBAL.search(str(exc))
+        if blocked is None:
+            raise CheckpointError(
+                f"checkpoint {url}: unreadable or truncated: a corrupt torch checkpoint. "
+                "Fix: download the original file again"
+            ) from exc
         raise CheckpointError(
-            f"checkpoint {url}: refused to load: the file holds objects other than "
-            f"tensors and plain containers (it could run code on load): {exc}"
+            f"checkpoint {url}: refused to load: besides tensors the file holds "
+            f"{blocked.group(1)}, which loading would call, so it could run code. Fix: use "
+            "the original weights file from the model's authors"
         ) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # zip, EOF, struct, key errors: all mean a corrupt file
+        reason = str(exc).split(". ")[0].strip()
+        if not reason or "weights_only" in reason:
+            reason = type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {url}: unreadable or truncated ({exc}); download the file "
-            "again"
+            f"checkpoint {url}: unreadable or truncated: a corrupt torch checkpoint "
+            f"({reason}). Fix: download the original file again"
         ) from exc
     return obj, digest
 

@@ -35,7 +35,9 @@ Differences from the predecessor, none of which changes its numbers on valid inp
   input in ``[0, 1]`` to uint8 steps first (its numbers are reproduced exactly on
   integer-valued input, e.g. uint8 data with ``peak=255``);
 * images are zero-padded at the bottom/right to a multiple of 8 and the flow cropped,
-  as the predecessor did (the runtime does this);
+  as the predecessor did (the runtime does this), and further to 64 px a side
+  (:data:`MIN_SIDE`) when smaller, where the original stopped with "Output size is too
+  small";
 * the correlation lookup maps pixel to grid coordinates with ``align_corners=False``,
   so a pyramid level one pixel wide (images under 128 px) samples correctly where the
   original divided by zero and returned NaN;
@@ -57,6 +59,8 @@ from atlinter_ray.models.torch_runtime import TorchFlowEstimator, load_weights
 
 #: Default number of refinement iterations (the predecessor's choice).
 ITERS = 20
+#: Smallest side the network runs on: the pyramid pools the 1/8-scale features 3 times.
+MIN_SIDE = 64
 #: Levels of the correlation pyramid.
 CORR_LEVELS = 4
 
@@ -369,7 +373,12 @@ class _RAFT(TorchFlowEstimator):
         super().__init__(net, digest, **runtime)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Flow from ``a`` to ``b`` on padded ``[0, 255]`` tensors."""
+        """Flow from ``a`` to ``b`` on padded ``[0, 255]`` tensors (zero-padded to
+        :data:`MIN_SIDE` when smaller, the flow cropped back)."""
+        h, w = a.shape[-2:]
+        pad = (0, max(MIN_SIDE - w, 0), 0, max(MIN_SIDE - h, 0))
+        if any(pad):
+            return self.module(F.pad(a, pad), F.pad(b, pad))[..., :h, :w]
         return self.module(a, b)
 
     def provenance(self) -> dict[str, Any]:
