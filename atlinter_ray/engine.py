@@ -1,18 +1,26 @@
-"""Turn a model and two bounding sections into the frames a task needs.
+"""Turn a model and pairs of bounding sections into the frames their tasks need.
 
-Models with arbitrary ``t`` are asked for every position in one call. Midpoint-only
-models are driven by bisection over only the tree nodes the positions need (see
-:func:`atlinter_ray.planning.bisection_nodes`), one batched call per tree level. A
-midpoint-only model paired with an arbitrary-t fallback (:class:`ExactFallback`,
-``interpolation.exact_fallback``) keeps every dyadic position and hands the others
-(t = 1/3, ...) to the fallback, so ``placement=exact`` works with RIFE_HD or CAIN.
+Pairs may come from different tasks and want different positions: every (pair,
+position) item of a call goes to the model together, so one forward batches across
+tasks. Models with arbitrary ``t`` get all items in one call. Midpoint-only models are
+driven by bisection over only the tree nodes each pair's positions need (see
+:func:`atlinter_ray.planning.bisection_nodes`), one batched call per tree depth across
+all pairs. A midpoint-only model paired with an arbitrary-t fallback
+(:class:`ExactFallback`, ``interpolation.exact_fallback``) keeps every dyadic position
+and hands the others (t = 1/3, ...) to the fallback, so ``placement=exact`` works with
+RIFE_HD or CAIN.
+
+Frames stay where the model keeps them (:attr:`PairInterpolator.device`): numpy arrays
+for host models, tensors on the model's device for torch models, so bisection levels
+never travel back to the host.
 
 With ``placement=atlinter`` a model may also ask for the predecessor's padded canvas
 (:func:`atlinter_canvas`): atlinter 0.2.3 padded the two sections of a RIFE pair once,
 with zeros at the bottom/right to a multiple of 32, bisected on that canvas (so the
 padded border of each level's frames feeds the next level) and cropped at the end;
-:func:`predict` does the same when given ``canvas``. Float64 sections stay float64
-(the predecessor's volume was float64), so arithmetic models reproduce its values.
+:func:`predict_pairs` does the same when given ``canvas``. Float64 sections stay float64
+on the host (the predecessor's volume was float64), so arithmetic models reproduce its
+values.
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ from typing import Any
 import numpy as np
 
 from atlinter_ray.errors import ConfigError
-from atlinter_ray.models.base import FlowEstimator, PairInterpolator, build_model
+from atlinter_ray.models.base import (
+    FlowEstimator,
+    PairInterpolator,
+    build_model,
+    is_torch_model,
+)
 from atlinter_ray.models.flow import FlowInterpolator
 from atlinter_ray.planning import GapTask, Placement, bisection_nodes, is_dyadic
 
@@ -37,6 +50,14 @@ class Prediction:
     model_calls: int
 
 
+@dataclass(frozen=True, slots=True)
+class PairsPrediction:
+    """Per pair: frames ``(K_i, C, H, W)`` (array or device tensor) and model calls spent."""
+
+    frames: list[Any]
+    model_calls: list[int]
+
+
 class ExactFallback(PairInterpolator):
     """A midpoint-only model for dyadic positions and an arbitrary-t model for the rest."""
 
@@ -46,6 +67,7 @@ class ExactFallback(PairInterpolator):
         self.midpoint = midpoint
         self.fallback = fallback
         self.name = midpoint.name  # type: ignore[misc]
+        self.device = midpoint.device
 
     def producer(self, t: float) -> PairInterpolator:
         """The model that predicts position ``t``."""
@@ -106,6 +128,42 @@ def build_interpolator(
     return ExactFallback(model, fallback)
 
 
+def build_for_validation(
+    name: str,
+    checkpoint: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    exact_fallback: Mapping[str, Any] | None = None,
+) -> PairInterpolator:
+    """Build the configured model as the driver checks it: torch models on the CPU in fp32.
+
+    The driver (often a head node without a GPU) only proves that the name, settings and
+    checkpoint are valid; ``device`` and ``precision`` are for the workers, so they are
+    checked without touching a device (:func:`check_runtime_settings`) and the model is
+    built on the CPU in fp32, where it always can be.
+    """
+    fb = dict(exact_fallback or {})
+    if fb.get("name"):
+        fb["params"] = _on_cpu(fb["name"], fb.get("params"), "interpolation.exact_fallback")
+    return build_interpolator(name, checkpoint, _on_cpu(name, params, "model"), fb)
+
+
+def _on_cpu(name: str, params: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
+    """``params`` with device cpu and precision fp32, after checking them, for torch models."""
+    out = dict(params or {})
+    if not is_torch_model(name):
+        return out
+    from atlinter_ray.models.torch_runtime import check_runtime_settings
+
+    try:
+        check_runtime_settings(
+            str(out.get("device", "auto")), str(out.get("precision", "fp32")),
+            out.get("batch_size"), out.get("tile"), int(out.get("tile_overlap", 64)),
+        )
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("model.params.", f"{key}.params.")) from exc
+    return {**out, "device": "cpu", "precision": "fp32"}
+
+
 def check_reachable(model: PairInterpolator, tasks: Sequence[GapTask]) -> None:
     """Refuse, before any work, positions that a midpoint-only model cannot reach."""
     if model.arbitrary_t:
@@ -147,52 +205,125 @@ def predict(
     peak: float,
     canvas: int = 1,
 ) -> Prediction:
-    """Frames between each pair ``(a[i], b[i])`` at every position in ``positions``.
+    """Frames between each pair ``(a[i], b[i])`` at every position in ``positions`` (host)."""
+    result = predict_pairs(model, a, b, [tuple(positions)] * a.shape[0], peak, canvas)
+    frames = np.stack([_host(f) for f in result.frames])
+    return Prediction(frames, sum(result.model_calls))
 
-    ``canvas`` > 1 pads every pair once at the bottom/right with zeros to a multiple of
-    it, predicts on that canvas and crops the frames (see :func:`atlinter_canvas`).
-    Sections in float64 are kept in float64; any other dtype is computed in float32.
+
+def predict_pairs(
+    model: PairInterpolator,
+    a: Any,
+    b: Any,
+    positions: Sequence[Sequence[float]],
+    peak: float,
+    canvas: int = 1,
+) -> PairsPrediction:
+    """Frames between each pair ``(a[i], b[i])`` at its own ``positions[i]``.
+
+    ``a`` and ``b`` are ``(N, C, H, W)`` frames in data units, host arrays or tensors
+    on ``model.device``; the frames come back in the same place. ``canvas`` > 1 pads
+    every pair once at the bottom/right with zeros to a multiple of it, predicts on
+    that canvas and crops the frames (see :func:`atlinter_canvas`). On the host,
+    float64 sections are kept in float64; anything else is computed in float32.
     """
+    a, b = _as_input(model, a), _as_input(model, b)
     if canvas > 1:
         h, w = a.shape[-2:]
-        pad = [(0, 0)] * (a.ndim - 2) + [(0, -h % canvas), (0, -w % canvas)]
-        whole = predict(model, np.pad(a, pad), np.pad(b, pad), positions, peak)
-        return Prediction(whole.frames[..., :h, :w], whole.model_calls)
-    dtype = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32
-    a = a.astype(dtype, copy=False)
-    b = b.astype(dtype, copy=False)
+        whole = predict_pairs(
+            model, _pad(a, -h % canvas, -w % canvas), _pad(b, -h % canvas, -w % canvas),
+            positions, peak,
+        )
+        return PairsPrediction([f[..., :h, :w] for f in whole.frames], whole.model_calls)
     n = a.shape[0]
     if isinstance(model, ExactFallback):
         return _split(model, a, b, positions, peak)
     if model.arbitrary_t:
-        frames = model.interpolate(a, b, np.asarray(positions, dtype=np.float32), peak)
-        return Prediction(frames, n * len(positions))
-    known: dict[float, np.ndarray] = {0.0: a, 1.0: b}
-    calls = 0
-    for level in bisection_nodes(positions):
-        halves = [_half_step(t) for t in level]
-        lefts = np.concatenate([known[t - h] for t, h in zip(level, halves)])
-        rights = np.concatenate([known[t + h] for t, h in zip(level, halves)])
-        mids = model.interpolate(lefts, rights, np.array([0.5], np.float32), peak)[:, 0]
-        calls += mids.shape[0]
-        for i, t in enumerate(level):
-            known[t] = mids[i * n : (i + 1) * n]
-    return Prediction(np.stack([known[t] for t in positions], axis=1), calls)
+        pair = np.repeat(np.arange(n), [len(p) for p in positions])
+        t = np.array([x for p in positions for x in p], dtype=np.float32)
+        if not len(pair):
+            return PairsPrediction([a[:0] for _ in range(n)], [0] * n)
+        frames = model.interpolate_items(a, b, pair, t, peak)
+        bounds = np.cumsum([0, *(len(p) for p in positions)])
+        return PairsPrediction(
+            [frames[bounds[i] : bounds[i + 1]] for i in range(n)], [len(p) for p in positions]
+        )
+    known: dict[tuple[int, float], Any] = {}
+    for i in range(n):
+        known[i, 0.0], known[i, 1.0] = a[i], b[i]
+    calls = [0] * n
+    levels = [bisection_nodes(p) for p in positions]
+    for depth in range(max((len(lv) for lv in levels), default=0)):
+        items = [(i, t) for i, lv in enumerate(levels) if depth < len(lv) for t in lv[depth]]
+        lefts = _stack(model, [known[i, t - _half_step(t)] for i, t in items])
+        rights = _stack(model, [known[i, t + _half_step(t)] for i, t in items])
+        mids = model.interpolate_items(
+            lefts, rights, np.arange(len(items)), np.full(len(items), 0.5, np.float32), peak
+        )
+        for m, (i, t) in enumerate(items):
+            known[i, t] = mids[m]
+            calls[i] += 1
+    frames = [_stack(model, [known[i, t] for t in p]) if p else a[:0] for i, p in enumerate(positions)]
+    return PairsPrediction(frames, calls)
 
 
 def _split(
-    model: ExactFallback, a: np.ndarray, b: np.ndarray, positions: Sequence[float], peak: float
-) -> Prediction:
+    model: ExactFallback, a: Any, b: Any, positions: Sequence[Sequence[float]], peak: float
+) -> PairsPrediction:
     """Dyadic positions by bisection with the midpoint model, the others by the fallback."""
-    frames = np.empty((a.shape[0], len(positions), *a.shape[1:]), a.dtype)
-    calls = 0
+    frames: list[list[Any]] = [[None] * len(p) for p in positions]
+    calls = [0] * len(positions)
     for sub in (model.midpoint, model.fallback):
-        which = [k for k, t in enumerate(positions) if model.producer(t) is sub]
-        if which:
-            part = predict(sub, a, b, [positions[k] for k in which], peak)
-            frames[:, which] = part.frames
-            calls += part.model_calls
-    return Prediction(frames, calls)
+        which = [[k for k, t in enumerate(p) if model.producer(t) is sub] for p in positions]
+        if not any(which):
+            continue
+        part = predict_pairs(
+            sub, a, b, [[p[k] for k in w] for p, w in zip(positions, which)], peak
+        )
+        for i, w in enumerate(which):
+            got = _as_input(model, part.frames[i])
+            for j, k in enumerate(w):
+                frames[i][k] = got[j]
+            calls[i] += part.model_calls[i]
+    return PairsPrediction(
+        [_stack(model, f) if f else a[:0] for f in frames], calls
+    )
+
+
+def _pad(x: Any, rows: int, cols: int) -> Any:
+    """``x`` with ``rows`` and ``cols`` of zeros added at the bottom and right."""
+    if isinstance(x, np.ndarray):
+        return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows), (0, cols)])
+    import torch.nn.functional as F
+
+    return F.pad(x, (0, cols, 0, rows))
+
+
+def _as_input(model: PairInterpolator, x: Any) -> Any:
+    """Frames where ``model`` wants them: numpy for host models (float64 kept, else
+    float32), else float32 on its device."""
+    if model.device is None:
+        x = _host(x)
+        return x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
+    import torch
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    return x.to(model.device).float()
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host array of ``x`` (numpy, or a tensor fetched from its device)."""
+    return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+def _stack(model: PairInterpolator, frames: Sequence[Any]) -> Any:
+    """Stack frames of one kind (arrays, or tensors on the model's device)."""
+    if model.device is None:
+        return np.stack(frames)
+    import torch
+
+    return torch.stack(list(frames))
 
 
 def _half_step(t: float) -> float:

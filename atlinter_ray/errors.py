@@ -46,3 +46,18 @@ class UnknownModelError(AtlinterRayError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteOutputError(AtlinterRayError, ArithmeticError):
+    """A model produced NaN or inf even in float32: nothing is written for the batch."""
+
+    exit_status = 1
+
+
+class FatalWorkerError(AtlinterRayError, RuntimeError):
+    """The worker's device is unusable (a CUDA error): the process must end.
+
+    The actor pool kills the actor, starts a replacement and reruns its tasks elsewhere.
+    """
+
+    exit_status = 1

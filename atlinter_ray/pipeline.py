@@ -15,7 +15,8 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,10 +27,10 @@ from atlinter_ray import __version__
 from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
 from atlinter_ray.dtypes import output_dtype
-from atlinter_ray.engine import build_interpolator, check_reachable
+from atlinter_ray.engine import build_for_validation, check_reachable
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
-from atlinter_ray.models.base import PairInterpolator
+from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
@@ -56,6 +57,10 @@ class RunSummary:
     nodes: list[str]
     gpus: list[str]
     outputs: dict[str, str]
+    #: Tasks run per worker device and precision (``"cuda:0 (NVIDIA H100) bf16": 812``).
+    devices: dict[str, int] = field(default_factory=dict)
+    #: Model items recomputed in float32 because their low-precision output was not finite.
+    fp32_reruns: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     scores: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +78,9 @@ class RunSummary:
             f"failed {self.tasks_failed})",
             f"slices written: {self.slices_written} in {self.wall_seconds:.1f} s "
             f"({self.slices_per_second:.1f} slices/s); model calls: {self.model_calls}",
-            f"nodes: {len(self.nodes)}  GPUs: {len(self.gpus)}",
+            f"nodes: {len(self.nodes)}  GPUs: {len(self.gpus)}  devices: "
+            + (", ".join(f"{d} ({n} tasks)" for d, n in self.devices.items()) or "-")
+            + (f"  fp32 reruns: {self.fp32_reruns}" if self.fp32_reruns else ""),
         ]
         lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
         for ds_id, by_model in self.scores.items():
@@ -160,6 +167,29 @@ def check_reference(
     return load_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options)
 
 
+def check_worker_device(cfg: Config) -> None:
+    """Refuse a CUDA-only model setting for Ray workers that are given no GPU."""
+    params = cfg.model.params
+    wants_cuda = str(params.get("device", "auto")).startswith("cuda") or (
+        params.get("precision") == "fp16"
+    )
+    if wants_cuda and not cfg.run.serial and not cfg.resources.gpus_per_worker:
+        raise ConfigError(
+            f"model.params.device={params.get('device', 'auto')} / precision="
+            f"{params.get('precision', 'fp32')} needs a GPU on every worker, but "
+            "resources.gpus_per_worker is 0. Fix: resources=gpu_cluster (or "
+            "resources.gpus_per_worker=1), or model.params.device=auto with fp32/bf16"
+        )
+
+
+def _configured_device(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The device and precision as configured (for torch models; none for the others)."""
+    if not is_torch_model(name):
+        return {}
+    return {"device": str(params.get("device", "auto")),
+            "precision": str(params.get("precision", "fp32"))}
+
+
 def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
@@ -168,9 +198,13 @@ def run(cfg: Config) -> RunSummary:
         raise ConfigError(f"output.zstd_level={cfg.output.zstd_level}: choose 1 (fast) to 22 (small)")
     datasets = load_datasets(cfg.data)
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
+    # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)
-    model = build_interpolator(cfg.model.name, cfg.model.checkpoint, cfg.model.params, fallback)
-    provenance = model.provenance()
+    check_worker_device(cfg)
+    model = build_for_validation(cfg.model.name, cfg.model.checkpoint, cfg.model.params, fallback)
+    # the run's identity names the configured device and precision; each slice's
+    # provenance and each task's result name what its worker really ran on
+    provenance = {**model.provenance(), **_configured_device(cfg.model.name, cfg.model.params)}
     reference = check_reference(cfg, model, datasets)
     if reference is not None:
         provenance = {**provenance, **reference_provenance(reference.url)}
@@ -208,6 +242,7 @@ def run(cfg: Config) -> RunSummary:
         output_root=cfg.output.root,
         output_storage_options=dict(cfg.output.storage_options),
         threads=cfg.resources.threads_per_worker,
+        io_threads=max(2, int(cfg.resources.cpus_per_worker)),
         reference=reference,
         exact_fallback=fallback,
         placement=cfg.interpolation.placement,
@@ -241,6 +276,8 @@ def run(cfg: Config) -> RunSummary:
         nodes=sorted({r.worker.node_id or socket.gethostname() for r in rows}),
         gpus=sorted({f"{r.worker.node_id}:{g}" for r in rows for g in r.worker.gpu_ids}),
         outputs=outputs,
+        devices=dict(Counter(f"{r.worker.device} {r.worker.precision}" for r in rows if r.done)),
+        fp32_reruns=sum(r.fp32_reruns for r in rows),
         failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
         scores=scores,
         config=redact(asdict(cfg)),

@@ -9,7 +9,9 @@ demand is what brings GPU nodes up. Work only goes to actors that are ready. Onc
 queue is empty, idle actors above ``min_workers`` and still-pending ones are released,
 so their nodes can go idle and leave before the run ends.
 
-If an actor dies (node lost, out of memory) its items go back to the queue, up to
+If an actor dies (node lost, out of memory), or its method raises
+:class:`~atlinter_ray.errors.FatalWorkerError` (its GPU is unusable; the pool then ends
+it), its items go back to the queue, up to
 ``max_attempts`` times each, and a replacement is started; an item that keeps failing,
 or that no actor is left to run, becomes a failure result instead, so the caller
 always gets one result per item. Items must therefore be idempotent to run twice.
@@ -28,6 +30,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from atlinter_ray.errors import FatalWorkerError
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +158,11 @@ class _ActorPool(Generic[T, R]):
             yield from self.lost(actor, _describe(exc))
             return
         except ray.exceptions.RayError as exc:  # the method itself raised
+            if isinstance(getattr(exc, "cause", None), FatalWorkerError):
+                # its device is unusable: end it, rerun its items on another actor
+                ray.kill(actor.handle)
+                yield from self.lost(actor, _describe(exc))
+                return
             result = self.failed(entry.item, _describe(exc))
         del self.calls[ref]
         actor.calls.remove(ref)

@@ -1,12 +1,25 @@
 """The worker: a plain class that runs gap tasks; Ray wraps it only at start.
 
-One :class:`TaskWorker` loads its model once, then for each batch of tasks reads the
-two bounding sections of every task itself, predicts the missing slices (pairs with
-the same positions are batched into one model call; with a reference volume, each
-slice is instead its nearest known section moved along the reference's flow), writes
-the slices straight to the output store and marks each task done. It always reports
-every task, success or failure, so one bad task never hides the rest of the run. The
-same class runs in-process for ``run.serial=true``.
+One :class:`TaskWorker` loads its model once, then runs each batch of tasks as a
+pipeline of three stages, so the device computes while the CPU moves data::
+
+    io threads:   read sections of chunk k+1   |  write (compress, store) chunk k-1
+    main thread:  upload chunk k (uint8, page-locked, non-blocking) -> predict every
+                  pair of every task in the chunk together -> round/clip to the output
+                  dtype on the device -> fetch (non-blocking)
+
+Pairs of different tasks, datasets and positions share one chunk (for midpoint-only
+models, one bisection depth at a time), so the model sees full batches of fixed shapes.
+A chunk holds enough tasks for about two model batches. Frames travel to the device
+in their stored dtype and come back in the output dtype; bisection levels and flow
+warps never leave the device. With a reference volume each slice is instead its
+nearest known section moved along the reference's flow (per task, on the host).
+
+Every task is reported, success or failure, so one bad task never hides the rest of
+the run; a task counts as done only once its slices and marker are written. A CUDA
+error that leaves the device unusable is not reported per task: it raises
+:class:`~atlinter_ray.errors.FatalWorkerError`, the pool ends this actor and reruns its
+tasks on a fresh one. The same class runs in-process for ``run.serial=true``.
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +41,13 @@ from atlinter_ray import __version__
 from atlinter_ray.commit import commit_task
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
-from atlinter_ray.engine import atlinter_canvas, build_interpolator, predict, slice_provenance
+from atlinter_ray.engine import (
+    atlinter_canvas,
+    build_interpolator,
+    predict_pairs,
+    slice_provenance,
+)
+from atlinter_ray.errors import FatalWorkerError
 from atlinter_ray.models.base import FlowEstimator
 from atlinter_ray.models.reference_guided import (
     nearest_known,
@@ -40,6 +60,8 @@ from atlinter_ray.store import VolumeStore
 
 log = logging.getLogger(__name__)
 SOFTWARE = f"atlinter_ray {__version__}"
+#: Model items (pairs x positions) a chunk aims at, in model batches.
+CHUNK_BATCHES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +72,10 @@ class WorkerIdentity:
     node_id: str = ""
     gpu_ids: tuple[str, ...] = ()
     cuda_visible_devices: str = ""
+    #: The device the model really runs on (``cuda:0 (NVIDIA H100 ...)``, ``cpu``) and
+    #: its precision: the worker's own, not the driver's validation build.
+    device: str = ""
+    precision: str = ""
 
 
 @dataclass(slots=True)
@@ -65,6 +91,9 @@ class TaskResult:
     seconds: float = 0.0
     error: str = ""
     worker: WorkerIdentity = field(default_factory=WorkerIdentity)
+    #: Model items of this task's chunk recomputed in float32 because the low-precision
+    #: output was not finite (counted on the chunk's first task).
+    fp32_reruns: int = 0
 
     @property
     def done(self) -> bool:
@@ -95,10 +124,12 @@ class WorkerSpec:
     exact_fallback: Mapping[str, Any] | None = None
     #: ``interpolation.placement`` (``atlinter``: the predecessor's padded canvas).
     placement: Placement = Placement.exact
+    #: Threads that read sections and commit tasks while the model computes.
+    io_threads: int = 2
 
 
-def _identity() -> WorkerIdentity:
-    """Where this worker runs: process, Ray node and the GPUs Ray gave it."""
+def _identity(model: Any) -> WorkerIdentity:
+    """Where this worker runs: process, Ray node, the GPUs Ray gave it, device, precision."""
     node_id, gpu_ids = "", ()
     if "ray" in sys.modules:
         import ray
@@ -111,7 +142,40 @@ def _identity() -> WorkerIdentity:
         node_id=node_id,
         gpu_ids=gpu_ids,
         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        **_device_identity(model),
     )
+
+
+def _runtime(model: Any) -> Any:
+    """The torch runtime behind a model (its estimator's, its midpoint model's), or None."""
+    for part in (model, getattr(model, "estimator", None), getattr(model, "midpoint", None)):
+        if getattr(part, "runtime", None) is not None:
+            return part.runtime
+        if getattr(getattr(part, "estimator", None), "runtime", None) is not None:
+            return part.estimator.runtime
+    return None
+
+
+def _device_identity(model: Any) -> dict[str, str]:
+    """The device and precision this worker's model really runs with."""
+    runtime = _runtime(model)
+    if runtime is None:
+        return {"device": "cpu", "precision": "fp32"}
+    device = str(runtime.device)
+    if runtime.cuda:
+        import torch
+
+        device += f" ({torch.cuda.get_device_name(runtime.device)})"
+    return {"device": device, "precision": runtime.precision}
+
+
+@dataclass
+class _Chunk:
+    """Tasks computed together, and what the io threads hand back for them."""
+
+    tasks: list[GapTask]
+    peak: float
+    sections: Future = field(default=None)  # type: ignore[assignment]
 
 
 class TaskWorker:
@@ -124,7 +188,7 @@ class TaskWorker:
         )
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(spec.threads)
-        self.datasets = dict(spec.datasets)
+        self.datasets: dict[str, Dataset] = dict(spec.datasets)
         self.dtypes = dict(spec.dtypes)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
@@ -136,50 +200,186 @@ class TaskWorker:
             self.reference = spec.reference
             self.estimator = reference_estimator(self.model, spec.model_name)
             self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
-        self.identity = _identity()
+        self.runtime = _runtime(self.model)
+        self.identity = _identity(self.model)
+        self.io = ThreadPoolExecutor(max(1, spec.io_threads), thread_name_prefix="atlinter-io")
 
     def run(self, tasks: list[GapTask]) -> list[TaskResult]:
         """Run ``tasks``; return one result per task, in order."""
         rows = {t.task_id: failed_result(t) for t in tasks}
         for row in rows.values():
             row.worker = self.identity
+        writes: list[tuple[GapTask, Future, float]] = []
+        chunks = self._chunks(tasks)
+        for chunk in chunks:  # all reads queued first: they run ahead of the compute
+            chunk.sections = self.io.submit(self._read, chunk.tasks)
+        for chunk in chunks:
+            start = time.perf_counter()
+            try:
+                reruns = self.runtime.fp32_reruns if self.runtime else 0
+                blocks = self._compute(chunk, chunk.sections.result())
+                if self.runtime:
+                    rows[chunk.tasks[0].task_id].fp32_reruns = self.runtime.fp32_reruns - reruns
+            except Exception as exc:
+                self._fatal(exc)
+                log.exception("tasks %s failed", [t.task_id for t in chunk.tasks])
+                for task in chunk.tasks:
+                    rows[task.task_id].error = f"{type(exc).__name__}: {exc}"
+                continue
+            elapsed = (time.perf_counter() - start) / len(chunk.tasks)
+            for task, (ready, calls) in zip(chunk.tasks, blocks):
+                rows[task.task_id].model_calls = calls
+                writes.append((task, self.io.submit(self._commit, task, ready, calls), elapsed))
+        for task, future, elapsed in writes:
+            row = rows[task.task_id]
+            row.seconds = elapsed
+            try:
+                future.result()
+                row.status = "done"
+            except Exception as exc:  # report, never hide: the driver counts failures
+                self._fatal(exc)
+                log.exception("task %s failed", task.task_id)
+                row.error = f"{type(exc).__name__}: {exc}"
+        return [rows[t.task_id] for t in tasks]
+
+    def _fatal(self, exc: BaseException) -> None:
+        """Raise :class:`FatalWorkerError` for an error that leaves the device unusable."""
+        if self.runtime is None:
+            return
+        from atlinter_ray.models.torch_runtime import is_fatal_device_error
+
+        if is_fatal_device_error(exc):
+            raise FatalWorkerError(
+                f"the device {self.identity.device} failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
+                "this worker stops so that its tasks run on a fresh one"
+            ) from exc
+
+    def _chunks(self, tasks: Sequence[GapTask]) -> list[_Chunk]:
+        """Tasks grouped by image shape, channels, peak and output dtype, cut into chunks.
+
+        Positions are not part of the key: items of any positions share a batch. Tasks
+        with nothing to predict (edges) go apart, so a model failure never takes them.
+        """
         groups: dict[tuple, list[GapTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
-            positions = tuple(j.t for j in task.predicted)
-            groups[(ds.image_shape, ds.channels, ds.peak, positions)].append(task)
-        for (_, _, peak, positions), group in groups.items():
-            start = time.perf_counter()
-            try:
-                sections = {
-                    t.task_id: dict(zip(t.sources, read_sections(self.datasets[t.dataset_id], t.sources)))
-                    for t in group
-                }
-                frames, calls = None, 0
-                if positions and self.reference is not None:
-                    frames = np.stack([self._from_reference(t, sections[t.task_id]) for t in group])
-                    calls = len(positions)
-                elif positions:
-                    a = np.stack([sections[t.task_id][t.left] for t in group])
-                    b = np.stack([sections[t.task_id][t.right] for t in group])
-                    prediction = predict(self.model, a, b, positions, peak, self.canvas)
-                    frames, calls = prediction.frames, prediction.model_calls // len(group)
-                for i, task in enumerate(group):
-                    self._write(task, sections[task.task_id],
-                                None if frames is None else frames[i], calls)
-                    rows[task.task_id].status = "done"
-                    rows[task.task_id].model_calls = calls
-            except Exception as exc:  # report, never hide: the driver counts failures
-                log.exception("tasks %s failed", [t.task_id for t in group])
-                for task in group:
-                    if not rows[task.task_id].done:
-                        rows[task.task_id].error = f"{type(exc).__name__}: {exc}"
-            elapsed = (time.perf_counter() - start) / len(group)
+            key = (ds.image_shape, ds.channels, ds.peak, self.dtypes[ds.id], not task.predicted)
+            groups[key].append(task)
+        target = CHUNK_BATCHES * self.runtime.batch_size if self.runtime else 1
+        if self.reference is not None:
+            target = 1
+        chunks = []
+        for (_, _, peak, _, _), group in groups.items():
+            items = target  # every group starts a chunk
             for task in group:
-                rows[task.task_id].seconds = elapsed
-        return [rows[t.task_id] for t in tasks]
+                if items >= target:
+                    chunks.append(_Chunk([], peak))
+                    items = 0
+                chunks[-1].tasks.append(task)
+                items += max(len(task.predicted), 1)
+        return chunks
 
-    def _from_reference(self, task: GapTask, sections: Mapping[int, np.ndarray]) -> np.ndarray:
+    def _read(self, tasks: Sequence[GapTask]) -> dict[tuple[str, int], np.ndarray]:
+        """Every known section the tasks need, each read once: ``(dataset, section) -> (C, H, W)``."""
+        wanted: dict[str, set[int]] = defaultdict(set)
+        for task in tasks:
+            wanted[task.dataset_id].update(task.sources)
+        out = {}
+        for ds_id, sections in wanted.items():
+            order = sorted(sections)
+            for s, image in zip(order, read_sections(self.datasets[ds_id], order)):
+                out[ds_id, s] = image
+        return out
+
+    def _compute(
+        self, chunk: _Chunk, sections: Mapping[tuple[str, int], np.ndarray]
+    ) -> list[tuple[Callable[[], np.ndarray], int]]:
+        """Per task: a function giving its ``(K, C, H, W)`` block once fetched, and its model calls."""
+        tasks = chunk.tasks
+        gaps = [t for t in tasks if t.predicted]
+        frames: dict[str, Any] = {}
+        calls: dict[str, int] = {}
+        if gaps and self.reference is not None:
+            for task in gaps:
+                frames[task.task_id] = self._from_reference(task, sections)
+                calls[task.task_id] = len(task.predicted)
+        elif gaps:
+            keys = sorted({(t.dataset_id, s) for t in gaps for s in (t.left, t.right)})
+            slot = {k: i for i, k in enumerate(keys)}
+            stack = np.stack([sections[k] for k in keys])
+            known = self.runtime.upload(stack).float() if self.runtime else stack
+            pick = _picker(known)
+            a = pick([slot[t.dataset_id, t.left] for t in gaps])
+            b = pick([slot[t.dataset_id, t.right] for t in gaps])
+            result = predict_pairs(
+                self.model, a, b, [[j.t for j in t.predicted] for t in gaps], chunk.peak,
+                self.canvas,
+            )
+            for task, f, n in zip(gaps, result.frames, result.model_calls):
+                frames[task.task_id], calls[task.task_id] = f, n
+        return self._blocks(tasks, sections, frames, calls)
+
+    def _blocks(
+        self,
+        tasks: Sequence[GapTask],
+        sections: Mapping[tuple[str, int], np.ndarray],
+        frames: Mapping[str, Any],
+        calls: Mapping[str, int],
+    ) -> list[tuple[Callable[[], np.ndarray], int]]:
+        """Each task's slices in the output dtype, converted where they were predicted.
+
+        Predicted frames on a device are rounded, clipped and cast there, and every
+        block of the chunk comes back in one non-blocking copy; the io thread that
+        writes a block waits for that copy, not the main thread.
+        """
+        dtype = self.dtypes[tasks[0].dataset_id]
+        parts: list[list[Any]] = []
+        for task in tasks:
+            made = frames.get(task.task_id)
+            k = 0
+            part = []
+            for job in task.jobs:
+                if job.source is not None:
+                    part.append(to_dtype(sections[task.dataset_id, job.source], dtype))
+                else:
+                    part.append(made[k])
+                    k += 1
+            parts.append(part)
+        on_device = (
+            self.runtime is not None and self.reference is None and bool(frames)
+            and _device_dtype(dtype)
+        )
+        if not on_device:
+            return [
+                (_given(np.stack([to_dtype(_host(x), dtype) for x in part])),
+                 calls.get(task.task_id, 0))
+                for task, part in zip(tasks, parts)
+            ]
+        from atlinter_ray.models.torch_runtime import download, to_dtype_tensor
+
+        device_parts = [
+            [to_dtype_tensor(self.runtime.upload(x) if isinstance(x, np.ndarray) else x, dtype)
+             for x in part]
+            for part in parts
+        ]
+        import torch
+
+        host, ready = download(torch.cat([torch.stack(p) for p in device_parts]))
+        bounds = np.cumsum([0, *(len(p) for p in parts)])
+
+        def block(i: int) -> Callable[[], np.ndarray]:
+            def fetch() -> np.ndarray:
+                ready()
+                return host[bounds[i] : bounds[i + 1]].numpy()
+
+            return fetch
+
+        return [(block(i), calls.get(task.task_id, 0)) for i, task in enumerate(tasks)]
+
+    def _from_reference(
+        self, task: GapTask, sections: Mapping[tuple[str, int], np.ndarray]
+    ) -> np.ndarray:
         """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
         ds = self.datasets[task.dataset_id]
         targets = [j.slice for j in task.predicted]
@@ -192,35 +392,48 @@ class TaskWorker:
             self.estimator,
             np.stack([ref[s] for s in targets]),
             np.stack([ref[k] for k in nearest]),
-            np.stack([sections[k] for k in nearest]),
+            np.stack([sections[task.dataset_id, k] for k in nearest]),
             self.reference.peak,
             atlinter=self.placement == Placement.atlinter,
         )
 
-    def _write(
-        self,
-        task: GapTask,
-        sections: Mapping[int, np.ndarray],
-        frames: np.ndarray | None,
-        model_calls: int,
-    ) -> None:
-        """Convert ``task``'s slices to the output dtype, with provenance; commit them."""
-        ds = self.datasets[task.dataset_id]
-        dtype = self.dtypes[ds.id]
+    def _commit(self, task: GapTask, block: Callable[[], np.ndarray], model_calls: int) -> None:
+        """Commit ``task``: its slices (once fetched) with per-slice provenance, then its marker."""
         records = []
-        block = []
-        k = 0
         for job in task.jobs:
-            record = {"slice": job.slice, "status": job.status, "software": SOFTWARE}
+            record: dict[str, Any] = {"slice": job.slice, "status": job.status, "software": SOFTWARE}
             if job.source is not None:
-                block.append(to_dtype(sections[job.source], dtype))
                 record["source"] = job.source
             else:
-                block.append(to_dtype(frames[k], dtype))
-                k += 1
                 record.update(left=task.left, right=task.right, t=job.t,
                               **slice_provenance(self.model, job.t, self.provenance))
                 if self.reference is not None:
                     record["known"] = nearest_known(job.slice, task.bounds)
             records.append(record)
-        commit_task(self.store, ds, task, np.stack(block), records, model_calls)
+        commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls)
+
+
+def _device_dtype(dtype: str) -> bool:
+    """True when predicted frames can be converted to ``dtype`` on the device."""
+    from atlinter_ray.models.torch_runtime import DEVICE_DTYPES
+
+    return np.dtype(dtype).name in DEVICE_DTYPES
+
+
+def _given(block: np.ndarray) -> Callable[[], np.ndarray]:
+    """A block that is already on the host."""
+    return lambda: block
+
+
+def _picker(known: Any) -> Callable[[list[int]], Any]:
+    """Rows of a host array or device tensor by index."""
+    if isinstance(known, np.ndarray):
+        return lambda rows: known[rows]
+    from atlinter_ray.models.torch_runtime import to_device
+
+    return lambda rows: known[to_device(np.asarray(rows, dtype=np.int64), known.device)]
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host array of ``x`` (numpy, or a tensor fetched from its device)."""
+    return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()

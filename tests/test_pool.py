@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from atlinter_ray.errors import FatalWorkerError
 from atlinter_ray.pool import PoolSpec, map_unordered
 
 pytestmark = pytest.mark.ray
@@ -41,6 +42,10 @@ class Echo:
             os._exit(1)
         if item == "raise":
             raise ValueError("bad item: raise")
+        if item.startswith("cuda-once") and not (self.crash_dir / item).exists():
+            (self.crash_dir / item).write_text(str(os.getpid()))
+            # what TaskWorker raises for a CUDA error: this process's GPU is unusable
+            raise FatalWorkerError("the device cuda:0 failed (CUDA error: an illegal memory access)")
         time.sleep(0.3)  # long enough that a second actor is up before the queue empties
         return {"item": item, "pid": os.getpid(), "calls_here": self.calls}
 
@@ -82,6 +87,16 @@ def test_an_actor_that_dies_is_replaced_and_its_items_rerun(ray_cluster, tmp_pat
     got = results(Echo, items, tmp_path, max_workers=2)
     assert all("failed" not in r for r in got.values()), got
     assert (tmp_path / "die-once-a").exists()  # it did crash the first time
+
+
+def test_a_worker_whose_device_fails_is_ended_and_its_item_rerun_elsewhere(ray_cluster, tmp_path):
+    items = ["cuda-once-a", *[f"item-{i}" for i in range(4)]]
+    got = results(Echo, items, tmp_path, max_workers=1)
+    assert all("failed" not in r for r in got.values()), got
+    first = int((tmp_path / "cuda-once-a").read_text())
+    # the item was rerun by a fresh actor (max_workers=1: the failed one was ended first)
+    assert got["cuda-once-a"]["pid"] != first
+    assert {r["pid"] for r in got.values()} == {got["cuda-once-a"]["pid"]}
 
 
 def test_an_item_that_always_kills_its_actor_is_reported_not_retried_forever(

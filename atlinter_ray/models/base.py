@@ -43,11 +43,31 @@ class PairInterpolator(ABC):
     #: once before bisecting on the padded canvas (32 for its RIFE); 1 for no padding.
     atlinter_canvas: ClassVar[int] = 1
 
+    #: Where the model keeps its frames: None for host (numpy) models, else the torch
+    #: device whose tensors :meth:`interpolate_items` takes and returns.
+    device: Any = None
+
     @abstractmethod
     def interpolate(
         self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
     ) -> np.ndarray:
         """Return ``(N, K, C, H, W)``: each pair ``(a[i], b[i])`` at the ``K`` positions ``t``."""
+
+    def interpolate_items(
+        self, a: Any, b: Any, pair: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> Any:
+        """Return ``(M, C, H, W)``: item ``m`` is pair ``pair[m]`` at position ``t[m]``.
+
+        Items of different pairs and positions go in one call, so a worker batches
+        across tasks. This default asks :meth:`interpolate` once per distinct pair.
+        """
+        pair = np.asarray(pair)
+        t = np.asarray(t, dtype=np.float32)
+        out = np.empty((len(pair), *a.shape[1:]), dtype=np.float32)
+        for i in np.unique(pair):
+            which = np.flatnonzero(pair == i)
+            out[which] = self.interpolate(a[i : i + 1], b[i : i + 1], t[which], peak)[0]
+        return out
 
     def provenance(self) -> dict[str, Any]:
         """Describe the model for the output's per-slice provenance record."""
@@ -63,10 +83,16 @@ class FlowEstimator(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: As :attr:`PairInterpolator.device`: None for host models, else a torch device.
+    device: Any = None
 
     @abstractmethod
-    def flow(self, a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> np.ndarray:
-        """Return the ``(N, 2, H, W)`` flow from each ``a`` to its ``b``."""
+    def flow(self, a: Any, b: Any, peak: float = 1.0) -> Any:
+        """Return the ``(N, 2, H, W)`` flow from each ``a`` to its ``b``.
+
+        Host arrays in, host array out; a model with a torch :attr:`device` also takes
+        tensors on that device and returns one there.
+        """
 
     def provenance(self) -> dict[str, Any]:
         """Describe the model for the output's per-slice provenance record."""
@@ -102,6 +128,11 @@ def register_model(name: str) -> Callable[[F], F]:
         return factory
 
     return decorate
+
+
+def is_torch_model(name: str) -> bool:
+    """True for models that run on a torch device (they take ``device``, ``precision``...)."""
+    return name in _LAZY_MODULES
 
 
 def available_models() -> list[str]:

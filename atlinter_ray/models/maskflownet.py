@@ -104,8 +104,13 @@ def correlation(f1: torch.Tensor, f2: torch.Tensor, md: int) -> torch.Tensor:
     """FlowNet correlation, kernel 1: ``(N, (2md+1)^2, H, W)``, dy-major channels, / C.
 
     One vectorised product per row offset ``dy`` (all ``dx`` at once through an
-    ``unfold`` view) rather than one per displacement: few, large ops.
+    ``unfold`` view) rather than one per displacement: few, large ops. Always float32:
+    in fp16 the sum of up to 196 products of bright features overflows before the
+    division by C.
     """
+    if f1.dtype != torch.float32 or f2.dtype != torch.float32:
+        with torch.autocast(f1.device.type, enabled=False):
+            return correlation(f1.float(), f2.float(), md)
     n, c, h, w = f1.shape
     side = 2 * md + 1
     a = f1.permute(0, 2, 3, 1).unsqueeze(-1)  # (N, H, W, C, 1)
@@ -124,26 +129,42 @@ def _normalised(coord: torch.Tensor, size: int) -> torch.Tensor:
     return coord * (2.0 / (size - 1)) - 1.0
 
 
+def _coords(n: int, device: torch.device) -> torch.Tensor:
+    """``0 .. n-1`` as float32 (in bf16 ``arange`` is off by a pixel above 256)."""
+    return torch.arange(n, dtype=torch.float32, device=device)
+
+
 def warp(x: torch.Tensor, flow_yx: torch.Tensor) -> torch.Tensor:
-    """Sample ``x`` at ``p + flow(p)`` (flow channels dy, dx), zero outside (MXNet's warp)."""
+    """Sample ``x`` at ``p + flow(p)`` (flow channels dy, dx), zero outside (MXNet's warp).
+
+    Coordinates, flow and sampling in float32 whatever the autocast precision.
+    """
     n, _, h, w = x.shape
-    ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
+    flow_yx = flow_yx.float()
+    ys = _coords(h, x.device).view(1, h, 1)
+    xs = _coords(w, x.device).view(1, 1, w)
     grid = torch.stack(
         [_normalised(xs + flow_yx[:, 1], w), _normalised(ys + flow_yx[:, 0], h)], dim=-1
     )
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.grid_sample(
+            x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
 
 
 def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """MaskFlowNet's ``Upsample``: separable triangle-kernel transposed conv, per channel."""
+    """MaskFlowNet's ``Upsample``: separable triangle-kernel transposed conv, per channel.
+
+    Float32 whatever the autocast precision: it upsamples flows (units of 20 px).
+    """
     n, c, h, w = x.shape
     size = 2 * factor - 1
     centre = size // 2
-    taps = 1.0 - (centre - torch.arange(size, dtype=x.dtype, device=x.device)).abs() / (centre + 1)
+    taps = 1.0 - (centre - _coords(size, x.device)).abs() / (centre + 1)
     kernel = (taps[:, None] * taps[None, :]).view(1, 1, size, size)
-    y = F.pad(x.reshape(n * c, 1, h, w), (0, 1, 0, 1), mode="replicate")
-    y = F.conv_transpose2d(y, kernel, stride=factor, padding=factor - 1)
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.pad(x.float().reshape(n * c, 1, h, w), (0, 1, 0, 1), mode="replicate")
+        y = F.conv_transpose2d(y, kernel, stride=factor, padding=factor - 1)
     return y[..., :-1, :-1].reshape(n, c, h * factor, w * factor)
 
 
@@ -158,9 +179,10 @@ class DeformConv2d(nn.Module):
     def forward(self, x: torch.Tensor, offset_yx: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` sampled at ``p + tap + offset(p)``; ``offset_yx`` is ``(N, 2, H, W)``."""
         n, c, h, w = x.shape
-        taps = torch.arange(-1.0, 2.0, dtype=x.dtype, device=x.device)
-        ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, 1, 1, h, 1)
-        xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, 1, 1, w)
+        offset_yx = offset_yx.float()  # sampling positions in float32 whatever autocast does
+        taps = _coords(3, x.device) - 1.0
+        ys = _coords(h, x.device).view(1, 1, 1, h, 1)
+        xs = _coords(w, x.device).view(1, 1, 1, 1, w)
         # (N, 3 rows of taps, 3 columns of taps, H, W) sampling positions, row-major taps
         py = ys + taps.view(1, 3, 1, 1, 1) + offset_yx[:, 0].view(n, 1, 1, h, w)
         px = xs + taps.view(1, 1, 3, 1, 1) + offset_yx[:, 1].view(n, 1, 1, h, w)
@@ -169,10 +191,11 @@ class DeformConv2d(nn.Module):
         grid = torch.stack(
             [_normalised(px.clamp(0, w - 1), w), _normalised(py.clamp(0, h - 1), h)], dim=-1
         ).reshape(n, 9 * h, w, 2)
-        sampled = F.grid_sample(
-            x, grid, mode="bilinear", padding_mode="border", align_corners=True
-        ).reshape(n, c, 9, h, w)
-        cols = (sampled * inside.reshape(n, 1, 9, h, w).to(x.dtype)).reshape(n, c * 9, h * w)
+        with torch.autocast(x.device.type, enabled=False):
+            sampled = F.grid_sample(
+                x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+            ).reshape(n, c, 9, h, w)
+        cols = (sampled * inside.reshape(n, 1, 9, h, w).float()).reshape(n, c * 9, h * w)
         out = torch.matmul(self.weight.reshape(self.weight.shape[0], c * 9), cols)
         return out.reshape(n, -1, h, w) + self.bias.view(1, -1, 1, 1)
 
@@ -273,7 +296,7 @@ class MaskFlownetS(_Base):
         c1 = [f[:n] for f in both]
         c2 = [f[n:] for f in both]
         x = self._dense(6, [_leaky(correlation(c1[5], c2[5], self.md))])
-        flow = self.pred_flow6(x)
+        flow = self.pred_flow6(x).float()  # flows accumulate in float32 under autocast
         mask = self.pred_mask6(x)
         flows = [flow]
         for level in (5, 4, 3, 2):
@@ -285,11 +308,11 @@ class MaskFlownetS(_Base):
             warped = _leaky(warped * torch.sigmoid(mask) + getattr(self, f"conv{level}f")(feat))
             corr = _leaky(correlation(c1[i], warped, self.md))
             x = self._dense(level, [corr, c1[i], feat, flow])
-            flow = flow + getattr(self, f"pred_flow{level}")(x)
+            flow = flow + getattr(self, f"pred_flow{level}")(x).float()
             if level > 2:
                 mask = getattr(self, f"pred_mask{level}")(x)
             flows.append(flow)
-        flow = flow + self._context(x)
+        flow = flow + self._context(x).float()
         flows[-1] = flow
         occlusion = torch.sigmoid(upsample(mask, 4)) - 0.5
         im2_warped = warp(im2, upsample(flow, 4) * FLOW_SCALE)
@@ -344,8 +367,8 @@ class MaskFlownetNet(_Base):
                 x = self._dense(level, [corr_u, corr_v, flow])
             else:
                 x = self._dense(level, [c1[i], feat, corr_u, corr_v, flow, stage1[6 - level]])
-            flow = flow + getattr(self, f"pred_flow{level}")(x)
-        flow = flow + self._context(x)
+            flow = flow + getattr(self, f"pred_flow{level}")(x).float()
+        flow = flow + self._context(x).float()
         return flow * FLOW_SCALE
 
 
@@ -456,8 +479,8 @@ class MaskFlowNet(TorchFlowEstimator):
         flow = upsample(self.module(a, b), 4)
         if (hp, wp) != (h, w):
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=True)
-            ratio = torch.tensor([h / hp, w / wp], dtype=flow.dtype, device=flow.device)
-            flow = flow * ratio.view(1, 2, 1, 1)
+            # per-channel scalars: a small tensor built here would be a host-device copy
+            flow = torch.cat([flow[:, :1] * (h / hp), flow[:, 1:] * (w / wp)], dim=1)
         return flow.flip(1)
 
     def provenance(self) -> dict[str, Any]:

@@ -274,6 +274,12 @@ class CorrPyramid:
             corr = F.avg_pool2d(corr, 2, stride=2)
             self.levels.append(corr)
         self.radius = radius
+        # Level sizes (x, y) as device tensors once: built inside the lookup they were
+        # 4 host-device copies per iteration, 80 synchronisations per forward.
+        self.sizes = [
+            torch.tensor([c.shape[-1], c.shape[-2]], dtype=torch.float32).to(f1.device)
+            for c in self.levels
+        ]
         d = torch.arange(-radius, radius + 1, device=f1.device, dtype=torch.float32)
         # window[i, j] = (x offset d[i], y offset d[j]): x is the slow channel index.
         dx, dy = torch.meshgrid(d, d, indexing="ij")
@@ -284,11 +290,8 @@ class CorrPyramid:
         n, _, h, w = coords.shape
         centre = coords.permute(0, 2, 3, 1).reshape(n * h * w, 1, 1, 2)
         out = []
-        for level, corr in enumerate(self.levels):
+        for level, (corr, size) in enumerate(zip(self.levels, self.sizes)):
             pos = centre / 2**level + self.window  # pixel coordinates (x, y)
-            size = torch.tensor(
-                [corr.shape[-1], corr.shape[-2]], device=pos.device, dtype=pos.dtype
-            )
             grid = (2 * pos + 1) / size - 1  # align_corners=False: valid for any size
             sampled = F.grid_sample(corr, grid, mode="bilinear", align_corners=False)
             out.append(sampled.reshape(n, h, w, -1))

@@ -160,13 +160,13 @@ class _Rife(TorchPairInterpolator):
     ) -> tuple[nn.Module, str, int]:
         """The network with its weights, their sha256, and the padding multiple at scale 1."""
 
-    def interpolate(
-        self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
-    ) -> np.ndarray:
+    def interpolate_items(
+        self, a: Any, b: Any, pair: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> Tensor:
         """As the base class; ``scale: auto`` is resolved from this batch's image size."""
         if self.scale == "auto":
             self.flow_scale = auto_scale(*a.shape[-2:])
-        return super().interpolate(a, b, t, peak)
+        return super().interpolate_items(a, b, pair, t, peak)
 
     def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
         """Midpoint frames of padded RGB batches in [0, 1]."""

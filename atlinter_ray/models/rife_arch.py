@@ -16,20 +16,24 @@ Tensor = torch.Tensor
 
 
 def backward_warp(image: Tensor, flow: Tensor) -> Tensor:
-    """Sample ``image`` at ``(x + flow_x, y + flow_y)``, bilinear, border-clamped.
+    """Sample ``image`` at ``(x + flow_x, y + flow_y)``, bilinear, border-clamped; float32.
 
     The grid is built as RIFE builds it (``linspace(-1, 1)`` plus the flow scaled by
-    ``2 / (size - 1)``, ``align_corners=True``) so results match the originals.
+    ``2 / (size - 1)``, ``align_corners=True``) so results match the originals. Grid,
+    flow and sampling are float32 whatever the autocast precision: a bf16 grid is off
+    by up to half a pixel at 512 px, and autocast would not widen it by itself.
     """
+    flow = flow.float()
     n, _, h, w = flow.shape
     gx = torch.linspace(-1.0, 1.0, w, device=flow.device).view(1, 1, 1, w).expand(n, 1, h, w)
     gy = torch.linspace(-1.0, 1.0, h, device=flow.device).view(1, 1, h, 1).expand(n, 1, h, w)
     fx = flow[:, 0:1] / ((image.shape[3] - 1.0) / 2.0)
     fy = flow[:, 1:2] / ((image.shape[2] - 1.0) / 2.0)
     grid = torch.cat([gx + fx, gy + fy], 1).permute(0, 2, 3, 1)
-    return F.grid_sample(
-        image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=True
-    )
+    with torch.autocast(image.device.type, enabled=False):
+        return F.grid_sample(
+            image.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
 
 
 def _resize(x: Tensor, factor: float) -> Tensor:
@@ -128,11 +132,11 @@ class HDFlowNet(nn.Module):
         """Flow (half-resolution pixels) from ``cat(img0, img1)`` at full resolution."""
         x = _resize(x, 0.5 * scale)
         x0, x1 = x[:, :3], x[:, 3:]
-        flow = self.block0(x)
+        flow = self.block0(x).float()  # flows accumulate in float32 under autocast
         for block in (self.block1, self.block2, self.block3):
             flow = flow + block(
                 torch.cat((backward_warp(x0, flow), backward_warp(x1, -flow), flow), 1)
-            )
+            ).float()
         return _resize(flow, 1.0 / scale) / scale
 
 
@@ -244,14 +248,14 @@ class RifeV3Net(nn.Module):
     def forward(self, img0: Tensor, img1: Tensor, scale: float = 1.0) -> Tensor:
         """Midpoint frame (``merged[2]`` of the original)."""
         n, _, h, w = img0.shape
-        flow = img0.new_zeros((n, 4, h, w))
-        mask = img0.new_zeros((n, 1, h, w))
+        flow = img0.new_zeros((n, 4, h, w), dtype=torch.float32)
+        mask = img0.new_zeros((n, 1, h, w), dtype=torch.float32)
         w0, w1 = img0, img1
         for block, s in zip((self.block0, self.block1, self.block2), (4, 2, 1)):
             f0, m0 = block(torch.cat((w0, w1, mask), 1), flow, s / scale)
             f1, m1 = block(torch.cat((w1, w0, -mask), 1), _swap(flow), s / scale)
-            flow = flow + (f0 + _swap(f1)) / 2
-            mask = mask + (m0 - m1) / 2
+            flow = flow + (f0.float() + _swap(f1.float())) / 2
+            mask = mask + (m0.float() - m1.float()) / 2
             w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
         m = torch.sigmoid(mask)
         return w0 * m + w1 * (1 - m)
@@ -357,7 +361,7 @@ class RifeV4Net(nn.Module):
                 if ensemble:
                     rev = block(torch.cat((img1, img0, 1 - ts), 1), None, s / scale)
                     out = _average(out, rev)
-                flow, mask, feat = out[:, :4], out[:, 4:5], out[:, 5:]
+                flow, mask, feat = out[:, :4].float(), out[:, 4:5].float(), out[:, 5:]
             else:
                 if self.modern:
                     extra = (backward_warp(e0, flow[:, :2]), backward_warp(e1, flow[:, 2:4]))
@@ -368,8 +372,8 @@ class RifeV4Net(nn.Module):
                 if ensemble:
                     x = torch.cat((w1, w0, 1 - ts, -mask), 1)
                     out = _average(out, block(x, _swap(flow), s / scale))
-                flow = flow + out[:, :4]
-                mask = out[:, 4:5] if self.modern else mask + out[:, 4:5]
+                flow = flow + out[:, :4].float()
+                mask = out[:, 4:5].float() if self.modern else mask + out[:, 4:5].float()
                 feat = out[:, 5:]
             w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
         m = torch.sigmoid(mask)
