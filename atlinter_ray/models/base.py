@@ -63,7 +63,7 @@ class PairInterpolator(ABC):
         """
         pair = np.asarray(pair)
         t = np.asarray(t, dtype=np.float32)
-        out = np.empty((len(pair), *a.shape[1:]), dtype=np.float32)
+        out = np.empty((len(pair), *a.shape[1:]), dtype=np.result_type(a.dtype, np.float32))
         for i in np.unique(pair):
             which = np.flatnonzero(pair == i)
             out[which] = self.interpolate(a[i : i + 1], b[i : i + 1], t[which], peak)[0]
