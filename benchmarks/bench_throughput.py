@@ -281,6 +281,8 @@ class Run:
     mean_abs_diff_vs_fp32: float | None = None
     within_tolerance: bool | None = None
     error: str | None = None
+    #: Peak GPU memory of the configuration (torch's allocator), MiB.
+    peak_mib: float | None = None
 
 
 def device_name(device: torch.device) -> str:
@@ -317,6 +319,8 @@ def bench_config(
     model: Any = None
     call: Callable[[], np.ndarray] | None = None
     try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         model = build_model(
             name, checkpoint=ckpt, device=str(device), precision=run.precision,
             batch_size=run.batch, channels_last=channels_last,
@@ -335,6 +339,8 @@ def bench_config(
         run.s_per_call_median = statistics.median(run.times_s)
         run.s_per_call_min = min(run.times_s)
         run.pairs_per_s = len(pairs[0]) / run.s_per_call_median
+        if device.type == "cuda":
+            run.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
         return out
     except Exception as exc:  # noqa: BLE001  (OOM, unsupported precision: record, go on)
         run.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
@@ -389,6 +395,64 @@ def bench_model(
         "speedup_vs_baseline": (best.pairs_per_s / base.pairs_per_s) if best and base else None,
         "runs": [asdict(r) for r in runs],
     }
+
+
+# ------------------------------------------------------------------ whole task path
+def task_path(
+    name: str, ckpt: str, device: torch.device, precision: str, batch: int | None,
+    tasks: int, params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a user gets: a worker reads, predicts every slice, converts and writes.
+
+    ``tasks`` gap tasks of a 320 x 456 RGB uint8 coronal dataset on local disk, sections
+    every 8 slices (7 predicted slices per task; midpoint-only models with
+    ``placement=atlinter``), run by one :class:`TaskWorker` as a Ray actor runs them
+    (32 tasks per call), after one warm-up call. ``batch=None`` lets the runtime choose
+    from the free GPU memory.
+    """
+    from atlinter_ray.dataset import load_dataset
+    from atlinter_ray.models.base import build_model as build
+    from atlinter_ray.planning import plan_dataset
+    from atlinter_ray.store import VolumeStore
+    from atlinter_ray.worker import TaskWorker, WorkerSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sections = list(range(0, 8 * (tasks + 2) + 1, 8))
+        a, _ = make_pairs(len(sections), seed=1)
+        images = np.moveaxis(a, 1, -1).astype(np.uint8)
+        np.save(root / "g.npy", images)
+        (root / "g.json").write_text(json.dumps({"section_numbers": sections, "axis": "coronal"}))
+        ds = load_dataset(str(root / "g"), (sections[-1] + 1, HEIGHT, WIDTH), {})
+        arbitrary = build(name, checkpoint=ckpt, device="cpu", **(params or {})).__class__
+        placement = "exact" if getattr(arbitrary, "arbitrary_t", True) else "atlinter"
+        planned = [t for t in plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement,
+                                           "copy") if len(t.predicted) == 7][:tasks]
+        store = VolumeStore(str(root / "out"))
+        store.prepare_image(ds, "uint8", {"bench": name})
+        model_params = {"device": str(device), "precision": precision, **(params or {})}
+        if batch is not None:
+            model_params["batch_size"] = batch
+        spec = WorkerSpec(name, ckpt, model_params, {ds.id: ds}, {ds.id: "uint8"},
+                          str(root / "out"), placement=placement, io_threads=4)
+        worker = TaskWorker(spec)
+        calls = [planned[i : i + 32] for i in range(0, len(planned), 32)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        worker.run(planned[:8])  # warm-up: cuDNN autotuning, the memory plan
+        start = time.perf_counter()
+        results = [r for c in calls for r in worker.run(c)]
+        wall = time.perf_counter() - start
+        failed = [r.error for r in results if not r.done]
+        pairs = sum(r.model_calls for r in results)
+        return {
+            "precision": precision, "batch": batch if batch is not None else "auto",
+            "chosen_batch": worker.runtime.batch_size if worker.runtime else None,
+            "tasks": len(results), "failed": failed[:3], "seconds": wall,
+            "slices_per_s": 7 * len(results) / wall, "model_items_per_s": pairs / wall,
+            "peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                         if device.type == "cuda" else None),
+        }
 
 
 # ------------------------------------------------------------------ report
@@ -454,6 +518,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory")
     parser.add_argument("--tol-frame", type=float, default=2.0, help="grey levels of 255")
     parser.add_argument("--tol-flow", type=float, default=0.5, help="pixels")
+    parser.add_argument("--task-tasks", type=int, default=0,
+                        help="gap tasks for the whole-task-path runs (default 256 on cuda, "
+                        "0 = skip on cpu)")
     parser.add_argument("--offline", action="store_true",
                         help="never download: use cached files only (GPU machine)")
     parser.add_argument("--out", default=None,
@@ -467,7 +534,7 @@ def main() -> None:
         device = torch.device("cuda", 0)
     cuda = device.type == "cuda"
     batches = sorted(set(_csv(args.batches, int))) if args.batches else (
-        [1, 2, 4, 8, 16, 32] if cuda else [1, 2, 4])
+        [1, 4, 16, 64, 256] if cuda else [1, 2, 4])
     if 1 not in batches:
         batches = [1, *batches]  # the baseline
     precisions = _csv(args.precisions) if args.precisions else (
@@ -494,6 +561,7 @@ def main() -> None:
         "pairs_per_call": npairs, "batches": batches, "precisions": precisions,
         "repeats": args.repeats, "warmup": args.warmup, "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
+        "fp32_reference": "IEEE fp32 (TF32 off: the runtime turns it off for precision=fp32)",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
@@ -517,6 +585,18 @@ def main() -> None:
             t0 = time.perf_counter()
             res = bench_model(key, ckpt, device, batches, precisions, pairs, args)
             res["weights"] = weights
+            ntasks = args.task_tasks or (256 if cuda else 0)
+            if ntasks:  # the predecessor's way (batch 1, fp32) against the best, end to end
+                name = REGISTRY_NAME[key][0]
+                best = res["best"] or {"precision": "fp32"}
+                res["task_path"] = {}
+                for label, prec, batch in (("baseline_b1_fp32", "fp32", 1),
+                                           ("best_auto_batch", best["precision"], None)):
+                    try:
+                        res["task_path"][label] = task_path(name, ckpt, device, prec, batch, ntasks)
+                    except Exception as exc:  # noqa: BLE001  (recorded, the rest goes on)
+                        res["task_path"][label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"  {key:13s} task path {label}: {res['task_path'][label]}", flush=True)
             res["seconds"] = round(time.perf_counter() - t0, 1)
             results[key] = res
     print_table(results, batches, precisions)
