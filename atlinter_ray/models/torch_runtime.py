@@ -247,14 +247,18 @@ class TorchRuntime:
             strict_fp32()
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        """Move ``module`` to the device, in eval mode, without gradients."""
+        """Move ``module`` to the device, in eval mode (forwards run in inference mode)."""
         module = module.to(self.device).eval()
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # batches repeat the same shapes
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+        # Autocast caches its low-precision copy of a weight only for leaves that require
+        # grad; frozen ones would be cast again at every use (RAFT's update block 20 times
+        # a forward). Forwards run under inference_mode, so no graph is ever recorded.
+        keep_cache = self.precision != "fp32"
         for p in module.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(keep_cache)
         return module
 
     def autocast(self, enabled: bool = True) -> Any:
