@@ -14,7 +14,8 @@ from atlinter_ray.dataset import load_dataset
 from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import build_for_validation
 from atlinter_ray.errors import ConfigError, FatalWorkerError, NonFiniteOutputError
-from atlinter_ray.models.base import build_model, register_model
+from atlinter_ray.models import base
+from atlinter_ray.models.base import build_model
 from atlinter_ray.models.flow import warp, warp_tensor
 from atlinter_ray.models.maskflownet import correlation
 from atlinter_ray.models.maskflownet import warp as mfn_warp
@@ -39,7 +40,6 @@ def _autocast_on() -> bool:
     return torch.is_autocast_enabled("cpu")
 
 
-@register_model("test_blend")
 class Blend(TorchPairInterpolator):
     """Blend at t, then a fixed 3x3 blur; NaN under autocast when ``nan_low`` is set."""
 
@@ -59,14 +59,12 @@ class Blend(TorchPairInterpolator):
         return out * float("nan") if self.nan_low and _autocast_on() else out
 
 
-@register_model("test_midpoint")
 class Midpoint(Blend):
     """The same network, midpoint only: driven by bisection."""
 
     arbitrary_t = False
 
 
-@register_model("test_shift")
 class Shift(TorchFlowEstimator):
     """A smooth flow from the pair's difference (warps land between pixels, off the image)."""
 
@@ -81,6 +79,14 @@ class Shift(TorchFlowEstimator):
             raise RuntimeError(self.fail)
         d = (a - b).mean(1, keepdim=True)
         return torch.cat([3.7 * d + 0.3, -2.2 * d - 0.45], 1)
+
+
+@pytest.fixture(autouse=True)
+def _test_models(monkeypatch):
+    """This module's models in the registry while its tests run, and only then."""
+    for name, cls in (("test_blend", Blend), ("test_midpoint", Midpoint), ("test_shift", Shift)):
+        monkeypatch.setitem(base._REGISTRY, name, cls)
+        monkeypatch.setattr(cls, "name", name)
 
 
 def _pair(n=3, c=1, h=37, w=53, seed=0):
