@@ -127,6 +127,25 @@ def test_driver_without_cuda_accepts_fp16_cuda_for_the_workers(tmp_path):
         build_for_validation("raft_small", ckpt, {"device": "cpu", "precision": "fp16"})
 
 
+def test_the_run_records_the_workers_device_and_precision(tmp_path):
+    from atlinter_ray.pipeline import run
+
+    ds = _dataset(tmp_path / "in", step=16)
+    cfg = Config()
+    cfg.data.datasets = [ds.images_url]
+    cfg.data.reference_shape = list(real_volume().shape)
+    cfg.model.name, cfg.model.checkpoint = "raft_small", _raft_small_file(tmp_path)
+    cfg.model.params = {"iters": 2, "precision": "bf16"}
+    cfg.output.root, cfg.run.serial, cfg.run.progress = str(tmp_path / "out"), True, False
+    summary = run(cfg)
+    assert summary.ok and summary.devices == {"cpu bf16": summary.tasks_done}
+    attrs = VolumeStore(cfg.output.root).image_attrs(ds.id)["atlinter_ray"]
+    # the run's identity: as configured, not the driver's CPU fp32 validation build
+    assert (attrs["run"]["device"], attrs["run"]["precision"]) == ("auto", "bf16")
+    predicted = [p for p in attrs["provenance"] if p["status"] == "predicted"]
+    assert predicted and all((p["device"], p["precision"]) == ("cpu", "bf16") for p in predicted)
+
+
 # ------------------------------------------------------------------ finite outputs
 def test_nan_from_a_low_precision_forward_is_recomputed_in_fp32():
     a, b = _pair()

@@ -53,6 +53,7 @@ def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -
     summary = run(cfg)
     assert summary.ok and summary.tasks_done == len(SECTIONS) + 1
     assert summary.slices_written == 91 and summary.nodes
+    assert summary.devices == {"cpu fp32": summary.tasks_done}  # as the workers report
     truth = real_volume(rgb=True)
     group = zarr.open_group(str(tmp_path / "out" / "rgbgene.ome.zarr"), mode="r")
     out = np.moveaxis(group["0"][...], 0, -1)
