@@ -154,7 +154,8 @@ def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
     store.prepare_image(ds, "uint8", {"model": "linear"})
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices) * 3  # enough to reach both
+    # enough to reach both: the second actor may take seconds to start on a busy machine
+    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices) * 12
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root)
     cfg.resources.gpus_per_worker = 1
     rows = list(run_on_ray(tasks, spec, cfg.resources))
