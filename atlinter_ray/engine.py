@@ -33,7 +33,9 @@ import numpy as np
 
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.models.base import (
+    ContextInterpolator,
     FlowEstimator,
+    Neighbour,
     PairInterpolator,
     build_model,
     is_torch_model,
@@ -265,6 +267,41 @@ def predict_pairs(
             calls[i] += 1
     frames = [_stack(model, [known[i, t] for t in p]) if p else a[:0] for i, p in enumerate(positions)]
     return PairsPrediction(frames, calls)
+
+
+def model_context(model: PairInterpolator) -> int:
+    """Known sections the model reads on each side beyond a gap's bounds (planning)."""
+    return model.context if isinstance(model, ContextInterpolator) else 0
+
+
+def predict_gap(
+    model: PairInterpolator,
+    sections: Mapping[int, np.ndarray],
+    task: GapTask,
+    peak: float,
+    canvas: int = 1,
+) -> Prediction:
+    """Frames ``(1, K, C, H, W)`` of one task's predicted slices from its read ``sections``.
+
+    ``sections`` maps section number to ``(C, H, W)`` and holds at least the task's
+    :attr:`~atlinter_ray.planning.GapTask.sources`; a context model also gets the
+    task's ``context`` sections as neighbours. ``canvas`` as for :func:`predict`.
+    """
+    assert task.left is not None and task.right is not None
+    positions = [j.t for j in task.predicted if j.t is not None]
+    a, b = sections[task.left], sections[task.right]
+    if not isinstance(model, ContextInterpolator):
+        return predict(model, a[None], b[None], positions, peak, canvas)
+    gap = task.right - task.left
+    before = [s for s in task.context if s < task.left]
+    after = [s for s in task.context if s > task.right]
+    frames = model.interpolate_context(
+        a.astype(np.float32, copy=False), b.astype(np.float32, copy=False),
+        np.asarray(positions, np.float32), peak,
+        Neighbour(sections[before[-1]], gap / (task.left - before[-1])) if before else None,
+        Neighbour(sections[after[0]], gap / (after[0] - task.right)) if after else None,
+    )
+    return Prediction(frames[None], len(positions))
 
 
 def _split(

@@ -27,7 +27,7 @@ from atlinter_ray import __version__
 from atlinter_ray.config import Config, DataConfig, redact
 from atlinter_ray.dataset import Dataset, load_dataset
 from atlinter_ray.dtypes import output_dtype
-from atlinter_ray.engine import build_for_validation, check_reachable
+from atlinter_ray.engine import build_for_validation, check_reachable, model_context
 from atlinter_ray.errors import ConfigError, DatasetNotFoundError
 from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
@@ -36,6 +36,7 @@ from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
 from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.store import VolumeStore
+from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 from atlinter_ray.worker import TaskResult, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class RunSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
     scores: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: Dataset id -> the tuning stage's result (choice, scores, seconds, cached).
+    tuning: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,11 @@ class RunSummary:
             + (f"  fp32 reruns: {self.fp32_reruns}" if self.fp32_reruns else ""),
         ]
         lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
+        lines += [
+            f"tuned {k}: {'+'.join(r['members'])} curved={r['curved']} in {r['seconds']:.1f} s"
+            f"{' (cached)' if r['cached'] else ''}"
+            for k, r in self.tuning.items()
+        ]
         for ds_id, by_model in self.scores.items():
             for who, sc in by_model.items():
                 lines.append(
@@ -211,7 +219,8 @@ def run(cfg: Config) -> RunSummary:
     store = VolumeStore(cfg.output.root, cfg.output.storage_options)
     tasks_by_ds = {
         ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
-                            cfg.interpolation.placement, cfg.interpolation.edge)
+                            cfg.interpolation.placement, cfg.interpolation.edge,
+                            model_context(model))
         for ds in datasets
     }
     for tasks in tasks_by_ds.values():
@@ -233,6 +242,17 @@ def run(cfg: Config) -> RunSummary:
         pending = [t for t in tasks_by_ds[ds.id] if t.task_id not in done]
         skipped += len(tasks_by_ds[ds.id]) - len(pending)
         todo += pending
+    tuning: dict[str, Any] = {}
+    pending_ds = sorted({t.dataset_id for t in todo if t.predicted})
+    if is_tunable(model) and pending_ds:
+        by_id = {ds.id: ds for ds in datasets}
+        tuning = run_tuning(
+            [TuneJob(i, tuple(by_id[i].section_numbers)) for i in pending_ds],
+            TuneSpec(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.params),
+                     by_id, cfg.output.root, dict(cfg.output.storage_options),
+                     cfg.resources.threads_per_worker),
+            cfg.resources, cfg.run.serial,
+        )
     spec = WorkerSpec(
         model_name=cfg.model.name,
         checkpoint=cfg.model.checkpoint,
@@ -246,6 +266,7 @@ def run(cfg: Config) -> RunSummary:
         reference=reference,
         exact_fallback=fallback,
         placement=cfg.interpolation.placement,
+        tuning=tuning,
     )
     log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
     rows = _execute(todo, spec, cfg)
@@ -281,6 +302,7 @@ def run(cfg: Config) -> RunSummary:
         failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
         scores=scores,
         config=redact(asdict(cfg)),
+        tuning=tuning,
     )
     store.write_bytes("run_summary.json", json.dumps(asdict(summary), indent=2).encode())
     return summary

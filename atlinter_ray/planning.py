@@ -10,7 +10,16 @@ redone at any time without touching another task's slices::
              0..2    predicted 4..10     predicted     edge 20..21
 
 A gap task reads its two bounding known sections, copies the left one (measured)
-and predicts the slices between them. The leading task fills the slices before the
+and predicts the slices between them. A model that looks beyond the bounding pair
+(:class:`~atlinter_ray.models.base.ContextInterpolator`, e.g. curved trajectories
+through four sections) is planned with ``context=1``: each gap task then also lists
+the known section before ``left`` and the one after ``right`` in ``context`` and reads
+them, but still writes only its own slices::
+
+    known:    3        11        19        27
+    task 11->19:  context (3, 27), bounds 11 and 19, writes 11..18
+
+The leading task fills the slices before the
 first known section and the trailing task writes the last known section and the
 slices after it, following the edge policy: ``copy`` (the nearest known section, as
 the predecessor's ``GeneInterpolate`` does), ``empty`` (left at the fill value, 0) or,
@@ -80,13 +89,16 @@ class GapTask:
     """One unit of work: the slices between two known sections of one dataset.
 
     ``left``/``right`` are the bounding known sections (``None`` outside the known
-    range); ``jobs`` lists every slice the task writes, in slice order.
+    range); ``jobs`` lists every slice the task writes, in slice order; ``context``
+    lists known sections beyond the bounds that the model also reads (before ``left``
+    and after ``right``, sorted; empty for two-section models and at the ends).
     """
 
     dataset_id: str
     left: int | None
     right: int | None
     jobs: tuple[SliceJob, ...]
+    context: tuple[int, ...] = ()
 
     @property
     def task_id(self) -> str:
@@ -111,6 +123,7 @@ class GapTask:
         wanted = {j.source for j in self.jobs if j.source is not None}
         if self.predicted:
             wanted |= set(self.bounds)
+            wanted |= set(self.context)
         return tuple(sorted(wanted))
 
 
@@ -145,8 +158,12 @@ def plan_dataset(
     n_slices: int,
     placement: Placement | str = Placement.exact,
     edge: EdgePolicy | str = EdgePolicy.copy,
+    context: int = 0,
 ) -> list[GapTask]:
-    """All tasks that together write every slice ``0..n_slices-1`` of one dataset."""
+    """All tasks that together write every slice ``0..n_slices-1`` of one dataset.
+
+    ``context``: known sections each gap task also reads on each side beyond its bounds.
+    """
     placement = as_choice(Placement, placement, "interpolation.placement")
     edge = as_choice(EdgePolicy, edge, "interpolation.edge")
     known = sorted(section_numbers)
@@ -155,13 +172,14 @@ def plan_dataset(
     if first > 0 and edge != EdgePolicy.empty:
         tasks.append(GapTask(dataset_id, None, first,
                              tuple(_edge_job(s, first, edge) for s in range(first))))
-    for left, right in zip(known, known[1:]):
+    for i, (left, right) in enumerate(zip(known, known[1:])):
         jobs = [SliceJob(left, MEASURED, source=left)]
         jobs += [
             SliceJob(s, PREDICTED, t=slice_position(s, left, right, placement))
             for s in range(left + 1, right)
         ]
-        tasks.append(GapTask(dataset_id, left, right, tuple(jobs)))
+        extra = context_sections(known, i, context) if len(jobs) > 1 else ()
+        tasks.append(GapTask(dataset_id, left, right, tuple(jobs), extra))
     tail = [SliceJob(last, MEASURED, source=last)]
     if edge != EdgePolicy.empty:
         tail += [_edge_job(s, last, edge) for s in range(last + 1, n_slices)]
@@ -174,6 +192,13 @@ def _edge_job(slice_number: int, nearest: int, edge: EdgePolicy) -> SliceJob:
     if edge == EdgePolicy.reference:
         return SliceJob(slice_number, PREDICTED)
     return SliceJob(slice_number, EDGE, source=nearest)
+
+
+def context_sections(known: Sequence[int], i: int, n: int) -> tuple[int, ...]:
+    """Up to ``n`` known sections before ``known[i]`` and after ``known[i + 1]`` (sorted)."""
+    if n <= 0:
+        return ()
+    return tuple(known[max(0, i - n) : i]) + tuple(known[i + 2 : i + 2 + n])
 
 
 def is_dyadic(t: float) -> bool:

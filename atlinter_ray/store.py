@@ -172,9 +172,17 @@ class VolumeStore:
 
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write a small file (summary, picture) under the root; return its URL."""
-        self.fs.makedirs(self._root_path, exist_ok=True)
-        write_atomic(self.fs, self._fs_path(name), data)
+        path = self._fs_path(name)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        write_atomic(self.fs, path, data)
         return _join(self.root, name)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A small file written by :meth:`write_bytes`, or None when there is none."""
+        try:
+            return bytes(self.fs.cat_file(self._fs_path(name)))
+        except FileNotFoundError:
+            return None
 
     def _opts(self, url: str) -> dict[str, Any] | None:
         # zarr rejects storage_options for plain local paths

@@ -44,11 +44,12 @@ from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import (
     atlinter_canvas,
     build_interpolator,
+    predict_gap,
     predict_pairs,
     slice_provenance,
 )
 from atlinter_ray.errors import FatalWorkerError
-from atlinter_ray.models.base import FlowEstimator
+from atlinter_ray.models.base import ContextInterpolator, FlowEstimator, PairInterpolator
 from atlinter_ray.models.reference_guided import (
     nearest_known,
     predict_from_reference,
@@ -126,6 +127,8 @@ class WorkerSpec:
     placement: Placement = Placement.exact
     #: Threads that read sections and commit tasks while the model computes.
     io_threads: int = 2
+    #: Dataset id -> the tuning stage's result for that stack (:mod:`atlinter_ray.tuning`).
+    tuning: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _identity(model: Any) -> WorkerIdentity:
@@ -200,9 +203,19 @@ class TaskWorker:
             self.reference = spec.reference
             self.estimator = reference_estimator(self.model, spec.model_name)
             self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
+        self.tuning = dict(spec.tuning)
+        self._tuned: dict[str, PairInterpolator] = {}
         self.runtime = _runtime(self.model)
         self.identity = _identity(self.model)
         self.io = ThreadPoolExecutor(max(1, spec.io_threads), thread_name_prefix="atlinter-io")
+
+    def model_for(self, dataset_id: str) -> PairInterpolator:
+        """The model with this dataset's tuning applied (the configured one if untuned)."""
+        if dataset_id not in self.tuning:
+            return self.model
+        if dataset_id not in self._tuned:
+            self._tuned[dataset_id] = self.model.tuned(self.tuning[dataset_id])  # type: ignore[attr-defined]
+        return self._tuned[dataset_id]
 
     def run(self, tasks: list[GapTask]) -> list[TaskResult]:
         """Run ``tasks``; return one result per task, in order."""
@@ -303,6 +316,12 @@ class TaskWorker:
         if gaps and self.reference is not None:
             for task in gaps:
                 frames[task.task_id] = self._from_reference(task, sections)
+                calls[task.task_id] = len(task.predicted)
+        elif gaps and isinstance(self.model, ContextInterpolator):
+            for task in gaps:  # each task with its own neighbours (and its stack's tuning)
+                own = {s: sections[task.dataset_id, s] for s in task.sources}
+                model = self.model_for(task.dataset_id)
+                frames[task.task_id] = predict_gap(model, own, task, chunk.peak).frames[0]
                 calls[task.task_id] = len(task.predicted)
         elif gaps:
             keys = sorted({(t.dataset_id, s) for t in gaps for s in (t.left, t.right)})
@@ -409,6 +428,11 @@ class TaskWorker:
                               **slice_provenance(self.model, job.t, self.provenance))
                 if self.reference is not None:
                     record["known"] = nearest_known(job.slice, task.bounds)
+                if task.context:
+                    record["context"] = list(task.context)
+                tuned = self.tuning.get(task.dataset_id)
+                if tuned is not None:
+                    record["tuned"] = {k: tuned[k] for k in ("members", "curved", "key")}
             records.append(record)
         commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls)
 

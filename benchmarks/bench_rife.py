@@ -24,7 +24,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from atlinter_ray.models.base import build_model  # noqa: E402
 from atlinter_ray.models.rife import auto_scale  # noqa: E402
 from atlinter_ray.testing import rife_wheels as W  # noqa: E402  (wheels, oracles, scoring)
 from atlinter_ray.testing.predecessor import import_predecessor  # noqa: E402
+from atlinter_ray.testing.volumes import mni152_1mm  # noqa: E402
 
 
 def compare(
@@ -149,19 +149,9 @@ def speed(repeats: int, batch: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def template_1mm() -> np.ndarray:
-    """The 1 mm MNI152 T1 template the sample is made from, cropped, uint8 (AP, DV, LR)."""
-    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "scripts/make_sample.py")
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
-    volume, affine = ms.read_nifti1(ms.load_template(None))
-    volume = ms.crop_to_foreground(ms.to_ap_dv_lr(volume, affine), ms.FOREGROUND, ms.MARGIN)
-    return ms.to_uint8(volume)
-
-
 def quality(gaps: tuple[int, ...]) -> list[tuple[str, str, int, float, float]]:
     """Rows (volume, model, gap, mean PSNR, mean SSIM) on the two real volumes."""
-    volumes = {"MNI152 2 mm": np.load(W.SAMPLE)["volume"], "MNI152 1 mm": template_1mm()}
+    volumes = {"MNI152 2 mm": np.load(W.SAMPLE)["volume"], "MNI152 1 mm": mni152_1mm()}
     wheels = {spec: W.pypi.extract(spec) for spec in W.WHEELS}
     rows = []
     for title, volume in volumes.items():

@@ -20,15 +20,23 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from atlinter_ray.evaluation.config import ks
-from atlinter_ray.planning import EDGE, PREDICTED, GapTask, Placement, SliceJob, slice_position
+from atlinter_ray.planning import (
+    EDGE,
+    PREDICTED,
+    GapTask,
+    Placement,
+    SliceJob,
+    context_sections,
+    slice_position,
+)
 
 
 def _interior(dataset_id: str, left: int, right: int, targets: Sequence[int],
-              placement: Placement | str) -> GapTask:
+              placement: Placement | str, context: tuple[int, ...] = ()) -> GapTask:
     """A task predicting ``targets`` from the sections ``left`` and ``right``."""
     jobs = tuple(SliceJob(s, PREDICTED, t=slice_position(s, left, right, placement))
                  for s in targets)
-    return GapTask(dataset_id, left, right, jobs)
+    return GapTask(dataset_id, left, right, jobs, context)
 
 
 def _edge(dataset_id: str, source: int, targets: Sequence[int], before: bool) -> GapTask:
@@ -39,7 +47,7 @@ def _edge(dataset_id: str, source: int, targets: Sequence[int], before: bool) ->
 
 def plan_holdout(
     dataset_id: str, section_numbers: Iterable[int], holdout: str, k: int = 2,
-    placement: Placement | str = Placement.exact,
+    placement: Placement | str = Placement.exact, context: int = 0,
 ) -> list[GapTask]:
     """Evaluation tasks of one dataset: held-out sections and what predicts them.
 
@@ -47,23 +55,35 @@ def plan_holdout(
     the others; ``leave_one_out`` holds out each section alone. Interior targets are
     ``predicted`` jobs at their position between the bounding kept sections; targets
     with a kept section on one side only are ``edge-filled`` jobs copying it.
+    ``context`` kept sections on each side beyond the bounds are listed for context
+    models (never a held-out one: with ``leave_one_out``, the neighbours of the pair).
     """
     known = sorted(section_numbers)
     if holdout == "leave_one_out":
         tasks = [_edge(dataset_id, known[1], [known[0]], before=True)]
-        tasks += [_interior(dataset_id, known[i - 1], known[i + 1], [known[i]], placement)
+        others = [[s for s in known if s != known[i]] for i in range(len(known))]
+        tasks += [_interior(dataset_id, known[i - 1], known[i + 1], [known[i]], placement,
+                            context_sections(others[i], i - 1, context))
                   for i in range(1, len(known) - 1)]
         tasks.append(_edge(dataset_id, known[-2], [known[-1]], before=False))
         return tasks
     kept = known[:: ks(k)[0]]
     tasks = []
-    for left, right in zip(kept, kept[1:]):
+    for i, (left, right) in enumerate(zip(kept, kept[1:])):
         targets = [s for s in known if left < s < right]
-        tasks.append(_interior(dataset_id, left, right, targets, placement))
+        tasks.append(_interior(dataset_id, left, right, targets, placement,
+                               context_sections(kept, i, context)))
     tail = [s for s in known if s > kept[-1]]
     if tail:
         tasks.append(_edge(dataset_id, kept[-1], tail, before=False))
     return tasks
+
+
+def kept_sections(tasks: Sequence[GapTask]) -> tuple[int, ...]:
+    """The sections one holdout keeps: what tuning may read (never a held-out one)."""
+    scored = {j.slice for t in tasks for j in t.jobs}
+    used = {s for t in tasks for s in (t.left, t.right, *t.context) if s is not None}
+    return tuple(sorted(used - scored))
 
 
 def slice_geometry(task: GapTask, job: SliceJob) -> tuple[int | None, int]:

@@ -39,16 +39,24 @@ from typing import Any
 import numpy as np
 
 from atlinter_ray.config import redact
-from atlinter_ray.engine import build_interpolator
+from atlinter_ray.dataset import Dataset
+from atlinter_ray.engine import build_interpolator, model_context
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.evaluation.config import EvaluateConfig, Holdout, check_config, ks
-from atlinter_ray.evaluation.holdout import holdout_summary, panel_slices, plan_holdout
+from atlinter_ray.evaluation.holdout import (
+    holdout_summary,
+    kept_sections,
+    panel_slices,
+    plan_holdout,
+)
 from atlinter_ray.evaluation.report import metrics_plot_png, panel_png, report_tables
 from atlinter_ray.evaluation.workers import EvalResult, EvalSpec, EvalWorker, failed_result
 from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.pipeline import load_datasets
 from atlinter_ray.planning import GapTask, bisection_nodes
 from atlinter_ray.store import VolumeStore
+from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,34 @@ def _run(tasks: list[GapTask], spec: EvalSpec, cfg: EvaluateConfig) -> Iterator[
     yield from map_batches(tasks, EvalWorker, spec, cfg.resources, failed_result)
 
 
+def _tune(
+    cfg: EvaluateConfig, models: dict[str, PairInterpolator], datasets: list[Dataset],
+    plans: dict[str, list[list[GapTask]]], sweep: list[int],
+) -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
+    """Tune each tunable model per dataset and holdout on the kept sections only.
+
+    Returns model -> task id -> (``<dataset>/k=<k>``, tuning result).
+    """
+    tunable = [m for m, model in models.items() if is_tunable(model)]
+    if tunable and cfg.holdout != Holdout.every_k:
+        raise ConfigError(
+            f"models {tunable} tune on the kept sections (params.<model>.tune=true), which "
+            "needs holdout=every_k (with leave_one_out every section is held out once)"
+        )
+    out: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+    for name in tunable:
+        jobs = [TuneJob(ds.id, kept_sections(tasks), f"{ds.id}/k={k}")
+                for ds in datasets for k, tasks in zip(sweep, plans[ds.id])]
+        spec = TuneSpec(name, cfg.checkpoints.get(name), dict(cfg.params.get(name) or {}),
+                        {ds.id: ds for ds in datasets}, cfg.output_root,
+                        dict(cfg.output_storage_options), cfg.resources.threads_per_worker)
+        results = run_tuning(jobs, spec, cfg.resources, cfg.serial)
+        out[name] = {t.task_id: (f"{i}/k={k}", results[f"{i}/k={k}"])
+                     for i, per_k in plans.items() for k, tasks in zip(sweep, per_k)
+                     for t in tasks}
+    return out
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluation; write ``evaluation.json`` and the plots; return the report."""
     start = time.perf_counter()
@@ -73,8 +109,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
               for m in cfg.models}
     datasets = load_datasets(cfg.data)
     sweep = ks(cfg.k) if cfg.holdout == Holdout.every_k else [0]
-    plans = {ds.id: [plan_holdout(ds.id, ds.section_numbers, cfg.holdout, k, cfg.placement)
-                     for k in sweep] for ds in datasets}
+    context = max(model_context(m) for m in models.values())
+    plans = {ds.id: [plan_holdout(ds.id, ds.section_numbers, cfg.holdout, k, cfg.placement,
+                                  context) for k in sweep] for ds in datasets}
     empty = [i for i, per_k in plans.items() for tasks in per_k
              if not any(t.predicted for t in tasks)]
     if empty:
@@ -95,12 +132,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     f"positions ({exc}). Fix: set placement=atlinter, or k=2 or 4 on "
                     "evenly spaced sections"
                 ) from exc
+    tuning = _tune(cfg, models, datasets, plans, sweep)
     panel = {i: panel_slices(per_k[0], cfg.panel_slices) for i, per_k in plans.items()}
     spec = EvalSpec(
         models=tuple(cfg.models), params={m: dict(p) for m, p in cfg.params.items()},
         checkpoints=dict(cfg.checkpoints), datasets={ds.id: ds for ds in datasets},
         panel={t: s for by_task in panel.values() for t, s in by_task.items()},
         threads=cfg.resources.threads_per_worker, placement=cfg.placement,
+        tuning={m: {t: r for t, (_, r) in by_task.items()} for m, by_task in tuning.items()},
     )
     tasks = [t for per_k in plans.values() for ts in per_k for t in ts]
     log.info("evaluating %s on %d datasets, %d tasks", cfg.models, len(datasets), len(tasks))
@@ -136,6 +175,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "per_dataset": {ds.id: report_tables([r for r in rows if r["dataset"] == ds.id])
                         for ds in datasets},
         "failures": failures,
+        "tuning": {m: dict(by_task.values()) for m, by_task in tuning.items()},
         "slices": rows,
         "wall_seconds": round(time.perf_counter() - start, 3),
         "config": redact(asdict(cfg)),

@@ -38,6 +38,8 @@ def report_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         by_model[r["model"]].append(r)
     return {
         "overall": {m: aggregate(rs) for m, rs in by_model.items()},
+        "seconds_per_slice": {m: round(float(np.mean([r["seconds"] for r in rs])), 4)
+                              for m, rs in by_model.items()},
         "by_gap": _grouped(interior, "gap"),
         "by_distance": _grouped(interior, "distance"),
         "edge": {

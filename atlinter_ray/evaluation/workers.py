@@ -17,9 +17,10 @@ import numpy as np
 
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
-from atlinter_ray.engine import atlinter_canvas, build_interpolator, predict
+from atlinter_ray.engine import atlinter_canvas, build_interpolator, predict_gap
 from atlinter_ray.evaluation.holdout import slice_geometry
 from atlinter_ray.metrics import score_slice
+from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.planning import GapTask, Placement
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class EvalSpec:
     threads: int = 1
     #: ``placement`` (``atlinter``: the predecessor's padded canvas for its RIFE).
     placement: Placement = Placement.exact
+    #: Model name -> task id -> the tuning stage's result for that task's kept sections.
+    tuning: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +80,13 @@ class EvalWorker:
         self.canvas = {n: atlinter_canvas(m, spec.placement) for n, m in self.models.items()}
         self.datasets = dict(spec.datasets)
         self.panel = {k: set(v) for k, v in spec.panel.items()}
+        self.tuning = spec.tuning
+
+    def _model(self, name: str, task: GapTask) -> PairInterpolator:
+        """The model ``name``, tuned on this task's kept sections when it was tuned."""
+        result = self.tuning.get(name, {}).get(task.task_id)
+        model = self.models[name]
+        return model if result is None else model.tuned(result)  # type: ignore[attr-defined]
 
     def run(self, tasks: list[GapTask]) -> list[EvalResult]:
         """Score a batch of tasks: the pool's entry point."""
@@ -95,15 +105,14 @@ class EvalWorker:
         """Score rows of every model on the task, and the panel slices' predictions."""
         ds = self.datasets[task.dataset_id]
         targets = [j.slice for j in task.jobs]
-        bounds = list(task.bounds)
+        bounds = [*task.bounds, *task.context]
         images = dict(zip(bounds + targets, read_sections(ds, bounds + targets)))
         if task.predicted:
-            a, b = images[task.left][None], images[task.right][None]
             candidates = {}
-            for name, model in self.models.items():
+            for name in self.models:
+                model = self._model(name, task)
                 start = time.perf_counter()
-                positions = [j.t for j in task.jobs]
-                frames = predict(model, a, b, positions, ds.peak, self.canvas[name]).frames[0]
+                frames = predict_gap(model, images, task, ds.peak, self.canvas[name]).frames[0]
                 seconds = (time.perf_counter() - start) / len(task.jobs)
                 candidates[name] = (to_dtype(frames, ds.dtype), seconds)
         else:

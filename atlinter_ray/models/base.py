@@ -13,6 +13,12 @@ dataset's own units: ``peak`` is the value of full intensity (255 for uint8 data
 Models that work on ``[0, 1]`` divide by ``peak`` themselves, so arithmetic models
 such as ``linear`` stay exact on integer data.
 
+A **context interpolator** is a pair interpolator that also reads known sections
+beyond the bounding pair (the one before ``a`` and the one after ``b``, each given
+with its distance); the planner lists them in :attr:`GapTask.context
+<atlinter_ray.planning.GapTask>` and the worker reads them. Called as a plain pair
+interpolator (no neighbours) it falls back to what two sections allow.
+
 The registry maps a name (the Hydra ``model.name`` choice) to a factory. Built-in
 models register with :func:`register_model`; models whose module imports torch are
 listed in ``_LAZY_MODULES`` and imported only when asked for, so CPU workers running a
@@ -24,6 +30,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -74,6 +81,45 @@ class PairInterpolator(ABC):
         return {"model": self.name, "checkpoint_sha256": None}
 
 
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """A known section beyond the bounding pair: ``(C, H, W)`` and its distance ratio.
+
+    ``ratio`` is the pair's gap divided by this section's distance to the nearer
+    bound (1.0 on evenly spaced sections; 0.5 when the neighbour is twice as far).
+    """
+
+    image: np.ndarray
+    ratio: float = 1.0
+
+
+class ContextInterpolator(PairInterpolator):
+    """A pair interpolator that also uses one known section on each side of the pair."""
+
+    #: Known sections it reads on each side beyond the bounding pair.
+    context: ClassVar[int] = 1
+
+    @abstractmethod
+    def interpolate_context(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        t: np.ndarray,
+        peak: float,
+        before: Neighbour | None,
+        after: Neighbour | None,
+    ) -> np.ndarray:
+        """Return ``(K, C, H, W)``: the pair ``a``, ``b`` ``(C, H, W)`` at the ``K`` positions."""
+
+    def interpolate(
+        self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> np.ndarray:
+        """Frames ``(N, K, C, H, W)`` from the pairs alone (no neighbours)."""
+        return np.stack(
+            [self.interpolate_context(x, y, t, peak, None, None) for x, y in zip(a, b)]
+        )
+
+
 class FlowEstimator(ABC):
     """Estimates dense optical flow between two images.
 
@@ -113,6 +159,8 @@ _LAZY_MODULES: dict[str, str] = {
     "raft": "atlinter_ray.models.raft",
     "raft_small": "atlinter_ray.models.raft",
     "maskflownet": "atlinter_ray.models.maskflownet",
+    "curved": "atlinter_ray.models.context",
+    "fusion": "atlinter_ray.models.context",
 }
 
 
