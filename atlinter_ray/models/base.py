@@ -159,8 +159,6 @@ _LAZY_MODULES: dict[str, str] = {
     "raft": "atlinter_ray.models.raft",
     "raft_small": "atlinter_ray.models.raft",
     "maskflownet": "atlinter_ray.models.maskflownet",
-    "curved": "atlinter_ray.models.context",
-    "fusion": "atlinter_ray.models.context",
 }
 
 

@@ -50,7 +50,6 @@ import cv2
 import numpy as np
 
 from atlinter_ray.errors import ConfigError
-from atlinter_ray.metrics import psnr
 from atlinter_ray.models.base import (
     ContextInterpolator,
     FlowEstimator,
@@ -251,6 +250,8 @@ class FusionInterpolator(ContextInterpolator):
         chosen ``members`` and ``curved``, every configuration's mean PSNR and the
         seconds spent.
         """
+        from atlinter_ray.metrics import psnr  # scikit-image: only where tuning runs
+
         start = time.perf_counter()
         z = list(numbers)
         n = len(z)
