@@ -10,24 +10,28 @@ so users' edits win), else the copy shipped inside the package (``atlinter_ray.c
 
 Exit status, the same for every job: 0 success; 2 bad configuration or input (nothing
 was written); 1 the run failed while running (rerun the same command to finish).
-Errors go to stderr as one message; secret-looking values of the configuration never
-appear in it, and no exception reaches Hydra (which would print every override).
+Errors go to stderr as one message (naming what failed and the fix; the traceback only
+with ``run.debug=true``), and no exception reaches Hydra (which would print every
+override). Everything the process prints is scrubbed of secret values
+(:mod:`atlinter_ray.secrets`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from atlinter_ray.config import Config, secret_values
+from atlinter_ray.config import Config
 from atlinter_ray.errors import AtlinterRayError, ConfigError
+from atlinter_ray.secrets import override_secrets, redacted_output, secret_values
 
 log = logging.getLogger("atlinter_ray")
 
@@ -75,36 +79,44 @@ def register_configs() -> None:
     )
 
 
-def redacted(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret value replaced by ``***``."""
-    for value in sorted(secrets, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
-
-
-def fail(message: str, status: int, secrets: Iterable[str] = ()) -> None:
-    """Print ``message`` (secrets removed) to stderr and exit with ``status``."""
-    print(f"atlinter_ray: error: {redacted(message, secrets)}", file=sys.stderr, flush=True)
+def fail(message: str, status: int) -> NoReturn:
+    """Print ``message`` to stderr (scrubbed, as all output: :func:`run_app`) and exit."""
+    print(f"atlinter_ray: error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
-def guarded(job: Callable[[Any], int]) -> Callable[[DictConfig], None]:
+def guarded(
+    job: Callable[[Any], int], secrets: set[str] | None = None
+) -> Callable[[DictConfig], None]:
     """Hydra task running ``job(config object)``: exit status from its result or error.
 
     ``job`` returns 0 or :data:`EXIT_FAILED`. Our errors exit with their
-    ``exit_status``; any other exception is a runtime failure reported in one line, with
-    the traceback only at log level DEBUG.
+    ``exit_status``; any other exception is a runtime failure reported in one line,
+    with the traceback only when ``run.debug=true``. No exception reaches Hydra (it
+    would print every override). The configuration's secret values join ``secrets``.
     """
 
+    known = set() if secrets is None else secrets
+
     def task(cfg: DictConfig) -> None:
-        secrets = secret_values(OmegaConf.to_container(cfg, resolve=False))
+        known.update(secret_values(OmegaConf.to_container(cfg, resolve=False)))
+        debug = bool(OmegaConf.select(cfg, "run.debug", default=False))
         try:
-            status = job(OmegaConf.to_object(cfg))
+            config = OmegaConf.to_object(cfg)
+        except Exception as exc:  # noqa: BLE001 - a value the schema rejects
+            fail(f"the configuration is invalid: {exc}", ConfigError.exit_status)
+        try:
+            status = job(config)
         except AtlinterRayError as exc:
-            fail(str(exc), exc.exit_status, secrets)
-        except Exception as exc:
-            log.debug("unexpected error", exc_info=True)
-            fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED, secrets)
+            if debug:
+                traceback.print_exc()
+            fail(str(exc), exc.exit_status)
+        except Exception as exc:  # noqa: BLE001 - every failure ends in our own message
+            if debug:
+                traceback.print_exc()
+            fail(f"the run failed: {type(exc).__name__}: {exc}. Work already done is kept: "
+                 "rerun the same command to finish. If it fails again the same way, rerun "
+                 "with run.debug=true for the traceback and report it.", EXIT_FAILED)
         if status:
             sys.exit(status)
 
@@ -112,15 +124,32 @@ def guarded(job: Callable[[Any], int]) -> Callable[[DictConfig], None]:
 
 
 def run_app(config_name: str, job: Callable[[Any], int]) -> None:
-    """Compose ``conf/<config_name>.yaml`` with command-line overrides and run ``job``."""
-    try:
-        folder = conf_dir()
-    except ConfigError as exc:
-        fail(str(exc), exc.exit_status)
-    register_configs()
-    hydra.main(config_path=str(folder), config_name=config_name, version_base="1.3")(
-        guarded(job)
-    )()
+    """Compose ``conf/<config_name>.yaml`` with command-line overrides and run ``job``.
+
+    Everything the process prints goes through :func:`~atlinter_ray.secrets.scrub`,
+    with the secret values of the overrides (known before Hydra parses them, so its
+    own error messages are covered), of the environment and of the composed config.
+    Overrides that Hydra refuses exit with status 2, like any bad configuration.
+    """
+    with redacted_output(override_secrets(sys.argv[1:])) as secrets:
+        try:
+            folder = conf_dir()
+        except ConfigError as exc:
+            fail(str(exc), exc.exit_status)
+        register_configs()
+        ran: list[bool] = []
+
+        def task(cfg: DictConfig) -> None:
+            ran.append(True)
+            guarded(job, secrets)(cfg)
+
+        try:
+            hydra.main(config_path=str(folder), config_name=config_name,
+                       version_base="1.3")(task)()
+        except SystemExit as exc:
+            if not ran and exc.code not in (0, None):
+                sys.exit(ConfigError.exit_status)  # Hydra refused an override
+            raise
 
 
 def interpolate(config: Config) -> int:

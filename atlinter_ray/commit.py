@@ -2,7 +2,10 @@
 
 The worker decides when and from where a task is committed (the compute path); this
 module decides what committing means. The order is what makes a crash harmless: a task
-whose marker exists has every slice written, and a task without one is simply redone.
+whose marker exists has every object written, and a task without one is simply
+redone. The marker is bound to the image generation and input fingerprint it was
+written for (``identity``) and names every object the task stored with its size, so
+finishing can prove the dataset complete from one listing of the store.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from atlinter_ray.dataset import Dataset
+from atlinter_ray.errors import StorageError, is_storage_error
+from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.planning import GapTask
 from atlinter_ray.store import VolumeStore
 
@@ -24,14 +29,25 @@ def commit_task(
     block: np.ndarray,
     records: Sequence[Mapping[str, Any]],
     model_calls: int,
+    identity: ImageIdentity,
 ) -> None:
     """Write ``block`` (the task's slices ``(K, C, H, W)`` in the output dtype), then its marker.
 
-    ``records`` is the per-slice provenance, in slice order, that the marker carries.
+    ``records`` is the per-slice provenance, in slice order, that the marker carries;
+    ``identity`` the image generation and input fingerprint the task was planned for.
+    A failing store raises :class:`~atlinter_ray.errors.StorageError` naming the task.
     """
-    # a task's slices are consecutive (planning.GapTask), so they go in one write
-    store.write_slices(ds, task.jobs[0].slice, block)
-    store.mark_done(
-        task.task_id,
-        {"task_id": task.task_id, "slices": list(records), "model_calls": model_calls},
-    )
+    try:
+        # a task's slices are consecutive (planning.GapTask), so they go in one write
+        objects = store.write_slices(ds, task.jobs[0].slice, block)
+        store.mark_done(identity, task.task_id, {
+            "slices": list(records), "model_calls": model_calls, "objects": objects,
+        })
+    except Exception as exc:
+        if not is_storage_error(exc) or isinstance(exc, StorageError):
+            raise
+        raise StorageError(
+            f"{task.task_id}: writing to {store.image_url(ds.id)} failed "
+            f"({type(exc).__name__}: {str(exc)[:300]}). Fix: check that the output store "
+            "is reachable, writable and not full, then rerun the same command."
+        ) from exc

@@ -34,6 +34,9 @@ class DataConfig:
     #: Optional ground truth per dataset id: ``.npz`` files holding ``volume``
     #: (reference orientation, channels last), to score the predicted slices.
     truth: dict[str, str] = field(default_factory=dict)
+    #: Run the valid datasets and report the invalid ones as skipped, instead of
+    #: refusing the job (which lists every invalid one).
+    skip_invalid: bool = False
 
 
 @dataclass
@@ -48,8 +51,19 @@ class OutputConfig:
     quicklook: bool = True
     #: Zstandard level of the chunks (1..22; higher: smaller files, slower writes). 1
     #: writes a 320x456 RGB slice ~5x faster than zstd's default 3 at a similar size on
-    #: sparse images; it only applies when the image is created.
+    #: sparse images. Part of the image's identity, like the layout settings below.
     zstd_level: int = 1
+    #: In-plane chunk ``[h, w]`` of the full-resolution array; None: whole slices. Along
+    #: the section axis an object is always one slice (tasks own whole objects).
+    chunks: list[int] | None = None
+    #: Pack the in-plane chunks of each slice into one shard object (needs ``chunks``).
+    shards: bool = False
+    #: Pyramid levels (2x2x2 means) are added until the largest side is at most this;
+    #: 0: no pyramid.
+    pyramid_min: int = 64
+    #: Seconds after its last heartbeat that an object-store lease of a killed driver
+    #: (on another machine) is taken over; a local lock is freed when its process ends.
+    lease_ttl_s: float = 60.0
 
 
 @dataclass
@@ -109,6 +123,14 @@ class ResourcesConfig:
     start_timeout_s: float | None = 900.0
     #: Gap tasks handed to a worker per call.
     tasks_per_batch: int = 1
+    #: Seconds one task may run before its worker is ended and the task rerun (a store
+    #: that stops answering); None: no limit. A call of ``tasks_per_batch`` tasks gets
+    #: that many times this.
+    task_timeout_s: float | None = 1800.0
+    #: Seconds without a finished task after which a progress line is logged.
+    heartbeat_s: float = 60.0
+    #: The job stops early, with the cause, after this many storage failures in a row.
+    max_storage_errors: int = 5
     #: Threads each worker's model may use (OpenCV, torch on CPU).
     threads_per_worker: int = 1
     object_store_memory: int | None = None
@@ -125,6 +147,8 @@ class RunConfig:
     serial: bool = False
     progress: bool = True
     log_level: str = "INFO"
+    #: Print the traceback of an unexpected failure (secret values still removed).
+    debug: bool = False
 
 
 @dataclass
@@ -137,34 +161,3 @@ class Config:
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def _is_secret_key(key: Any) -> bool:
-    return any(w in str(key).lower() for w in _SECRET_WORDS)
-
-
-def redact(obj: Any) -> Any:
-    """Copy of ``obj`` with values of secret-looking keys replaced by ``***``."""
-    if isinstance(obj, dict):
-        return {k: "***" if _is_secret_key(k) and v else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
-def secret_values(obj: Any) -> set[str]:
-    """Every non-empty string value under a secret-looking key of ``obj`` (nested)."""
-    found: set[str] = set()
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if _is_secret_key(k) and isinstance(v, str) and v:
-                found.add(v)
-            else:
-                found |= secret_values(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            found |= secret_values(v)
-    return found

@@ -41,6 +41,44 @@ class StoreError(AtlinterRayError, ValueError):
     """The output store holds data that conflicts with the requested run."""
 
 
+class OutputRootError(StoreError):
+    """The output root cannot be used at all (missing bucket, a file, read-only, no access)."""
+
+
+class OutputBusyError(StoreError):
+    """Another driver holds the output root (its lease is live); nothing was written."""
+
+
+class StorageError(AtlinterRayError, OSError):
+    """Reading or writing a store failed while running (network, permissions, space)."""
+
+    exit_status: ClassVar[int] = 1
+
+
+class IncompleteOutputError(AtlinterRayError, RuntimeError):
+    """The store does not hold what the run's markers claim, or the run lost its lease."""
+
+    exit_status: ClassVar[int] = 1
+
+
+#: Top-level packages whose exceptions mean that talking to a store failed.
+_STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
+                     "urllib3", "requests")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for failures of a store: OS errors and the storage clients' own exceptions.
+
+    Our own errors count only when they are :class:`StorageError` (a missing dataset
+    file is bad input, not a failing store).
+    """
+    if isinstance(exc, AtlinterRayError):
+        return isinstance(exc, StorageError)
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    return any(cls.__module__.split(".")[0] in _STORAGE_PACKAGES for cls in type(exc).__mro__)
+
+
 class UnknownModelError(AtlinterRayError, KeyError):
     """A model name is not in the registry."""
 

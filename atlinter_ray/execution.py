@@ -1,25 +1,32 @@
 """Run gap tasks: in-process (serial) or on an autoscaling Ray actor pool.
 
 Both paths drive the same :class:`~atlinter_ray.worker.TaskWorker` and yield one result
-row per task as tasks finish, so the driver's progress bar and summary do not care
-where the work ran. The Ray path hands batches of tasks to an autoscaling pool of worker
-actors (:mod:`atlinter_ray.pool`), at most ``max_workers`` of them, each with its own
-``gpus_per_worker``. Only task descriptions (a few hundred bytes) and result rows
-travel through the driver.
+per task as tasks finish (and one per finishing job: :func:`run_work`), so the driver's
+progress bar and summary do not care where the work ran. The Ray path hands batches of
+tasks to an autoscaling pool of worker actors (:mod:`atlinter_ray.pool`), at most
+``max_workers`` of them, each with its own ``gpus_per_worker``. Only task descriptions
+(a few hundred bytes) and result records travel through the driver.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
 from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.errors import ConfigError
+from atlinter_ray.finishing import FinishJob, FinishResult
 from atlinter_ray.planning import GapTask
-from atlinter_ray.pool import PoolSpec, map_unordered
+from atlinter_ray.pool import PoolSpec, PoolStats, map_unordered
 from atlinter_ray.worker import TaskResult, TaskWorker, WorkerSpec, failed_result
+
+#: What a worker is handed: a batch of gap tasks, or the finishing of one dataset.
+WorkItem = list[GapTask] | FinishJob
+#: What comes back: one result per task, one per finishing job.
+WorkResult = TaskResult | FinishResult
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -65,6 +72,14 @@ def check_resources(resources: ResourcesConfig) -> None:
         )
     if resources.tasks_per_batch < 1:
         raise ConfigError("resources.tasks_per_batch must be at least 1")
+    for key in ("task_timeout_s", "heartbeat_s"):
+        value = getattr(resources, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"resources.{key}={value}: give a number of seconds > 0")
+    if resources.max_storage_errors < 1:
+        raise ConfigError(
+            f"resources.max_storage_errors={resources.max_storage_errors}: give at least 1"
+        )
     if resources.start_timeout_s is not None and resources.start_timeout_s <= 0:
         raise ConfigError(
             f"resources.start_timeout_s={resources.start_timeout_s}: give a number of "
@@ -80,6 +95,9 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
         num_cpus=resources.cpus_per_worker,
         num_gpus=resources.gpus_per_worker,
         start_timeout_s=resources.start_timeout_s,
+        call_timeout_s=(None if resources.task_timeout_s is None
+                        else resources.task_timeout_s * resources.tasks_per_batch),
+        heartbeat_s=resources.heartbeat_s,
     )
 
 
@@ -108,3 +126,63 @@ def map_batches(
         lambda batch, error: [failed(t, error) for t in batch],
     ):
         yield from rows
+
+
+def batches(tasks: Sequence[GapTask], size: int) -> list[list[GapTask]]:
+    """``tasks`` in consecutive batches of ``size``."""
+    return [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+
+
+def run_work(
+    items: Sequence[WorkItem],
+    spec: WorkerSpec,
+    resources: ResourcesConfig,
+    follow_up: Callable[[WorkResult], list[WorkItem]],
+    serial: bool = False,
+    stats: PoolStats | None = None,
+) -> Generator[WorkResult, None, None]:
+    """Run task batches and finishing jobs, in this process or on the actor pool.
+
+    ``follow_up(result)`` returns the work a result brings (a dataset's finishing job
+    after its last task, tasks to redo after finishing found them lost); it runs before
+    the rest of the queue. Closing the iterator early ends every worker.
+    """
+    if serial:
+        yield from _serial(TaskWorker(spec), items, follow_up)
+        return
+
+    def method(item: WorkItem) -> str:
+        return "finish" if isinstance(item, FinishJob) else "run"
+
+    def failed(item: WorkItem, error: str) -> list[WorkResult]:
+        if isinstance(item, FinishJob):
+            return [FinishResult(item.dataset_id, error=error)]
+        return [failed_result(t, error) for t in item]
+
+    def more(results: list[WorkResult]) -> list[WorkItem]:
+        return [new for result in _listed(results) for new in follow_up(result)]
+
+    for results in map_unordered(
+        TaskWorker, (spec,), list(items), pool_spec(resources), failed, method, more, stats
+    ):
+        yield from _listed(results)
+
+
+def _listed(results: Any) -> list[WorkResult]:
+    """A worker call's results as a list (``run`` returns one per task, ``finish`` one)."""
+    return list(results) if isinstance(results, list) else [results]
+
+
+def _serial(
+    worker: TaskWorker, items: Sequence[WorkItem], follow_up: Callable[[WorkResult], list[WorkItem]]
+) -> Iterator[WorkResult]:
+    """The same queue discipline as the pool, in this process."""
+    queue = deque(items)
+    while queue:
+        item = queue.popleft()
+        results: list[WorkResult] = (
+            [worker.finish(item)] if isinstance(item, FinishJob) else list(worker.run(item))
+        )
+        for result in results:
+            queue.extendleft(reversed(follow_up(result)))
+            yield result

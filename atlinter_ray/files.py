@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 
@@ -52,6 +53,24 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+#: Bytes read per step while hashing a file.
+HASH_BLOCK = 8 * 2**20
+
+
+def file_sha256(url: str, storage_options: Mapping[str, Any]) -> str:
+    """sha256 of a whole file at any fsspec URL, read a block at a time (flat memory)."""
+    from atlinter_ray.errors import DatasetNotFoundError
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"{url}: file not found. Fix: check the path or URL.") from exc
+    return digest.hexdigest()
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

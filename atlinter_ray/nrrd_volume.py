@@ -10,7 +10,6 @@ rewrites such a volume as a C-ordered ``.npy``, which workers can read slice by 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zlib
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 from atlinter_ray.files import open_atomic
 
 #: Bytes hashed per read when streaming a file through sha256.
-_HASH_BLOCK = 8 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +34,6 @@ class NrrdInfo:
     #: The NRRD ``type`` field (``float``, ``unsigned char``, ...).
     type: str
     encoding: str
-
-
-def file_sha256(url: str, storage_options: Mapping[str, Any]) -> str:
-    """sha256 of a whole file at any fsspec URL, read a block at a time."""
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(url, "rb", **storage_options) as f:
-            while block := f.read(_HASH_BLOCK):
-                digest.update(block)
-    except FileNotFoundError as exc:
-        raise DatasetNotFoundError(f"{url}: file not found. Fix: check the path or URL.") from exc
-    return digest.hexdigest()
 
 
 def _header(fh: Any, url: str) -> dict[str, Any]:

@@ -1,43 +1,73 @@
-"""The driver: datasets in, whole volumes out.
+"""The driver: datasets in, whole volumes out, and proof that they are whole.
 
-``run(config)`` validates every dataset, the model (and that it reaches every planned
-position: a midpoint-only model with ``placement=exact`` needs
-``interpolation.exact_fallback``) and the reference volume of the reference-guided
-mode (``interpolation.reference``) before any Ray work, plans the
-gap tasks, skips those already marked done, runs the rest (on Ray, or in-process with
-``run.serial``), merges provenance, draws quick-looks and returns a
-:class:`RunSummary`, which it also writes beside the output.
+``run(config)``::
+
+    validate + fingerprint every dataset (parallel, headers and streamed hashes)
+    check the model, its reach and the reference volume           -- nothing written yet
+    take the output's lease (one driver per output root)
+    check every existing image against this run (parallel)        -- refuse conflicts
+    create the missing images; list each image's markers of its generation
+    run the tasks not marked done; a dataset's last task brings its finishing job
+        (verify markers against the store, pyramid, pictures, metadata: finishing.py);
+        tasks whose output finishing finds missing are redone once
+    score against truth (when given), write run_summary.json
+
+Nothing heavy passes through the driver: it holds dataset descriptions, task
+descriptions and result records. It stops early, with the cause, after
+``resources.max_storage_errors`` storage failures in a row, and a run that cannot
+prove every dataset complete is not ``ok`` (the job exits 1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import socket
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 from tqdm import tqdm
 
 from atlinter_ray import __version__
-from atlinter_ray.config import Config, DataConfig, redact
-from atlinter_ray.dataset import Dataset, load_dataset
+from atlinter_ray.config import Config
+from atlinter_ray.dataset import Dataset
 from atlinter_ray.dtypes import output_dtype
 from atlinter_ray.engine import build_for_validation, check_reachable, model_context
-from atlinter_ray.errors import ConfigError, DatasetNotFoundError
-from atlinter_ray.execution import check_resources, connect, run_on_ray, run_serial
+from atlinter_ray.errors import (
+    AtlinterRayError,
+    ConfigError,
+    OutputRootError,
+    StoreError,
+    is_storage_error,
+)
+from atlinter_ray.execution import (
+    WorkItem,
+    WorkResult,
+    batches,
+    check_resources,
+    connect,
+    run_work,
+)
+from atlinter_ray.finishing import FinishJob
+from atlinter_ray.identity import ImageIdentity
+from atlinter_ray.inputs import THREADS, Inputs, load_inputs
+from atlinter_ray.layout import Layout, key_slice
+from atlinter_ray.lease import OutputLease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
-from atlinter_ray.quicklook import montage_gaps, montage_png, quicklook_png
+from atlinter_ray.pool import PoolStats
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
+from atlinter_ray.store import ImageState, VolumeStore
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
-from atlinter_ray.worker import TaskResult, WorkerSpec
+from atlinter_ray.worker import TaskResult, WorkerSpec, failed_result
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +97,29 @@ class RunSummary:
     config: dict[str, Any] = field(default_factory=dict)
     #: Dataset id -> the tuning stage's result (choice, scores, seconds, cached).
     tuning: dict[str, Any] = field(default_factory=dict)
+    #: Datasets verified complete (their markers checked against the store).
+    complete: list[str] = field(default_factory=list)
+    #: Datasets that are not complete, with the reason.
+    incomplete: dict[str, str] = field(default_factory=dict)
+    #: Invalid datasets left out (``data.skip_invalid``), with the reason.
+    skipped_datasets: dict[str, str] = field(default_factory=dict)
+    #: Task runs repeated after a worker died or timed out.
+    tasks_retried: int = 0
+    #: Why the run stopped before running everything ("" when it did not).
+    stopped: str = ""
 
     @property
     def ok(self) -> bool:
-        """True when no task failed."""
-        return self.tasks_failed == 0
+        """True when every task ran and every dataset is verified complete."""
+        return self.tasks_failed == 0 and not self.incomplete and not self.stopped
 
     def to_text(self) -> str:
         """A short human-readable report."""
         lines = [
-            f"datasets: {len(self.datasets)}  tasks: {self.tasks_total} "
-            f"(done {self.tasks_done}, skipped {self.tasks_skipped}, "
-            f"failed {self.tasks_failed})",
+            f"datasets: {len(self.datasets)} (complete {len(self.complete)}, incomplete "
+            f"{len(self.incomplete)}, skipped {len(self.skipped_datasets)})  tasks: "
+            f"{self.tasks_total} (done {self.tasks_done}, skipped {self.tasks_skipped}, "
+            f"failed {self.tasks_failed}, retried {self.tasks_retried})",
             f"slices written: {self.slices_written} in {self.wall_seconds:.1f} s "
             f"({self.slices_per_second:.1f} slices/s); model calls: {self.model_calls}",
             f"nodes: {len(self.nodes)}  GPUs: {len(self.gpus)}  devices: "
@@ -97,66 +138,16 @@ class RunSummary:
                     f"{ds_id} vs held-out truth, {who:>6}: PSNR {sc['psnr']:.2f} dB  "
                     f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices)"
                 )
-        lines += [f"FAILED {f['task_id']}: {f['error']}" for f in self.failures]
+        lines += [f"SKIPPED {url}: {why}" for url, why in self.skipped_datasets.items()]
+        lines += [f"FAILED {f['task_id']}: {f['error']}" for f in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"... and {len(self.failures) - 20} more failed tasks (run_summary.json)")
+        lines += [f"INCOMPLETE {ds}: {why}" for ds, why in self.incomplete.items()]
+        if self.stopped:
+            lines.append(f"STOPPED: {self.stopped}")
+        if not self.ok:
+            lines.append("Rerun the same command to finish: work already done is kept.")
         return "\n".join(lines)
-
-
-def dataset_urls(data: DataConfig) -> list[str]:
-    """Every dataset URL named by ``data.genes``, ``data.datasets`` and the manifest."""
-    urls = list(data.datasets)
-    if data.genes:
-        if not data.root:
-            raise ConfigError(
-                "data.genes is set but data.root is not: set data.root to the folder or "
-                "URL holding <gene>.npy and <gene>.json"
-            )
-        urls += [f"{data.root.rstrip('/')}/{g}" for g in data.genes]
-    if data.manifest:
-        try:
-            with fsspec.open(data.manifest, "rt", **data.storage_options) as f:
-                lines = [ln.split("#", 1)[0].strip() for ln in f]
-        except FileNotFoundError as exc:
-            raise DatasetNotFoundError(
-                f"{data.manifest}: manifest not found (data.manifest); give a text file "
-                "with one dataset path or URL per line"
-            ) from exc
-        urls += [ln for ln in lines if ln]
-    if not urls:
-        raise ConfigError(
-            "no datasets: set data.genes (with data.root), data.datasets or "
-            "data.manifest, or use the bundled sample with data=sample"
-        )
-    return urls
-
-
-def _shape3(shape: list[int]) -> tuple[int, int, int]:
-    """``data.reference_shape`` as a 3-tuple; ConfigError otherwise."""
-    if len(shape) != 3:
-        raise ConfigError(
-            f"data.reference_shape={list(shape)}: give three sizes (AP, DV, LR), e.g. "
-            "[528, 320, 456] for the 25 um CCF"
-        )
-    return int(shape[0]), int(shape[1]), int(shape[2])
-
-
-def load_datasets(data: DataConfig, outside_ok: bool = False) -> list[Dataset]:
-    """Load and validate every dataset; ids must be unique (they name the outputs).
-
-    ``outside_ok``: accept section numbers beyond the reference (see :func:`load_dataset`).
-    """
-    datasets = [
-        load_dataset(u, _shape3(data.reference_shape), data.storage_options, outside_ok)
-        for u in dataset_urls(data)
-    ]
-    seen: dict[str, str] = {}
-    for ds in datasets:
-        if ds.id in seen:
-            raise ConfigError(
-                f"two datasets are both named {ds.id!r} ({seen[ds.id]} and "
-                f"{ds.images_url}); outputs are named by dataset, so rename one"
-            )
-        seen[ds.id] = ds.images_url
-    return datasets
 
 
 def check_reference(
@@ -198,13 +189,29 @@ def _configured_device(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             "precision": str(params.get("precision", "fp32"))}
 
 
+def layout_of(cfg: Config) -> Layout:
+    """The image layout ``output.*`` asks for, checked."""
+    chunks = cfg.output.chunks
+    layout = Layout(
+        chunks=None if chunks is None else tuple(chunks),  # type: ignore[arg-type]
+        shards=cfg.output.shards,
+        zstd_level=cfg.output.zstd_level,
+        pyramid_min=cfg.output.pyramid_min,
+    )
+    layout.check()
+    return layout
+
+
 def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
     check_resources(cfg.resources)
-    if not 1 <= cfg.output.zstd_level <= 22:
-        raise ConfigError(f"output.zstd_level={cfg.output.zstd_level}: choose 1 (fast) to 22 (small)")
-    datasets = load_datasets(cfg.data)
+    layout = layout_of(cfg)
+    began = time.perf_counter()
+    inputs = load_inputs(cfg.data)
+    datasets = inputs.datasets
+    log.info("%d datasets validated and fingerprinted in %.1f s", len(datasets),
+             time.perf_counter() - began)
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
     # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)
@@ -216,7 +223,6 @@ def run(cfg: Config) -> RunSummary:
     reference = check_reference(cfg, model, datasets)
     if reference is not None:
         provenance = {**provenance, **reference_provenance(reference.url)}
-    store = VolumeStore(cfg.output.root, cfg.output.storage_options)
     tasks_by_ds = {
         ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
                             cfg.interpolation.placement, cfg.interpolation.edge,
@@ -226,127 +232,309 @@ def run(cfg: Config) -> RunSummary:
     for tasks in tasks_by_ds.values():
         check_reachable(model, tasks)
     dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
-    todo: list[GapTask] = []
-    skipped = 0
-    for ds in datasets:
-        run_info = {
-            **provenance,
-            "params": dict(cfg.model.params),
-            "placement": cfg.interpolation.placement,
-            "edge": cfg.interpolation.edge,
-            "dtype": dtypes[ds.id],
-        }
-        store.prepare_image(ds, dtypes[ds.id], run_info, cfg.output.overwrite,
-                            cfg.output.zstd_level)
-        done = store.done_records(ds.id)
-        pending = [t for t in tasks_by_ds[ds.id] if t.task_id not in done]
-        skipped += len(tasks_by_ds[ds.id]) - len(pending)
-        todo += pending
-    tuning: dict[str, Any] = {}
-    pending_ds = sorted({t.dataset_id for t in todo if t.predicted})
-    if is_tunable(model) and pending_ds:
-        by_id = {ds.id: ds for ds in datasets}
-        tuning = run_tuning(
-            [TuneJob(i, tuple(by_id[i].section_numbers)) for i in pending_ds],
-            TuneSpec(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.params),
-                     by_id, cfg.output.root, dict(cfg.output.storage_options),
-                     cfg.resources.threads_per_worker),
-            cfg.resources, cfg.run.serial,
-        )
-    spec = WorkerSpec(
-        model_name=cfg.model.name,
-        checkpoint=cfg.model.checkpoint,
-        model_params=dict(cfg.model.params),
-        datasets={ds.id: ds for ds in datasets},
-        dtypes=dtypes,
-        output_root=cfg.output.root,
-        output_storage_options=dict(cfg.output.storage_options),
-        threads=cfg.resources.threads_per_worker,
-        io_threads=max(2, int(cfg.resources.cpus_per_worker)),
-        reference=reference,
-        exact_fallback=fallback,
-        placement=cfg.interpolation.placement,
-        tuning=tuning,
-    )
-    log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo), skipped)
-    rows = _execute(todo, spec, cfg)
-    outputs, complete = _finalize(store, datasets, tasks_by_ds, cfg)
-    if cfg.data.truth:  # scikit-image is imported only when there is truth to score
-        from atlinter_ray.scoring import load_truth, score_run
-    scores = {
-        ds.id: score_run(
-            store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),
-            cfg.interpolation.placement,
-        )
-        for ds in complete
-        if ds.id in cfg.data.truth
+    run_info = {
+        **provenance,
+        "params": dict(cfg.model.params),
+        "placement": cfg.interpolation.placement,
+        "edge": cfg.interpolation.edge,
     }
-    failed = [r for r in rows if not r.done]
-    written = sum(r.slices for r in rows if r.done)
-    wall = time.perf_counter() - start
-    summary = RunSummary(
-        datasets=[ds.id for ds in datasets],
-        tasks_total=sum(len(t) for t in tasks_by_ds.values()),
-        tasks_done=len(rows) - len(failed),
-        tasks_skipped=skipped,
-        tasks_failed=len(failed),
-        slices_written=written,
-        wall_seconds=round(wall, 3),
-        slices_per_second=round(written / wall, 3) if wall > 0 else 0.0,
-        model_calls=sum(r.model_calls for r in rows),
-        nodes=sorted({r.worker.node_id or socket.gethostname() for r in rows}),
-        gpus=sorted({f"{r.worker.node_id}:{g}" for r in rows for g in r.worker.gpu_ids}),
-        outputs=outputs,
-        devices=dict(Counter(f"{r.worker.device} {r.worker.precision}" for r in rows if r.done)),
-        fp32_reruns=sum(r.fp32_reruns for r in rows),
-        failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
-        scores=scores,
-        config=redact(asdict(cfg)),
-        tuning=tuning,
-    )
-    store.write_bytes("run_summary.json", json.dumps(asdict(summary), indent=2).encode())
+    store = VolumeStore(cfg.output.root, cfg.output.storage_options)
+    lease = store.lease(cfg.output.lease_ttl_s)
+    with _usable(cfg.output.root):
+        lease.acquire()
+    try:
+        with _usable(cfg.output.root):
+            states = _prepare(store, inputs, dtypes, run_info, layout, cfg.output.overwrite)
+            states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
+                                                      tasks_by_ds[ds.id]), datasets)
+            done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
+                                datasets)
+        todo = [t for ds in datasets for t in tasks_by_ds[ds.id] if t.task_id not in done[ds.id]]
+        tuning: dict[str, Any] = {}
+        pending_ds = sorted({t.dataset_id for t in todo if t.predicted})
+        if is_tunable(model) and pending_ds:
+            by_id = {ds.id: ds for ds in datasets}
+            tuning = run_tuning(
+                [TuneJob(i, tuple(by_id[i].section_numbers)) for i in pending_ds],
+                TuneSpec(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.params),
+                         by_id, cfg.output.root, dict(cfg.output.storage_options),
+                         cfg.resources.threads_per_worker),
+                cfg.resources, cfg.run.serial,
+            )
+        spec = WorkerSpec(
+            model_name=cfg.model.name,
+            checkpoint=cfg.model.checkpoint,
+            model_params=dict(cfg.model.params),
+            datasets={ds.id: ds for ds in datasets},
+            dtypes=dtypes,
+            output_root=cfg.output.root,
+            output_storage_options=dict(cfg.output.storage_options),
+            threads=cfg.resources.threads_per_worker,
+            io_threads=max(2, int(cfg.resources.cpus_per_worker)),
+            reference=reference,
+            exact_fallback=fallback,
+            placement=cfg.interpolation.placement,
+            tuning=tuning,
+            images={k: s.identity for k, s in states.items()},
+        )
+        skipped = sum(len(done[ds.id]) for ds in datasets)
+        log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo),
+                 skipped)
+        tracker = _Tracker(tasks_by_ds, todo, states, cfg)
+        outcome = _execute(tracker, spec, cfg, lease)
+        lease.check()
+        scores = _scores(store, datasets, tracker.complete, cfg)
+        rows = outcome.rows
+        failed = [r for r in rows if not r.done]
+        written = sum(r.slices for r in rows if r.done)
+        wall = time.perf_counter() - start
+        summary = RunSummary(
+            datasets=[ds.id for ds in datasets],
+            tasks_total=sum(len(t) for t in tasks_by_ds.values()),
+            tasks_done=len(rows) - len(failed),
+            tasks_skipped=skipped,
+            tasks_failed=len(failed),
+            slices_written=written,
+            wall_seconds=round(wall, 3),
+            slices_per_second=round(written / wall, 3) if wall > 0 else 0.0,
+            model_calls=sum(r.model_calls for r in rows),
+            nodes=sorted({r.worker.node_id or socket.gethostname() for r in rows}),
+            gpus=sorted({f"{r.worker.node_id}:{g}" for r in rows for g in r.worker.gpu_ids}),
+            outputs={ds.id: store.image_url(ds.id) for ds in datasets},
+            devices=dict(Counter(f"{r.worker.device} {r.worker.precision}" for r in rows if r.done)),
+            fp32_reruns=sum(r.fp32_reruns for r in rows),
+            failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
+            scores=scores,
+            config=redact(asdict(cfg)),
+            tuning=tuning,
+            complete=sorted(tracker.complete),
+            incomplete=tracker.incomplete(),
+            skipped_datasets=dict(inputs.skipped),
+            tasks_retried=outcome.stats.retries,
+            stopped=outcome.stopped,
+        )
+        secrets = secret_values(asdict(cfg)) | env_secrets()
+        text = scrub(json.dumps(asdict(summary), indent=2), secrets)
+        store.write_bytes("run_summary.json", text.encode())
+    finally:
+        lease.release()
     return summary
 
 
-def _execute(tasks: list[GapTask], spec: WorkerSpec, cfg: Config) -> list[TaskResult]:
-    """Run the tasks with a progress bar over slices; return every task's result."""
-    if not tasks:
-        return []
-    if cfg.run.serial:
-        stream: Iterable[TaskResult] = run_serial(tasks, spec, cfg.resources.tasks_per_batch)
-    else:
-        connect(cfg.resources)
-        stream = run_on_ray(tasks, spec, cfg.resources)
-    rows = []
-    total = sum(len(t.jobs) for t in tasks)
-    with tqdm(total=total, unit="slice", disable=not cfg.run.progress,
-              desc=f"atlinter_ray {__version__}") as bar:
-        for row in stream:
-            rows.append(row)
-            bar.update(row.slices)
-            if not row.done:
-                log.error("task %s failed: %s", row.task_id, row.error)
-    return rows
+@contextlib.contextmanager
+def _usable(root: str) -> Iterator[None]:
+    """Turn a failure to use the output root at all into an error naming it and the fix."""
+    try:
+        yield
+    except AtlinterRayError:
+        raise
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        raise OutputRootError(
+            f"output.root={root} cannot be used ({type(exc).__name__}: {exc}). Fix: check "
+            "that the folder or bucket exists and is not a file, that these credentials "
+            "(output.storage_options, or the environment) may write there, and that it has "
+            "space; or choose another output.root."
+        ) from exc
 
 
-def _finalize(
+def _in_parallel(fn: Any, datasets: Sequence[Dataset]) -> dict[str, Any]:
+    """``{dataset id: fn(dataset)}``, a few store round trips at a time."""
+    if not datasets:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(THREADS, len(datasets))) as pool:
+        return dict(zip([ds.id for ds in datasets], pool.map(fn, datasets)))
+
+
+def _prepare(
     store: VolumeStore,
-    datasets: list[Dataset],
-    tasks_by_ds: dict[str, list[GapTask]],
-    cfg: Config,
-) -> tuple[dict[str, str], list[Dataset]]:
-    """Merge provenance and draw quick-looks for every dataset whose tasks all finished."""
-    outputs, complete = {}, []
-    for ds in datasets:
-        records = store.done_records(ds.id)
-        outputs[ds.id] = store.image_url(ds.id)
-        if len(records) < len(tasks_by_ds[ds.id]):
-            log.warning("%s is incomplete; rerun the same command to finish it", ds.id)
-            continue
-        store.finalize(ds, records)
-        complete.append(ds)
-        if cfg.output.quicklook:
-            store.write_bytes(f"{ds.id}.quicklook.png", quicklook_png(store, ds, records))
-            if montage_gaps(store.image_attrs(ds.id)["atlinter_ray"]["provenance"]):
-                store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds))
-    return outputs, complete
+    inputs: Inputs,
+    dtypes: Mapping[str, str],
+    run_info: Mapping[str, Any],
+    layout: Layout,
+    overwrite: bool,
+) -> dict[str, ImageState]:
+    """Check every existing image (reads only, all of them), then create the missing ones."""
+    datasets = inputs.datasets
+
+    def check(ds: Dataset) -> ImageState | StoreError | None:
+        try:
+            return store.check_image(ds, {**run_info, "dtype": dtypes[ds.id]},
+                                     inputs.fingerprints[ds.id], layout, overwrite)
+        except StoreError as exc:
+            return exc
+
+    found = _in_parallel(check, datasets)
+    conflicts = [v for v in found.values() if isinstance(v, StoreError)]
+    if len(conflicts) == 1:
+        raise conflicts[0]
+    if conflicts:
+        listing = "\n".join(f"  - {c}" for c in conflicts[:20])
+        raise StoreError(f"{len(conflicts)} outputs conflict with this run:\n{listing}")
+    missing = [ds for ds in datasets if found[ds.id] is None]
+    created = _in_parallel(
+        lambda ds: store.create_image(ds, dtypes[ds.id], {**run_info, "dtype": dtypes[ds.id]},
+                                      inputs.fingerprints[ds.id], layout),
+        missing,
+    )
+    return {ds.id: created.get(ds.id) or found[ds.id] for ds in datasets}
+
+
+def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
+             tasks: Sequence[GapTask]) -> ImageState:
+    """Reopen a complete image whose objects went missing since (a lifecycle rule, an rm).
+
+    One listing against the objects verified at completion; the tasks owning lost
+    objects lose their markers and are redone.
+    """
+    if not state.complete or state.objects is None:
+        return state
+    lost = store.lost_objects(ds.id, state.objects)
+    if not lost:
+        return state
+    slices = {key_slice(key, ds.axis_index) for key in lost}
+    redo = [t.task_id for t in tasks if any(j.slice in slices for j in t.jobs)]
+    log.warning("%s: %d stored object(s) went missing since it was completed; redoing %d "
+                "task(s)", ds.id, len(lost), len(redo))
+    store.drop_markers(state.identity, redo)
+    return dataclasses.replace(state, complete=False, objects=None)
+
+
+class _Tracker:
+    """Which tasks each dataset still waits for, and the work that results bring."""
+
+    def __init__(
+        self,
+        tasks_by_ds: Mapping[str, list[GapTask]],
+        todo: Sequence[GapTask],
+        states: Mapping[str, ImageState],
+        cfg: Config,
+    ) -> None:
+        self.by_id = {t.task_id: t for tasks in tasks_by_ds.values() for t in tasks}
+        self.pending: dict[str, set[str]] = defaultdict(set)
+        for task in todo:
+            self.pending[task.dataset_id].add(task.task_id)
+        self.identities: dict[str, ImageIdentity] = {k: s.identity for k, s in states.items()}
+        self.task_ids = {ds: tuple(t.task_id for t in tasks) for ds, tasks in tasks_by_ds.items()}
+        self.quicklook, self.batch = cfg.output.quicklook, cfg.resources.tasks_per_batch
+        self.complete = {ds for ds, s in states.items() if s.complete and not self.pending[ds]}
+        self.failed: dict[str, str] = {}
+        self.redone: set[str] = set()
+        self.results: dict[str, TaskResult] = {}
+
+    def initial(self) -> list[WorkItem]:
+        """The tasks to run, then the finishing of datasets whose tasks are all done."""
+        todo = [self.by_id[t] for ds in self.pending for t in sorted(self.pending[ds])]
+        items: list[WorkItem] = list(batches(todo, self.batch))
+        items += [self.finish_job(ds) for ds in self.task_ids
+                  if ds not in self.complete and not self.pending[ds]]
+        return items
+
+    def finish_job(self, ds: str) -> FinishJob:
+        """The finishing job of dataset ``ds``."""
+        return FinishJob(ds, self.identities[ds], self.task_ids[ds], self.quicklook)
+
+    def follow_up(self, result: WorkResult) -> list[WorkItem]:
+        """Record ``result``; return the finishing job or the redo it brings."""
+        if isinstance(result, TaskResult):
+            self.results[result.task_id] = result
+            ds = result.dataset_id
+            if not result.done:
+                self.failed.setdefault(ds, f"task {result.task_id} failed: {result.error}")
+                return []
+            self.pending[ds].discard(result.task_id)
+            return [] if self.pending[ds] or ds in self.failed else [self.finish_job(result.dataset_id)]
+        ds = result.dataset_id
+        if result.done:
+            self.complete.add(ds)
+        elif result.status == "redo" and ds not in self.redone:
+            self.redone.add(ds)
+            self.pending[ds] = set(result.redo)
+            return list(batches([self.by_id[t] for t in result.redo], self.batch))
+        elif result.status == "redo":
+            self.failed[ds] = (f"{len(result.redo)} task(s) lost their output twice in this run "
+                               f"({', '.join(result.redo[:5])})")
+        else:
+            self.failed[ds] = f"finishing failed: {result.error}"
+        return []
+
+    def incomplete(self) -> dict[str, str]:
+        """Datasets not verified complete, with the reason."""
+        out = {}
+        for ds in self.task_ids:
+            if ds in self.complete:
+                continue
+            out[ds] = self.failed.get(ds) or (
+                f"{len(self.pending[ds])} task(s) not run" if self.pending[ds]
+                else "not verified (finishing did not run)")
+        return out
+
+
+@dataclass
+class _Outcome:
+    rows: list[TaskResult]
+    stats: PoolStats
+    stopped: str = ""
+
+
+def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLease) -> _Outcome:
+    """Run the work with one progress bar over every slice; stop early on a failing store."""
+    stats = PoolStats()
+    items = tracker.initial()
+    if not items:
+        return _Outcome([], stats)
+    if not cfg.run.serial:
+        connect(cfg.resources)
+    stream = run_work(items, spec, cfg.resources, tracker.follow_up, cfg.run.serial, stats)
+    total = sum(len(tracker.by_id[t].jobs) for ids in tracker.pending.values() for t in ids)
+    in_a_row, stopped, last = 0, "", ""
+    n_datasets = len(tracker.task_ids)
+    with tqdm(total=total, unit="slice", disable=not cfg.run.progress, smoothing=0.1,
+              desc=f"atlinter_ray {__version__}") as bar:
+        try:
+            for result in stream:
+                if isinstance(result, TaskResult):
+                    bar.update(result.slices)
+                    if not result.done:
+                        log.error("task %s failed: %s", result.task_id, result.error)
+                elif not result.done:
+                    log.error("finishing %s: %s", result.dataset_id,
+                              result.error or f"redo {len(result.redo)} task(s)")
+                    if result.status == "redo":
+                        bar.total += sum(len(tracker.by_id[t].jobs) for t in result.redo)
+                bar.set_postfix_str(f"{len(tracker.complete)}/{n_datasets} datasets complete")
+                if getattr(result, "storage_error", False):
+                    in_a_row, last = in_a_row + 1, result.error
+                elif result.done:
+                    in_a_row = 0
+                if in_a_row >= cfg.resources.max_storage_errors:
+                    stopped = (f"{in_a_row} storage failures in a row, the last: {last}. Fix: "
+                               "check that the stores are reachable, writable and not full "
+                               "(endpoint, credentials, space), then rerun the same command")
+                    log.error("stopping early: %s", stopped)
+                    break
+                lease.check()
+        finally:
+            stream.close()
+    rows = list(tracker.results.values())
+    for ids in tracker.pending.values():  # never reported: the run stopped early
+        for task_id in sorted(ids - set(tracker.results)):
+            rows.append(failed_result(tracker.by_id[task_id], f"not run: {stopped}"))
+    return _Outcome(rows, stats, stopped)
+
+
+def _scores(
+    store: VolumeStore, datasets: Sequence[Dataset], complete: set[str], cfg: Config
+) -> dict[str, Any]:
+    """Scores of the complete datasets that have held-out truth."""
+    wanted = [ds for ds in datasets if ds.id in complete and ds.id in cfg.data.truth]
+    if not wanted:
+        return {}
+    from atlinter_ray.scoring import load_truth, score_run  # imports scikit-image
+
+    return {
+        ds.id: score_run(store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),
+                         cfg.interpolation.placement)
+        for ds in wanted
+    }

@@ -1,6 +1,7 @@
 """Quick-look pictures of an output image, provenance colour-coded.
 
-:func:`quicklook_png` draws three orthogonal mid-volume views. Each view that cuts
+:func:`quicklook_png` draws three orthogonal mid-volume views (from planes the
+finishing pass collects while it streams the volume, so drawing reads nothing more). Each view that cuts
 across the sections gets a strip along the section axis telling measured (green),
 predicted (magenta) and edge-filled (grey) slices apart, so a reader sees at a glance
 which parts of the volume are data and which are model.
@@ -14,7 +15,7 @@ colour, read from the provenance in the image's attributes::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -43,25 +44,34 @@ def _to_bgr(plane: np.ndarray, channels: int, peak: float) -> np.ndarray:
 
 
 def _view(arr: Any, ds: Dataset, axis: int, position: int) -> np.ndarray:
-    """The plane at ``position`` along reference ``axis`` as BGR; sagittal: dorsal up."""
+    """The plane at ``position`` along reference ``axis`` of an image array, as BGR."""
     index: list[Any] = [slice(None)] * arr.ndim
     index[arr.ndim - 3 + axis] = position
-    img = _to_bgr(np.asarray(arr[tuple(index)]), ds.channels, ds.peak)
+    return _plane_bgr(np.asarray(arr[tuple(index)]), ds, axis)
+
+
+def _plane_bgr(plane: np.ndarray, ds: Dataset, axis: int) -> np.ndarray:
+    """A plane across reference ``axis`` (``([C,] a, b)``) as BGR; sagittal: dorsal up."""
+    img = _to_bgr(plane, ds.channels, ds.peak)
     return img.transpose(1, 0, 2) if axis == 2 else img
 
 
-def quicklook_png(
-    store: VolumeStore, ds: Dataset, records: Mapping[str, Mapping[str, Any]]
-) -> bytes:
-    """PNG bytes of the three mid views of the dataset's output image."""
-    arr = store.open_array(ds.id, mode="r")
-    status = np.full(ds.n_slices, "", dtype=object)
-    for record in records.values():
-        for s in record["slices"]:
-            status[s["slice"]] = s["status"]
+def mid_positions(ds: Dataset) -> tuple[int, int, int]:
+    """Where the quick-look cuts the volume: the middle of each reference axis."""
+    a, b, c = (n // 2 for n in ds.reference_shape)
+    return a, b, c
+
+
+def quicklook_png(ds: Dataset, planes: Sequence[np.ndarray], status: Sequence[str]) -> bytes:
+    """PNG bytes of the three mid views of a volume, with provenance strips.
+
+    ``planes[a]`` is the volume's plane at ``mid_positions(ds)[a]`` across reference
+    axis ``a``, ``([C,] ...)`` in array order; ``status[s]`` the status of slice ``s``
+    along the section axis (measured, predicted, edge-filled or empty).
+    """
     views = []
     for axis in range(3):
-        img = _view(arr, ds, axis, ds.reference_shape[axis] // 2)
+        img = _plane_bgr(planes[axis], ds, axis)
         dims = [d for d in range(3) if d != axis]
         if axis == 2:  # the sagittal view was turned: dorsal up, anterior left
             dims = dims[::-1]
@@ -74,7 +84,7 @@ def quicklook_png(
                 img = np.concatenate([np.repeat(strip[:, None], _STRIP, 1), img], axis=1)
             else:  # sections run along the columns
                 img = np.concatenate([img, np.repeat(strip[None], _STRIP, 0)], axis=0)
-        label = f"{_NAMES[axis]} {ds.reference_shape[axis] // 2}"
+        label = f"{_NAMES[axis]} {mid_positions(ds)[axis]}"
         cv2.putText(img, label, (8, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1)
         views.append(img)
     height = max(v.shape[0] for v in views)
@@ -82,10 +92,10 @@ def quicklook_png(
     ok, png = cv2.imencode(".png", np.concatenate(padded, axis=1))
     if not ok:
         raise RuntimeError("OpenCV could not encode the quick-look PNG")
-    return png.tobytes()
+    return bytes(png.tobytes())
 
 
-def montage_gaps(provenance: list[Mapping[str, Any]]) -> list[tuple[int, int]]:
+def montage_gaps(provenance: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
     """``(left, right)`` measured sections with only predicted slices between them."""
     status = {p["slice"]: p["status"] for p in provenance}
     measured = sorted(s for s, st in status.items() if st == MEASURED)
@@ -95,15 +105,22 @@ def montage_gaps(provenance: list[Mapping[str, Any]]) -> list[tuple[int, int]]:
     ]
 
 
-def montage_png(store: VolumeStore, ds: Dataset, left: int | None = None) -> bytes:
+def montage_png(
+    store: VolumeStore,
+    ds: Dataset,
+    left: int | None = None,
+    provenance: Sequence[Mapping[str, Any]] | None = None,
+) -> bytes:
     """PNG strip of one gap of a finished output image: measured, predicted..., measured.
 
     ``left`` names the gap by its left measured section; default: the gap nearest the
-    middle of the volume. The statuses come from the image's ``atlinter_ray.provenance``
-    attribute, which the driver writes once every task of the dataset is done.
+    middle of the volume. The statuses come from ``provenance``, by default the image's
+    ``atlinter_ray.provenance`` attribute, which finishing writes once every task of
+    the dataset is done.
     """
     url = store.image_url(ds.id)
-    provenance = store.image_attrs(ds.id).get("atlinter_ray", {}).get("provenance")
+    if provenance is None:
+        provenance = store.image_attrs(ds.id).get("atlinter_ray", {}).get("provenance")
     if not provenance:
         raise StoreError(
             f"{url}: no 'atlinter_ray.provenance' attribute, so the run that writes it "
@@ -124,7 +141,7 @@ def montage_png(store: VolumeStore, ds: Dataset, left: int | None = None) -> byt
             )
         right = found[left]
     by_slice = {p["slice"]: p for p in provenance}
-    arr = store.open_array(ds.id, mode="r")
+    arr = store.open_array(ds.id)
     tiles = []
     for s in range(left, right + 1):
         img = _view(arr, ds, ds.axis_index, s)

@@ -1,25 +1,36 @@
-"""Output store: one OME-Zarr 0.5 image per dataset, plus per-task done markers.
+"""Output store: one OME-Zarr 0.5 image per dataset, its task markers, small files.
 
 Layout under the output root (a local path or any fsspec URL such as ``s3://``)::
 
-    <root>/<dataset>.ome.zarr/          OME-Zarr 0.5 image (Zarr v3), array "0"
-    <root>/<dataset>.quicklook.png      three orthogonal views
-    <root>/_progress/<dataset>/<lo>-<hi>.json   done marker + provenance of a task
+    <root>/<dataset>.ome.zarr/                   OME-Zarr 0.5 image (Zarr v3)
+        zarr.json                                group metadata, written last
+        0/ 1/ 2/ ...                             level 0 and the pyramid (layout.py)
+    <root>/_progress/<dataset>/<generation>/<lo>-<hi>.json    one task's done marker
+    <root>/<dataset>.quicklook.png, <dataset>.montage.png
     <root>/run_summary.json
+    <root>/.atlinter_ray.lock or _lease.json     the driver's lease (lease.py)
 
-The array is in reference orientation, ``(z, y, x)`` = (AP, DV, LR), with a leading
-channel axis for RGB. A chunk is one whole slice along the section axis, so chunks
-never straddle two tasks and concurrent writers never touch the same object. A task
-writes its slices first and its marker last: a crashed or retried task is simply
-redone, and its marker carries the per-slice provenance the driver merges into the
-image's attributes at the end.
+An image is created atomically: leftovers and the dataset's old markers are removed,
+the arrays are created, and the group's ``zarr.json`` (with the run, the input
+fingerprint, the layout and a fresh generation id) is written last, so an image without
+it is a half-made one and is made again. A task writes its slices, then its marker,
+under the image's generation (:mod:`atlinter_ray.identity`); a marker names every
+object it wrote and its size, which :mod:`atlinter_ray.finishing` checks against a
+listing of the store before the dataset is declared complete.
+
+Every object a task owns is stored, even when it holds only zeros (zarr's
+``write_empty_chunks`` is on for our writes), so a claimed object that is missing is
+a lost one. Listings are always fresh: fsspec's directory cache (s3fs) is invalidated
+before each, since other processes write under the same prefixes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -28,25 +39,49 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
-from atlinter_ray.dataset import Dataset
+from atlinter_ray.dataset import Dataset, is_local
 from atlinter_ray.errors import StoreError
 from atlinter_ray.files import write_atomic
+from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
+from atlinter_ray.layout import (
+    DEFAULT_LAYOUT,
+    ChunkEncoder,
+    Layout,
+    array_spec,
+    chunk_key,
+    direct_encoder,
+    ome_metadata,
+)
+from atlinter_ray.lease import OutputLease
 
-_SPACE_AXES = ("z", "y", "x")
+log = logging.getLogger(__name__)
 
 
 def _join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+@dataclass(frozen=True, slots=True)
+class ImageState:
+    """An image ready for tasks: its identity, and whether a run already finished it."""
+
+    identity: ImageIdentity
+    complete: bool
+    created: bool
+    #: ``{object key: size}`` of level 0 as verified when the image was completed.
+    objects: Mapping[str, int | None] | None = None
+
+
 class VolumeStore:
-    """Reads and writes the output images and task markers under one root."""
+    """Reads and writes the output images, task markers and small files under one root."""
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
         self.root = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, Any] = {}
+        self._encoders: dict[str, ChunkEncoder | None] = {}
+        self._made_dirs: set[str] = set()
 
     # -- locations ------------------------------------------------------------------
     def image_url(self, dataset_id: str) -> str:
@@ -56,8 +91,15 @@ class VolumeStore:
     def _fs_path(self, *parts: str) -> str:
         return _join(self._root_path, *parts)
 
-    def _marker_path(self, task_id: str) -> str:
-        return self._fs_path("_progress", f"{task_id}.json")
+    def _image_path(self, dataset_id: str, *parts: str) -> str:
+        return self._fs_path(f"{dataset_id}.ome.zarr", *parts)
+
+    def _progress_path(self, dataset_id: str, *parts: str) -> str:
+        return self._fs_path("_progress", dataset_id, *parts)
+
+    def _marker_path(self, identity: ImageIdentity, task_id: str) -> str:
+        dataset_id, bounds = task_id.rsplit("/", 1)
+        return self._progress_path(dataset_id, identity.generation, f"{bounds}.json")
 
     # -- images ---------------------------------------------------------------------
     def prepare_image(
@@ -65,115 +107,269 @@ class VolumeStore:
         ds: Dataset,
         dtype: str,
         run_info: Mapping[str, Any],
+        fingerprint: InputFingerprint,
+        layout: Layout = DEFAULT_LAYOUT,
         overwrite: bool = False,
-        zstd_level: int = 1,
-    ) -> None:
-        """Create the dataset's image, or check that an existing one is from this run.
+    ) -> ImageState:
+        """Resume the dataset's image if this run made it, else create it (:meth:`check_image`)."""
+        state = self.check_image(ds, run_info, fingerprint, layout, overwrite)
+        return state or self.create_image(ds, dtype, run_info, fingerprint, layout)
 
-        ``run_info`` identifies what produces the bytes (model, checkpoint hash,
-        placement, edge policy, dtype); resuming with a different one would mix two
-        reconstructions in one volume, so it is refused unless ``overwrite``.
+    def check_image(
+        self,
+        ds: Dataset,
+        run_info: Mapping[str, Any],
+        fingerprint: InputFingerprint,
+        layout: Layout = DEFAULT_LAYOUT,
+        overwrite: bool = False,
+    ) -> ImageState | None:
+        """The state of an image this run can resume, or None when one must be created.
+
+        ``run_info`` names what produces the bytes (model, checkpoint hash, placement,
+        edge policy, dtype), ``fingerprint`` the input, ``layout`` the arrays. An image
+        made by another run or from other input is refused (a resume would mix two
+        reconstructions in one volume), or replaced with ``overwrite``; an image of
+        this very run is resumed either way, so ``overwrite`` jobs resume too. Reads
+        only: nothing is written before every dataset has been checked.
         """
         url = self.image_url(ds.id)
-        if self.fs.exists(self._fs_path(f"{ds.id}.ome.zarr", "zarr.json")):
-            found = zarr.open_group(url, mode="r", storage_options=self._opts(url))
-            previous = found.attrs.get("atlinter_ray", {}).get("run")
-            if previous == dict(run_info) and not overwrite:
-                return
-            if not overwrite:
-                raise StoreError(
-                    f"{url} was written by a different run ({previous}); this run is "
-                    f"{dict(run_info)}. Fix: choose another output.root, or set "
-                    "output.overwrite=true to replace it."
-                )
-            self.fs.rm(self._fs_path(f"{ds.id}.ome.zarr"), recursive=True)
-            progress = self._fs_path("_progress", ds.id)
-            if self.fs.exists(progress):
-                self.fs.rm(progress, recursive=True)
-        group = zarr.open_group(url, mode="w", zarr_format=3, storage_options=self._opts(url))
-        shape, chunks, dims = _array_layout(ds)
-        group.create_array(
-            "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-            dimension_names=dims, compressors=ZstdCodec(level=zstd_level),
+        meta = self._image_meta(ds.id)
+        if meta is None:
+            return None
+        previous = meta.get("input") or {}
+        same_run = meta.get("run") == dict(run_info) and meta.get("layout") == layout.to_json()
+        if same_run and previous == fingerprint.to_json():
+            identity = ImageIdentity(meta["generation"], fingerprint.digest)
+            complete = meta.get("complete") == meta["generation"]
+            return ImageState(identity, complete, False, meta.get("objects") if complete else None)
+        if not overwrite:
+            raise StoreError(self._conflict(url, meta, run_info, fingerprint, layout))
+        log.warning("%s: replacing the image of another run (output.overwrite=true)", url)
+        return None
+
+    def _conflict(
+        self,
+        url: str,
+        meta: Mapping[str, Any],
+        run_info: Mapping[str, Any],
+        fingerprint: InputFingerprint,
+        layout: Layout,
+    ) -> str:
+        """Why an existing image cannot be resumed by this run, and the fix."""
+        fix = ("Fix: choose another output.root, or set output.overwrite=true to replace "
+               "it.")
+        if meta.get("run") != dict(run_info):
+            return (f"{url} was written by a different run ({meta.get('run')}); this run is "
+                    f"{dict(run_info)}. {fix}")
+        if meta.get("layout") != layout.to_json():
+            return (f"{url} was written with another layout ({meta.get('layout')}); this "
+                    f"run asks for {layout.to_json()}. {fix}")
+        try:
+            changed = InputFingerprint.from_json(meta["input"]).differences(fingerprint)
+        except (KeyError, TypeError):
+            changed = ["the input it records is unreadable"]
+        return (f"{url} was made from other input: {'; '.join(changed) or 'its fingerprint'} "
+                f"changed since. Its done markers describe slices of the old input. {fix}")
+
+    def _image_meta(self, dataset_id: str) -> dict[str, Any] | None:
+        """The image's ``atlinter_ray`` attributes, or None when it has no group metadata."""
+        path = self._image_path(dataset_id, "zarr.json")
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        try:
+            blob = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            meta = json.loads(blob)["attributes"]["atlinter_ray"]
+        except (ValueError, KeyError, TypeError):
+            return None  # not ours, or torn: made again
+        return meta if isinstance(meta, dict) and "generation" in meta else None
+
+    def create_image(
+        self,
+        ds: Dataset,
+        dtype: str,
+        run_info: Mapping[str, Any],
+        fingerprint: InputFingerprint,
+        layout: Layout,
+    ) -> ImageState:
+        """Remove the old image and markers, create the arrays, write the group metadata last."""
+        for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id),
+                     self._image_path(ds.id)):
+            self._remove(path)
+        url = self.image_url(ds.id)
+        spec = array_spec(ds, layout)
+        zarr.create_array(
+            _join(url, "0"), shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+            dtype=dtype, fill_value=0, dimension_names=spec.dims,
+            compressors=ZstdCodec(level=layout.zstd_level), zarr_format=3,
+            storage_options=self._opts(url),
         )
-        group.attrs.update(
-            {
+        generation = new_generation()
+        zarr.create_group(
+            url, zarr_format=3, storage_options=self._opts(url),
+            attributes={
                 "ome": ome_metadata(ds, dtype),
                 "atlinter_ray": {
+                    "generation": generation,
                     "run": dict(run_info),
+                    "input": fingerprint.to_json(),
+                    "layout": layout.to_json(),
                     "software": f"atlinter_ray {__version__}",
                     "source": ds.images_url,
                     "axis": ds.axis,
                     "section_numbers": sorted(ds.section_numbers),
                 },
-            }
+            },
         )
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
+        return ImageState(ImageIdentity(generation, fingerprint.digest), False, True)
 
-    def open_array(self, dataset_id: str, mode: str = "r+") -> zarr.Array:
-        """The dataset's image array (cached per store)."""
-        key = f"{dataset_id}:{mode}"
+    def _remove(self, path: str) -> None:
+        self.fs.invalidate_cache(path)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
+
+    def open_array(self, dataset_id: str, level: str = "0", mode: str = "r") -> Any:
+        """One level of the dataset's image (cached per store); writes store every chunk."""
+        key = f"{dataset_id}:{level}:{mode}"
         if key not in self._arrays:
-            url = _join(self.image_url(dataset_id), "0")
-            self._arrays[key] = zarr.open_array(url, mode=mode, storage_options=self._opts(url))
+            url = _join(self.image_url(dataset_id), level)
+            config = {"write_empty_chunks": True} if mode != "r" else None
+            self._arrays[key] = zarr.open_array(
+                url, mode=mode, storage_options=self._opts(url), config=config
+            )
         return self._arrays[key]
 
-    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> None:
-        """Write ``(K, C, H, W)`` consecutive slices from ``first`` along the section axis.
+    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, int | None]:
+        """Write ``(K, C, H, W)`` consecutive slices from ``first``; return ``{object key: size}``.
 
-        One call for a task's slices: zarr then encodes and stores their chunks
-        concurrently, instead of paying its per-call overhead slice by slice.
+        Without sharding the chunks are encoded here, byte for byte as zarr would
+        (:class:`~atlinter_ray.layout.ChunkEncoder`), and stored in one batch; with
+        sharding zarr writes them (sizes then unknown: None).
         """
-        arr = self.open_array(ds.id)
-        index: list[Any] = [slice(None)] * arr.ndim
-        axis = arr.ndim - 3 + ds.axis_index
-        index[axis] = slice(first, first + len(frames))
-        block = frames if ds.channels > 1 else frames[:, 0]
-        arr[tuple(index)] = np.moveaxis(block, 0, axis)
+        arr = self.open_array(ds.id, mode="r+")
+        if ds.id not in self._encoders:
+            self._encoders[ds.id] = None if arr.shards else direct_encoder(arr.metadata)
+        encoder = self._encoders[ds.id]
+        objects = tuple(arr.shards or arr.chunks)
+        if encoder is None:
+            index: list[Any] = [slice(None)] * arr.ndim
+            axis = arr.ndim - 3 + ds.axis_index
+            index[axis] = slice(first, first + len(frames))
+            block = frames if ds.channels > 1 else frames[:, 0]
+            arr[tuple(index)] = np.moveaxis(block, 0, axis)
+            return {key: None for k in range(len(frames))
+                    for key, _ in _tiles(ds, objects, first + k, arr.shape)}
+        blobs: dict[str, bytes] = {}
+        for k, frame in enumerate(frames):
+            plane = frame if ds.channels > 1 else frame[0]
+            for key, tile in _tiles(ds, objects, first + k, arr.shape):
+                chunk = np.zeros(_chunk_in_plane(objects, ds), dtype=encoder.dtype)
+                part = plane[..., tile[0], tile[1]]
+                chunk[..., : part.shape[-2], : part.shape[-1]] = part
+                blobs[key] = encoder.encode(np.expand_dims(chunk, ds.axis_index - 3))
+        self._put_many(self._image_path(ds.id, "0"), blobs)
+        return {key: len(blob) for key, blob in blobs.items()}
+
+    def _put_many(self, folder: str, blobs: Mapping[str, bytes]) -> None:
+        """Store objects under ``folder`` (concurrently where the filesystem can)."""
+        paths = {_join(folder, key): blob for key, blob in blobs.items()}
+        for parent in {posixpath.dirname(p) for p in paths}:
+            self._folder(parent)
+        self.fs.pipe(paths)
+
+    def _folder(self, path: str) -> None:
+        """Make a local folder (once). Object stores have none: there, s3fs's makedirs
+        would create a missing bucket instead of failing on a mistyped output.root."""
+        if path not in self._made_dirs and is_local(self.fs):
+            self.fs.makedirs(path, exist_ok=True)
+        self._made_dirs.add(path)
+
+    def stored_objects(self, dataset_id: str, level: str = "0") -> dict[str, int]:
+        """``{object key: size}`` of every stored object of one level (a fresh listing)."""
+        folder = self._image_path(dataset_id, level)
+        self.fs.invalidate_cache(folder)
+        try:
+            found = self.fs.find(_join(folder, "c"), detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = folder.rstrip("/") + "/"
+        return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
+                if path.startswith(prefix)}
+
+    def lost_objects(self, dataset_id: str, expected: Mapping[str, int | None]) -> set[str]:
+        """Keys of ``expected`` that level 0 does not hold, or holds with another size."""
+        stored = self.stored_objects(dataset_id)
+        return {key for key, size in expected.items()
+                if key not in stored or (size is not None and stored[key] != size)}
 
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""
         url = self.image_url(dataset_id)
         return dict(zarr.open_group(url, mode="r", storage_options=self._opts(url)).attrs)
 
-    def read_volume(self, dataset_id: str) -> np.ndarray:
+    def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
+        """Replace top-level attributes of the image group (one metadata write)."""
+        url = self.image_url(dataset_id)
+        zarr.open_group(url, mode="r+", storage_options=self._opts(url)).attrs.update(dict(attrs))
+
+    def read_volume(self, dataset_id: str, level: str = "0") -> np.ndarray:
         """The whole image ``([C,] Z, Y, X)``; for small volumes, tests and evaluation."""
-        return self.open_array(dataset_id, mode="r")[...]
+        return np.asarray(self.open_array(dataset_id, level)[...])
 
-    # -- markers and provenance -----------------------------------------------------
-    def mark_done(self, task_id: str, record: Mapping[str, Any]) -> None:
-        """Record that a task's slices are all written (atomically)."""
-        path = self._marker_path(task_id)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        write_atomic(self.fs, path, json.dumps(record, sort_keys=True).encode())
+    # -- markers ----------------------------------------------------------------------
+    def mark_done(self, identity: ImageIdentity, task_id: str, record: Mapping[str, Any]) -> None:
+        """Record, under the image's generation, that a task's objects are all written."""
+        path = self._marker_path(identity, task_id)
+        body = {**record, "task_id": task_id, "generation": identity.generation,
+                "fingerprint": identity.fingerprint}
+        self._folder(posixpath.dirname(path))
+        write_atomic(self.fs, path, json.dumps(body, sort_keys=True).encode())
 
-    def done_records(self, dataset_id: str) -> dict[str, dict[str, Any]]:
-        """Markers of the dataset's finished tasks, by task id (one listing)."""
-        folder = self._fs_path("_progress", dataset_id)
-        try:
-            paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return {}
+    def done_task_ids(self, dataset_id: str, identity: ImageIdentity) -> set[str]:
+        """Ids of the tasks with a marker under the image's generation (one fresh listing)."""
+        return {f"{dataset_id}/{posixpath.basename(p)[:-5]}"
+                for p in self._marker_files(dataset_id, identity)}
+
+    def done_records(self, dataset_id: str, identity: ImageIdentity) -> dict[str, dict[str, Any]]:
+        """Markers written for this exact image and input, by task id."""
+        paths = self._marker_files(dataset_id, identity)
         records = {}
-        for blob in self.fs.cat(paths).values():
+        for blob in self.fs.cat(paths).values() if paths else ():
             record = json.loads(blob)
-            records[record["task_id"]] = record
+            if (record.get("generation"), record.get("fingerprint")) == (
+                    identity.generation, identity.fingerprint):
+                records[record["task_id"]] = record
         return records
 
-    def finalize(self, ds: Dataset, records: Mapping[str, Mapping[str, Any]]) -> None:
-        """Merge the tasks' provenance into the image attributes (slice order)."""
-        slices = sorted(
-            (s for r in records.values() for s in r["slices"]), key=lambda s: s["slice"]
-        )
-        group = zarr.open_group(self.image_url(ds.id), mode="r+",
-                                storage_options=self._opts(self.image_url(ds.id)))
-        meta = dict(group.attrs["atlinter_ray"])
-        meta["provenance"] = slices
-        group.attrs["atlinter_ray"] = meta
+    def drop_markers(self, identity: ImageIdentity, task_ids: Iterable[str]) -> None:
+        """Remove tasks' markers (their objects were found missing: they must be redone)."""
+        for path in [self._marker_path(identity, t) for t in task_ids]:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(posixpath.dirname(path))
+
+    def _marker_files(self, dataset_id: str, identity: ImageIdentity) -> list[str]:
+        folder = self._progress_path(dataset_id, identity.generation)
+        self.fs.invalidate_cache(folder)
+        try:
+            return [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+
+    # -- small files and the lease ----------------------------------------------------
+    def lease(self, ttl_s: float = 60.0) -> OutputLease:
+        """The lease that makes this driver the only writer of the root (not yet taken)."""
+        return OutputLease(self.fs, self._root_path, self.root, ttl_s)
 
     def write_bytes(self, name: str, data: bytes) -> str:
-        """Write a small file (summary, picture) under the root; return its URL."""
+        """Write a small file (summary, picture) under the root, atomically; return its URL."""
         path = self._fs_path(name)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._folder(posixpath.dirname(path))
         write_atomic(self.fs, path, data)
         return _join(self.root, name)
 
@@ -189,44 +385,24 @@ class VolumeStore:
         return self.storage_options if "://" in url else None
 
 
-def _array_layout(ds: Dataset) -> tuple[tuple[int, ...], tuple[int, ...], list[str]]:
-    shape = list(ds.reference_shape)
-    chunks = list(ds.reference_shape)
-    chunks[ds.axis_index] = 1
-    dims = list(_SPACE_AXES)
-    if ds.channels > 1:
-        return (ds.channels, *shape), (ds.channels, *chunks), ["c", *dims]
-    return tuple(shape), tuple(chunks), dims
+def _chunk_in_plane(objects: tuple[int, ...], ds: Dataset) -> tuple[int, ...]:
+    """The object shape without the section axis: ``([C,] h, w)``."""
+    space = list(objects[-3:])
+    del space[ds.axis_index]
+    return (*objects[:-3], *space)
 
 
-def ome_metadata(ds: Dataset, dtype: str) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``ome`` attributes: axes, scale in micrometres, RGB channels."""
-    voxel = float(ds.metadata.get("voxel_size_um", 25.0))
-    axes: list[dict[str, str]] = [
-        {"name": n, "type": "space", "unit": "micrometer"} for n in _SPACE_AXES
-    ]
-    scale = [voxel] * 3
-    meta: dict[str, Any] = {"version": "0.5"}
-    if ds.channels > 1:
-        axes.insert(0, {"name": "c", "type": "channel"})
-        scale.insert(0, 1.0)
-        top = float(np.iinfo(dtype).max) if np.dtype(dtype).kind == "u" else 1.0
-        meta["omero"] = {
-            "channels": [
-                {"label": label, "color": color, "active": True,
-                 "window": {"min": 0.0, "max": top, "start": 0.0, "end": top}}
-                for label, color in (("red", "FF0000"), ("green", "00FF00"),
-                                     ("blue", "0000FF"))
-            ]
-        }
-    meta["multiscales"] = [
-        {
-            "name": ds.id,
-            "axes": axes,
-            "datasets": [
-                {"path": "0",
-                 "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-            ],
-        }
-    ]
-    return meta
+def _tiles(
+    ds: Dataset, objects: tuple[int, ...], slice_number: int, shape: tuple[int, ...]
+) -> Iterator[tuple[str, tuple[slice, slice]]]:
+    """``(object key, in-plane slices)`` of every object holding slice ``slice_number``."""
+    space_obj = list(objects[-3:])
+    space_shape = list(shape[-3:])
+    del space_obj[ds.axis_index], space_shape[ds.axis_index]
+    (h, w), (nh, nw) = space_obj, space_shape
+    lead = [0] * (len(objects) - 3)
+    for i in range(-(-nh // h)):
+        for j in range(-(-nw // w)):
+            grid = [i, j]
+            grid.insert(ds.axis_index, slice_number)
+            yield chunk_key([*lead, *grid]), (slice(i * h, (i + 1) * h), slice(j * w, (j + 1) * w))

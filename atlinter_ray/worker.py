@@ -48,7 +48,9 @@ from atlinter_ray.engine import (
     predict_pairs,
     slice_provenance,
 )
-from atlinter_ray.errors import FatalWorkerError
+from atlinter_ray.errors import FatalWorkerError, is_storage_error
+from atlinter_ray.finishing import FinishJob, FinishResult, finish_dataset
+from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.models.base import ContextInterpolator, FlowEstimator, PairInterpolator
 from atlinter_ray.models.reference_guided import (
     nearest_known,
@@ -91,6 +93,8 @@ class TaskResult:
     model_calls: int = 0
     seconds: float = 0.0
     error: str = ""
+    #: The failure was the input or output store's (the driver stops early on a run of these).
+    storage_error: bool = False
     worker: WorkerIdentity = field(default_factory=WorkerIdentity)
     #: Model items of this task's chunk recomputed in float32 because the low-precision
     #: output was not finite (counted on the chunk's first task).
@@ -129,6 +133,8 @@ class WorkerSpec:
     io_threads: int = 2
     #: Dataset id -> the tuning stage's result for that stack (:mod:`atlinter_ray.tuning`).
     tuning: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The image generation and input fingerprint each dataset's markers are bound to.
+    images: Mapping[str, ImageIdentity] = field(default_factory=dict)
 
 
 def _identity(model: Any) -> WorkerIdentity:
@@ -193,6 +199,7 @@ class TaskWorker:
             sys.modules["torch"].set_num_threads(spec.threads)
         self.datasets: dict[str, Dataset] = dict(spec.datasets)
         self.dtypes = dict(spec.dtypes)
+        self.images = dict(spec.images)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
         self.placement = spec.placement
@@ -238,6 +245,7 @@ class TaskWorker:
                 log.exception("tasks %s failed", [t.task_id for t in chunk.tasks])
                 for task in chunk.tasks:
                     rows[task.task_id].error = f"{type(exc).__name__}: {exc}"
+                    rows[task.task_id].storage_error = is_storage_error(exc)
                 continue
             elapsed = (time.perf_counter() - start) / len(chunk.tasks)
             for task, (ready, calls) in zip(chunk.tasks, blocks):
@@ -253,7 +261,12 @@ class TaskWorker:
                 self._fatal(exc)
                 log.exception("task %s failed", task.task_id)
                 row.error = f"{type(exc).__name__}: {exc}"
+                row.storage_error = is_storage_error(exc)
         return [rows[t.task_id] for t in tasks]
+
+    def finish(self, job: FinishJob) -> FinishResult:
+        """Verify a dataset whose tasks are all done and write its finishing work."""
+        return finish_dataset(self.store, self.datasets[job.dataset_id], job)
 
     def _fatal(self, exc: BaseException) -> None:
         """Raise :class:`FatalWorkerError` for an error that leaves the device unusable."""
@@ -434,7 +447,8 @@ class TaskWorker:
                 if tuned is not None:
                     record["tuned"] = {k: tuned[k] for k in ("members", "curved", "key")}
             records.append(record)
-        commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls)
+        commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls,
+                    self.images[task.dataset_id])
 
 
 def _device_dtype(dtype: str) -> bool:

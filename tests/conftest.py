@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from atlinter_ray.testing.ray_head import free_port, start_local_ray
+from atlinter_ray.testing.ray_head import start_local_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -79,25 +79,26 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server (moto) on loopback; yields s3fs storage options.
+def s3_servers():
+    """A real S3-protocol server (moto) on loopback with a fault-injecting proxy in front.
 
     The buckets ``atlas-in`` and ``atlas-out`` exist; credentials are dummies that
     tests use to check secrets never leak into outputs.
     """
-    import s3fs
-    from moto.server import ThreadedMotoServer
+    from atlinter_ray.testing.faulty_s3 import S3Server
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {
-        "endpoint_url": f"http://127.0.0.1:{port}",
-        "key": "testing-key",
-        "secret": "testing-secret-value",
-    }
-    fs = s3fs.S3FileSystem(**options)
-    for bucket in ("atlas-in", "atlas-out"):
-        fs.mkdir(bucket)
-    yield options
-    server.stop()
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_servers):
+    """s3fs storage options that reach the S3 server directly (no faults)."""
+    return dict(s3_servers.direct)
+
+
+@pytest.fixture
+def faulty_s3(s3_servers):
+    """The S3 server behind its proxy, healed again after the test (``.proxy.add(...)``)."""
+    yield s3_servers
+    s3_servers.proxy.heal()

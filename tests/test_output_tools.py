@@ -16,7 +16,7 @@ from atlinter_ray.pipeline import run
 from atlinter_ray.planning import MEASURED, PREDICTED
 from atlinter_ray.quicklook import STATUS_COLOURS, montage_gaps, montage_png
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 
 SECTIONS = [6, 14, 22, 31, 40, 48, 57, 66, 75, 84]
 
@@ -49,11 +49,21 @@ def test_ome_zarr_reader_opens_the_output(tmp_path: Path, rgb: bool) -> None:
     space = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
     axes = [{"name": "c", "type": "channel"}, *space] if rgb else space
     assert node.metadata["axes"] == axes
-    scale = [1.0, 2000.0, 2000.0, 2000.0] if rgb else [2000.0] * 3
-    assert node.metadata["coordinateTransformations"] == [[{"type": "scale", "scale": scale}]]
+    lead = [1.0] if rgb else []
+    assert node.metadata["coordinateTransformations"] == [
+        [{"type": "scale", "scale": lead + [2000.0] * 3}],
+        [{"type": "scale", "scale": lead + [4000.0] * 3},
+         {"type": "translation", "translation": [0.0] * len(lead) + [1000.0] * 3}],
+    ]
     expected = (3, 91, 79, 77) if rgb else (91, 79, 77)
-    assert len(node.data) == 1 and node.data[0].shape == expected
-    np.testing.assert_array_equal(np.asarray(node.data[0]), store.read_volume(name))
+    assert len(node.data) == 2 and node.data[0].shape == expected  # a pyramid: 91 > 64
+    assert node.data[1].shape == expected[:-3] + (46, 40, 39)
+    full = store.read_volume(name)
+    np.testing.assert_array_equal(np.asarray(node.data[0]), full)
+    # level 1 is the 2x2x2 mean of level 0 (compared where the blocks are whole)
+    even = full[..., :90, :78, :76].astype(float)
+    means = even.reshape(*even.shape[:-3], 45, 2, 39, 2, 38, 2).mean(axis=(-5, -3, -1))
+    np.testing.assert_array_equal(np.asarray(node.data[1])[..., :45, :39, :38], np.rint(means))
     if rgb:
         assert node.metadata["channel_names"] == ["red", "green", "blue"]
     # the same image against the OME-Zarr 0.5 schema (pydantic models of the spec)
@@ -88,6 +98,6 @@ def test_montage_refuses_an_unfinished_image(tmp_path: Path) -> None:
                   reference_shape=list(volume.shape))
     ds = load_dataset(str(tmp_path / "in" / "g"))
     store = VolumeStore(str(tmp_path / "out"))
-    store.prepare_image(ds, "uint8", {"model": "linear"})
+    prepare_image(store, ds)
     with pytest.raises(StoreError, match="rerun the same interpolation command"):
         montage_png(store, ds)

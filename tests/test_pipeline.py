@@ -19,7 +19,7 @@ from atlinter_ray.execution import run_on_ray, run_serial
 from atlinter_ray.pipeline import run
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 from atlinter_ray.worker import WorkerSpec
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
@@ -43,7 +43,7 @@ def _snapshot(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "run_summary.json"
+        if p.is_file() and p.name not in ("run_summary.json", ".atlinter_ray.lock")
     }
 
 
@@ -97,8 +97,9 @@ def test_rerun_skips_done_tasks_and_redoes_lost_ones_bytes_identical(ray_cluster
     assert (again.tasks_done, again.tasks_skipped) == (0, len(SECTIONS) + 1)
     assert _snapshot(out) == first
     # a crash after writing slices but before the marker, and a lost chunk
-    (out / "_progress" / "rgbgene" / "16-23.json").unlink()
-    (out / "_progress" / "rgbgene" / "45-52.json").unlink()
+    (markers,) = (out / "_progress" / "rgbgene").iterdir()  # one image generation
+    (markers / "16-23.json").unlink()
+    (markers / "45-52.json").unlink()
     chunk = out / "rgbgene.ome.zarr" / "0" / "c" / "0" / "18" / "0" / "0"
     chunk.write_bytes(b"garbage")
     redo = run(cfg)
@@ -152,11 +153,11 @@ def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) 
 def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
-    store = VolumeStore(cfg.output.root)
-    store.prepare_image(ds, "uint8", {"model": "linear"})
+    state = prepare_image(VolumeStore(cfg.output.root), ds)
     # enough to reach both: the second actor may take seconds to start on a busy machine
     tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices) * 12
-    spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root)
+    spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
+                      images={ds.id: state.identity})
     cfg.resources.gpus_per_worker = 1
     rows = list(run_on_ray(tasks, spec, cfg.resources))
     assert all(r.done for r in rows)
@@ -171,13 +172,14 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
-    store.prepare_image(ds, "uint8", {"model": "linear"})
+    identity = prepare_image(store, ds).identity
     tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
     broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
-    spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root)
+    spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root,
+                      images={ds.id: identity})
     rows = list(run_serial(tasks, spec))
     assert all(not r.done and "vanished.npy" in r.error for r in rows)
-    assert store.done_records(ds.id) == {}
-    good = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root)
+    assert store.done_records(ds.id, identity) == {}
+    good = dataclasses.replace(spec, datasets={ds.id: ds})
     assert all(r.done for r in run_serial(tasks, good, tasks_per_batch=4))
-    assert len(store.done_records(ds.id)) == len(tasks)
+    assert len(store.done_records(ds.id, identity)) == len(tasks)

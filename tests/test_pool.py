@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from atlinter_ray.errors import FatalWorkerError
-from atlinter_ray.pool import PoolSpec, map_unordered
+from atlinter_ray.pool import PoolSpec, PoolStats, map_unordered
 
 pytestmark = pytest.mark.ray
 
@@ -46,8 +46,13 @@ class Echo:
             (self.crash_dir / item).write_text(str(os.getpid()))
             # what TaskWorker raises for a CUDA error: this process's GPU is unusable
             raise FatalWorkerError("the device cuda:0 failed (CUDA error: an illegal memory access)")
+        if item == "hang":
+            time.sleep(600)  # a store that stops answering
         time.sleep(0.3)  # long enough that a second actor is up before the queue empties
         return {"item": item, "pid": os.getpid(), "calls_here": self.calls}
+
+    def other(self, item: str) -> dict:
+        return {"item": item, "method": "other"}
 
 
 class Unbuildable:
@@ -64,8 +69,10 @@ def failed(item: str, error: str) -> dict:
     return {"item": item, "failed": error}
 
 
-def results(worker: type, items: list[str], tmp_path: Path, **spec) -> dict[str, dict]:
-    out = list(map_unordered(worker, (str(tmp_path),), items, PoolSpec(**spec), failed))
+def results(worker: type, items: list[str], tmp_path: Path, stats: PoolStats | None = None,
+            **spec) -> dict[str, dict]:
+    out = list(map_unordered(worker, (str(tmp_path),), items, PoolSpec(**spec), failed,
+                             stats=stats))
     assert len(out) == len(items), "every item gets exactly one result"
     return {r["item"]: r for r in out}
 
@@ -133,3 +140,38 @@ def test_workers_the_cluster_cannot_place_fail_with_the_fix_after_the_timeout(
     for r in got.values():
         assert "no worker started in" in r["failed"]
         assert "3 GPU" in r["failed"] and "resources.gpus_per_worker" in r["failed"]
+
+
+def test_a_call_past_its_timeout_ends_its_actor_and_is_retried_then_reported(
+    ray_cluster, tmp_path, caplog
+):
+    stats = PoolStats()
+    caplog.set_level("INFO", logger="atlinter_ray.pool")
+    started = time.monotonic()
+    got = results(Echo, ["hang", "fine"], tmp_path, stats, max_workers=1, max_attempts=2,
+                  call_timeout_s=3.0, heartbeat_s=1.0)
+    assert time.monotonic() - started < 120  # not the 600 s the call would hang
+    assert "timed out after 3 s" in got["hang"]["failed"]
+    assert "failed" not in got["fine"]
+    assert (stats.timeouts, stats.retries) == (2, 1)
+    assert any("still working: 1 call(s) running" in r.message for r in caplog.records)
+
+
+def test_results_bring_follow_up_items_with_their_own_method(ray_cluster, tmp_path):
+    def more(result: dict) -> list[str]:
+        return [f"m:{result['item']}"] if result["item"].startswith("item") else []
+
+    out = list(map_unordered(Echo, (str(tmp_path),), ["item-1", "item-2"], PoolSpec(max_workers=1),
+                             failed, method=lambda i: "other" if i.startswith("m:") else "run",
+                             more=more))
+    got = {r["item"]: r for r in out}
+    assert sorted(got) == ["item-1", "item-2", "m:item-1", "m:item-2"]
+    assert got["m:item-1"]["method"] == "other" and "pid" in got["item-1"]
+
+
+def test_the_start_timeout_is_kept_to_the_second_not_to_the_next_warning(ray_cluster, tmp_path):
+    started = time.monotonic()
+    got = results(Echo, ["a"], tmp_path, num_gpus=3, max_workers=1, start_timeout_s=2.0,
+                  warn_every_s=600.0)
+    assert "no worker started in 2 s" in got["a"]["failed"]
+    assert time.monotonic() - started < 60  # before, the first check came after warn_every_s

@@ -44,14 +44,14 @@ from atlinter_ray.align.worker import (
     read_marker,
     settings_digest,
 )
-from atlinter_ray.config import redact
 from atlinter_ray.dataset import Dataset, field_error
 from atlinter_ray.errors import DatasetNotFoundError, StoreError
 from atlinter_ray.execution import connect, map_batches
-from atlinter_ray.files import write_atomic
-from atlinter_ray.nrrd_volume import file_sha256, nrrd_to_npy, read_nrrd_info
-from atlinter_ray.pipeline import load_datasets
+from atlinter_ray.files import file_sha256, write_atomic
+from atlinter_ray.inputs import load_datasets
+from atlinter_ray.nrrd_volume import nrrd_to_npy, read_nrrd_info
 from atlinter_ray.reference import ReferenceVolume, load_reference
+from atlinter_ray.secrets import redact
 
 log = logging.getLogger(__name__)
 

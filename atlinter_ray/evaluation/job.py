@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from atlinter_ray.config import redact
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.engine import build_interpolator, model_context
 from atlinter_ray.errors import ConfigError
@@ -52,9 +51,10 @@ from atlinter_ray.evaluation.holdout import (
 from atlinter_ray.evaluation.report import metrics_plot_png, panel_png, report_tables
 from atlinter_ray.evaluation.workers import EvalResult, EvalSpec, EvalWorker, failed_result
 from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.inputs import load_datasets
 from atlinter_ray.models.base import PairInterpolator
-from atlinter_ray.pipeline import load_datasets
 from atlinter_ray.planning import GapTask, bisection_nodes
+from atlinter_ray.secrets import redact
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 

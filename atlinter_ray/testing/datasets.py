@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from atlinter_ray.dataset import Dataset
+from atlinter_ray.identity import fingerprint
 from atlinter_ray.sample import sample_truth
+from atlinter_ray.store import ImageState, VolumeStore
 
 
 def write_dataset(
@@ -41,3 +44,10 @@ def sections_of(volume: np.ndarray, sections: list[int], axis: str) -> np.ndarra
     """Known sections of ``volume`` along ``axis``, in the predecessor's layout."""
     index = {"coronal": 0, "sagittal": 2}[axis]
     return np.stack([np.take(volume, s, axis=index) for s in sections])
+
+
+def prepare_image(
+    store: VolumeStore, ds: Dataset, dtype: str = "uint8", run_info: dict[str, Any] | None = None
+) -> ImageState:
+    """Create (or resume) ``ds``'s output image as the driver does, fingerprint included."""
+    return store.prepare_image(ds, dtype, run_info or {"model": "linear"}, fingerprint(ds))

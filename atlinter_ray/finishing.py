@@ -1,0 +1,217 @@
+"""Finishing one dataset, on a worker, once all its tasks are done.
+
+::
+
+    markers of this generation ──> every planned task has one?   no ─> redo those tasks
+    listing of level 0          ──> every object a marker names
+                                    is stored, with its size?      no ─> drop their markers,
+                                                                         redo those tasks
+    one pass over level 0 (slabs along the section axis)
+        ├─> level 1 of the pyramid (2x2x2 means), then 2, 3 ... from it, in memory
+        └─> the three mid planes of the quick-look
+    quick-look and montage PNGs (atomic), provenance merged in slice order
+    image metadata: multiscales of every level, provenance, complete=<generation>  (last)
+
+Only then is the dataset complete: a rerun finds ``complete`` equal to the image's
+generation and every marker present, and does nothing. Everything here runs where the
+store is, on a worker; the driver only receives a :class:`FinishResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from atlinter_ray.dataset import Dataset
+from atlinter_ray.errors import IncompleteOutputError, is_storage_error
+from atlinter_ray.identity import ImageIdentity
+from atlinter_ray.layout import downsample2, ome_metadata, pyramid_chunks, pyramid_shapes
+from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
+from atlinter_ray.store import VolumeStore
+
+log = logging.getLogger(__name__)
+
+#: Slices of level 0 read per step (an even number: level 1 halves it).
+SLAB = 16
+
+
+class UnreadableSlicesError(Exception):
+    """Stored objects of these slices do not decode (a torn or foreign write)."""
+
+    def __init__(self, slices: set[int]) -> None:
+        super().__init__(f"slices {sorted(slices)} do not decode")
+        self.slices = slices
+
+
+@dataclass(frozen=True, slots=True)
+class FinishJob:
+    """What a worker needs to finish one dataset."""
+
+    dataset_id: str
+    identity: ImageIdentity
+    task_ids: tuple[str, ...]
+    quicklook: bool = True
+
+
+@dataclass(slots=True)
+class FinishResult:
+    """What finishing a dataset found and did."""
+
+    dataset_id: str
+    status: str = "failed"  # "done" | "redo" | "failed"
+    #: Tasks whose markers are missing or whose objects are not all stored.
+    redo: tuple[str, ...] = ()
+    error: str = ""
+    storage_error: bool = False
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """True when the dataset is verified complete and its finishing work written."""
+        return self.status == "done"
+
+
+def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishResult:
+    """Verify the dataset's markers against the store, then write pyramid, pictures, metadata."""
+    start = time.perf_counter()
+    result = FinishResult(ds.id)
+    try:
+        records = store.done_records(ds.id, job.identity)
+        redo = sorted(set(job.task_ids) - set(records)) or _missing_objects(store, ds, records)
+        if not redo:
+            try:
+                result.outputs = _finish(store, ds, job, records)
+                result.status = "done"
+            except UnreadableSlicesError as exc:
+                redo = sorted({task_id for task_id, record in records.items()
+                               if {s["slice"] for s in record["slices"]} & exc.slices})
+        if redo:
+            store.drop_markers(job.identity, [t for t in redo if t in records])
+            log.warning("%s: %d task(s) lost their output and will be redone", ds.id, len(redo))
+            result.status, result.redo = "redo", tuple(redo)
+    except Exception as exc:  # reported, never hidden: the driver counts failures
+        log.exception("finishing %s failed", ds.id)
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.storage_error = is_storage_error(exc)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _missing_objects(
+    store: VolumeStore, ds: Dataset, records: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """Tasks naming an object that the store does not hold (or holds with another size)."""
+    lost = store.lost_objects(ds.id, _objects(records))
+    return sorted(task_id for task_id, record in records.items()
+                  if lost & set(record.get("objects", {})))
+
+
+def _objects(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
+    """Every object the markers name, with its size."""
+    return {key: size for record in records.values()
+            for key, size in record.get("objects", {}).items()}
+
+
+def _finish(
+    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """Pyramid, pictures and metadata of a verified dataset; the metadata goes last."""
+    attrs = store.image_attrs(ds.id)
+    meta = dict(attrs["atlinter_ray"])
+    if meta.get("generation") != job.identity.generation:
+        raise IncompleteOutputError(
+            f"{store.image_url(ds.id)} was replaced while this run wrote it (generation "
+            f"{meta.get('generation')}, this run's {job.identity.generation}). Fix: make "
+            "sure one job at a time writes this output.root, then rerun the same command."
+        )
+    provenance = sorted((s for r in records.values() for s in r["slices"]),
+                        key=lambda s: s["slice"])
+    layout = meta.get("layout", {})
+    levels, planes = _pyramid(store, ds, int(layout.get("pyramid_min", 0)),
+                              int(layout.get("zstd_level", 1)))
+    outputs = {"image": store.image_url(ds.id)}
+    if job.quicklook:
+        status = [""] * ds.n_slices
+        for s in provenance:
+            status[s["slice"]] = s["status"]
+        outputs["quicklook"] = store.write_bytes(f"{ds.id}.quicklook.png",
+                                                 quicklook_png(ds, planes, status))
+        if montage_gaps(provenance):
+            outputs["montage"] = store.write_bytes(
+                f"{ds.id}.montage.png", montage_png(store, ds, provenance=provenance))
+    dtype = str(store.open_array(ds.id).dtype)
+    meta.update(provenance=provenance, objects=dict(sorted(_objects(records).items())),
+                complete=job.identity.generation)
+    store.update_attrs(ds.id, {"ome": ome_metadata(ds, dtype, levels), "atlinter_ray": meta})
+    return outputs
+
+
+def _pyramid(
+    store: VolumeStore, ds: Dataset, minimum: int, zstd_level: int
+) -> tuple[int, list[np.ndarray]]:
+    """Stream level 0 once: write levels 1.. and return ``(levels, quick-look planes)``."""
+    arr = store.open_array(ds.id)
+    lead = arr.ndim - 3
+    axis = lead + ds.axis_index
+    n = arr.shape[axis]
+    shapes = pyramid_shapes(arr.shape, ds.channels, minimum)
+    mids = mid_positions(ds)
+    planes = [np.zeros(arr.shape[:lead + a] + arr.shape[lead + a + 1:], arr.dtype)
+              for a in range(3)]
+    level = np.zeros(shapes[0], arr.dtype) if shapes else None
+    for first in range(0, n, SLAB):
+        index: list[Any] = [slice(None)] * arr.ndim
+        index[axis] = slice(first, min(first + SLAB, n))
+        slab = _read_slab(arr, index, axis)
+        for a in range(3):
+            if a == ds.axis_index:
+                if first <= mids[a] < first + slab.shape[axis]:
+                    planes[a][...] = np.take(slab, mids[a] - first, axis=axis)
+                continue
+            into: list[Any] = [slice(None)] * (arr.ndim - 1)
+            into[axis - (1 if a < ds.axis_index else 0)] = index[axis]
+            planes[a][tuple(into)] = np.take(slab, mids[a], axis=lead + a)
+        if level is not None:
+            half: list[Any] = [slice(None)] * arr.ndim
+            half[axis] = slice(first // 2, first // 2 + -(-slab.shape[axis] // 2))
+            level[tuple(half)] = downsample2(slab)
+    url = store.image_url(ds.id)
+    for number, shape in enumerate(shapes, start=1):
+        assert level is not None
+        if number > 1:
+            level = downsample2(level)
+        assert level.shape == shape
+        out = zarr.create_array(
+            f"{url}/{number}", shape=shape, chunks=pyramid_chunks(shape), dtype=arr.dtype,
+            fill_value=0, dimension_names=arr.metadata.dimension_names,
+            compressors=ZstdCodec(level=zstd_level), zarr_format=3, overwrite=True,
+            storage_options=store.storage_options if "://" in url else None,
+        )
+        out[...] = level
+    return 1 + len(shapes), planes
+
+
+def _read_slab(arr: Any, index: list[Any], axis: int) -> np.ndarray:
+    """Read slices ``index[axis]``; raise :class:`UnreadableSlicesError` naming any that fail."""
+    try:
+        return np.asarray(arr[tuple(index)])
+    except (ValueError, RuntimeError, TypeError):  # what codecs raise on bad bytes
+        bad = set()
+        for s in range(index[axis].start, index[axis].stop):
+            one = list(index)
+            one[axis] = s
+            try:
+                arr[tuple(one)]
+            except (ValueError, RuntimeError, TypeError):
+                bad.add(s)
+        if not bad:
+            raise
+        raise UnreadableSlicesError(bad) from None

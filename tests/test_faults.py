@@ -1,0 +1,347 @@
+"""Exactly-once output under faults: each run ends in a clean run's bytes, or in a clear
+error in bounded time with nothing marked done that is not stored.
+
+Local outputs run in-process (``run.serial``); S3 outputs on the real local Ray cluster,
+through the fault-injecting proxy in front of moto (:mod:`atlinter_ray.testing.faulty_s3`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import s3fs
+
+from atlinter_ray.config import Config
+from atlinter_ray.errors import OutputBusyError, StoreError
+from atlinter_ray.pipeline import run
+from atlinter_ray.store import VolumeStore
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+
+SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
+TASKS = len(SECTIONS) + 1
+
+
+def _local(tmp_path: Path, sections: list[int] = SECTIONS) -> Config:
+    volume = real_volume()
+    write_dataset(tmp_path / "in", "g", sections_of(volume, sections, "coronal"), sections,
+                  reference_shape=list(volume.shape))
+    cfg = Config()
+    cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["g"]
+    cfg.output.root = str(tmp_path / "out")
+    cfg.model.name = "linear"
+    cfg.run.serial, cfg.run.progress = True, False
+    return cfg
+
+
+def content(fs, root: str) -> dict[str, str]:
+    """sha256 of every output object, the image's generation id and the lease left out."""
+    out = {}
+    for path in sorted(fs.find(root)):
+        rel = path[len(root.rstrip("/")) + 1:]
+        if rel.startswith("_progress/") or rel in ("run_summary.json", "_lease.json",
+                                                   ".atlinter_ray.lock"):
+            continue
+        blob = fs.cat_file(path)
+        if rel.endswith(".ome.zarr/zarr.json"):
+            meta = json.loads(blob)
+            meta["attributes"]["atlinter_ray"].pop("generation")
+            meta["attributes"]["atlinter_ray"].pop("complete")
+            blob = json.dumps(meta, sort_keys=True).encode()
+        out[rel] = hashlib.sha256(blob).hexdigest()
+    return out
+
+
+def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
+    """Every object every marker of the current image claims is in the store."""
+    meta = store.image_attrs(ds_id)["atlinter_ray"]
+    from atlinter_ray.identity import ImageIdentity
+
+    identity = ImageIdentity(meta["generation"], "")
+    paths = store._marker_files(ds_id, identity)
+    stored = store.stored_objects(ds_id)
+    for blob in store.fs.cat(paths).values() if paths else ():
+        for key, size in json.loads(blob)["objects"].items():
+            assert key in stored and (size is None or stored[key] == size), key
+
+
+def test_an_image_deleted_with_its_markers_kept_is_rebuilt(tmp_path: Path) -> None:
+    cfg = _local(tmp_path)
+    assert run(cfg).ok
+    store = VolumeStore(cfg.output.root)
+    clean = content(store.fs, cfg.output.root)
+    shutil.rmtree(tmp_path / "out" / "g.ome.zarr")  # a colleague's rm; the markers stay
+    again = run(cfg)
+    assert again.ok and again.tasks_done == TASKS and again.tasks_skipped == 0
+    assert content(store.fs, cfg.output.root) == clean
+    assert len(list((tmp_path / "out" / "_progress" / "g").iterdir())) == 1  # old ones gone
+
+
+def test_an_overwrite_killed_between_removals_is_finished_by_its_rerun(tmp_path: Path) -> None:
+    cfg = _local(tmp_path)
+    assert run(cfg).ok
+    cfg.model.name, cfg.output.overwrite = "dis", True
+    # the overwrite removed the old image, then died before it removed the old markers
+    shutil.rmtree(tmp_path / "out" / "g.ome.zarr")
+    again = run(cfg)
+    assert again.ok and again.tasks_done == TASKS
+    prov = VolumeStore(cfg.output.root).image_attrs("g")["atlinter_ray"]["provenance"]
+    assert {p["model"] for p in prov if p["status"] == "predicted"} == {"dis"}
+    resumed = run(cfg)  # overwrite=true resumes (here: finds done) its own run
+    assert resumed.ok and resumed.tasks_skipped == TASKS and resumed.tasks_done == 0
+
+
+def test_lost_objects_of_a_complete_image_are_found_and_redone(tmp_path: Path) -> None:
+    cfg = _local(tmp_path)
+    assert run(cfg).ok
+    store = VolumeStore(cfg.output.root)
+    clean = content(store.fs, cfg.output.root)
+    chunks = tmp_path / "out" / "g.ome.zarr" / "0" / "c"
+    (chunks / "18" / "0" / "0").unlink()  # a lifecycle rule took two objects
+    (chunks / "70" / "0" / "0").write_bytes(b"torn")  # and another was damaged
+    again = run(cfg)
+    assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 66-72
+    assert content(store.fs, cfg.output.root) == clean
+
+
+def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:
+    cfg = _local(tmp_path)
+    assert run(cfg).ok
+    fewer = [s for s in SECTIONS if s != 45]
+    cfg = _local(tmp_path, fewer)
+    with pytest.raises(StoreError, match=r"section numbers \(removed \[45\]"):
+        run(cfg)
+    cfg.output.overwrite = True
+    rebuilt = run(cfg)
+    assert rebuilt.ok and rebuilt.tasks_done == len(fewer) + 1
+    prov = VolumeStore(cfg.output.root).image_attrs("g")["atlinter_ray"]["provenance"]
+    assert [p["slice"] for p in prov] == list(range(91))
+    assert 45 not in {p["slice"] for p in prov if p["status"] == "measured"}
+
+
+def test_a_second_driver_on_one_output_is_refused_before_writing(tmp_path: Path) -> None:
+    cfg = _local(tmp_path)
+    with VolumeStore(cfg.output.root).lease():  # another driver is running
+        with pytest.raises(OutputBusyError, match=r"is being written by another driver \(pid"):
+            run(cfg)
+    assert not (tmp_path / "out" / "g.ome.zarr").exists()
+    assert run(cfg).ok  # and once it is gone, this one runs
+
+
+# -- on S3, through the fault proxy, on the real Ray cluster ----------------------------
+
+@pytest.fixture(scope="module")
+def s3_input(s3_servers) -> str:
+    """The test dataset on S3 (RGB), written once: every S3 run reads the same input."""
+    fs = s3fs.S3FileSystem(**s3_servers.direct, skip_instance_cache=True)
+    volume = real_volume(rgb=True)
+    with fs.open("atlas-in/faults/g.npy", "wb") as f:
+        np.save(f, sections_of(volume, SECTIONS, "coronal"))
+    fs.pipe_file("atlas-in/faults/g.json", json.dumps(
+        {"section_numbers": SECTIONS, "axis": "coronal",
+         "reference_shape": list(volume.shape[:3])}).encode())
+    return "s3://atlas-in/faults"
+
+
+def _s3(servers, s3_input: str, name: str, **storage: object) -> Config:
+    cfg = Config()
+    cfg.data.root, cfg.data.genes = s3_input, ["g"]
+    cfg.data.storage_options = dict(servers.direct)
+    cfg.output.root = f"s3://atlas-out/{name}"
+    cfg.output.storage_options = {**servers.options, **storage}
+    cfg.model.name = "linear"
+    cfg.run.progress = False
+    cfg.resources.min_workers = cfg.resources.max_workers = 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clean_s3(s3_servers, s3_input, ray_cluster) -> dict[str, str]:
+    """The bytes of a clean S3 run of the test dataset (linear, 2 workers)."""
+    assert run(_s3(s3_servers, s3_input, "clean")).ok
+    return content(_direct_fs(s3_servers), "atlas-out/clean")
+
+
+def _direct_fs(faulty_s3) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(**faulty_s3.direct, skip_instance_cache=True)
+
+
+@pytest.mark.ray
+def test_503s_and_dropped_connections_end_in_the_clean_bytes(faulty_s3, s3_input, clean_s3):
+    cfg = _s3(faulty_s3, s3_input, "flaky")
+    slow = faulty_s3.proxy.add("503", method="PUT", path=r"/atlas-out/flaky/g\.ome\.zarr/0/c/",
+                               times=6)
+    dropped = faulty_s3.proxy.add("drop", method="GET", path="/atlas-out/flaky/_progress",
+                                  times=2)
+    summary = run(cfg)
+    assert summary.ok and slow.hits == 6 and dropped.hits >= 1
+    assert content(_direct_fs(faulty_s3), "atlas-out/flaky") == clean_s3
+
+
+@pytest.mark.ray
+def test_a_hung_store_call_times_out_and_its_task_is_rerun(faulty_s3, s3_input, clean_s3,
+                                                          caplog):
+    cfg = _s3(faulty_s3, s3_input, "hung")
+    cfg.resources.task_timeout_s, cfg.resources.heartbeat_s = 8.0, 2.0
+    caplog.set_level("INFO", logger="atlinter_ray")
+    hang = faulty_s3.proxy.add("hang", method="PUT", path=r"/atlas-out/hung/g\.ome\.zarr/0/c/0/30/",
+                               times=1)
+    release = threading.Timer(20.0, faulty_s3.proxy.heal)  # free the hung connection later
+    release.start()
+    try:
+        summary = run(cfg)
+    finally:
+        release.cancel()
+    assert hang.hits == 1
+    assert summary.ok and summary.tasks_retried >= 1
+    assert any("timed out after 8 s" in r.message for r in caplog.records)
+    assert any("still working" in r.message for r in caplog.records)
+    assert content(_direct_fs(faulty_s3), "atlas-out/hung") == clean_s3
+
+
+@pytest.mark.ray
+def test_a_store_that_is_down_stops_the_job_early_with_the_cause(faulty_s3, s3_input):
+    cfg = _s3(faulty_s3, s3_input, "down", config_kwargs={"retries": {"max_attempts": 1}})
+    cfg.resources.max_storage_errors = 3
+    faulty_s3.proxy.add("503", method="PUT", path=r"/atlas-out/down/g\.ome\.zarr/0/c/")
+    summary = run(cfg)
+    assert not summary.ok and "3 storage failures in a row" in summary.stopped
+    assert "g" in summary.incomplete
+    assert summary.tasks_failed == TASKS - summary.tasks_done
+    faulty_s3.proxy.heal()
+    store = VolumeStore(cfg.output.root, faulty_s3.direct)
+    _marked_objects_are_stored(store, "g")
+    cfg.output.storage_options = dict(faulty_s3.options)
+    assert run(cfg).ok  # the same command finishes it
+
+
+@pytest.mark.ray
+def test_a_killed_worker_is_replaced_and_its_task_rerun(faulty_s3, s3_input, clean_s3):
+    cfg = _s3(faulty_s3, s3_input, "killed")
+    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/killed/_progress/.*/30-37",
+                               times=1)
+
+    def kill_when_stuck() -> None:
+        while hang.hits == 0:
+            time.sleep(0.1)
+        for proc in psutil.Process().children(recursive=True):  # this session's cluster only
+            if "TaskWorker" in " ".join(proc.cmdline()):
+                proc.kill()  # the workers die as on a lost node, one of them mid-task
+        faulty_s3.proxy.heal()
+
+    killer = threading.Thread(target=kill_when_stuck, daemon=True)
+    killer.start()
+    summary = run(cfg)
+    killer.join(timeout=60)
+    assert summary.ok and summary.tasks_retried >= 1
+    assert content(_direct_fs(faulty_s3), "atlas-out/killed") == clean_s3
+
+
+@pytest.mark.ray
+def test_a_recreated_empty_bucket_is_rebuilt(faulty_s3, s3_input, clean_s3):
+    cfg = _s3(faulty_s3, s3_input, "rebucket")
+    cfg.output.root = "s3://atlas-scratch/rebucket"
+    fs = _direct_fs(faulty_s3)
+    fs.mkdir("atlas-scratch")
+    assert run(cfg).ok
+    fs.rm("atlas-scratch", recursive=True)  # the bucket is lost...
+    fs.mkdir("atlas-scratch")  # ...and made again, empty
+    again = run(cfg)
+    assert again.ok and again.tasks_done == TASKS
+    assert content(fs, "atlas-scratch/rebucket") == clean_s3
+
+
+def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atlinter_ray", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+
+
+@pytest.mark.ray
+def test_failing_jobs_never_show_the_credentials_given_as_overrides(faulty_s3, s3_input):
+    key, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    creds = [f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
+             for k, v in (("key", key), ("secret", secret))]
+    common = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
+              f"+data.storage_options.endpoint_url={faulty_s3.direct['endpoint_url']}",
+              f"+output.storage_options.endpoint_url={faulty_s3.proxy.endpoint_url}",
+              "run.progress=false", *creds]
+    ray_tmp = tempfile.mkdtemp(prefix="i9r", dir="/tmp")  # short: Ray's socket paths live here
+    env = {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    try:
+        # 1. an output bucket that does not exist: refused before any work
+        missing = _job([*common, "output.root=s3://no-such-bucket/x"], env)
+        assert missing.returncode == 2, missing.stderr
+        assert "output.root=s3://no-such-bucket/x cannot be used" in missing.stderr
+        # 2. a store that fails every write once the workers run: stopped early, exit 1
+        faulty_s3.proxy.add("503", method="PUT", path=r"/atlas-out/secret-job/g\.ome\.zarr/0/c/")
+        failing = _job([*common, "output.root=s3://atlas-out/secret-job",
+                        "resources.max_storage_errors=2", "resources.local_cpus=2",
+                        "+output.storage_options.config_kwargs.retries.max_attempts=1"], env)
+        assert failing.returncode == 1, failing.stderr
+        assert "storage failures in a row" in failing.stdout + failing.stderr
+        fs = _direct_fs(faulty_s3)
+        written = [fs.cat_file(p) for p in fs.find("atlas-out/secret-job")]
+        logs = [p.read_bytes() for p in Path(ray_tmp).rglob("*") if p.is_file()]
+        assert logs and written
+        for text in [missing.stdout, missing.stderr, failing.stdout, failing.stderr]:
+            assert key not in text and secret not in text
+        for blob in written + logs:
+            assert key.encode() not in blob and secret.encode() not in blob
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _end_processes_of(ray_tmp: str) -> None:
+    """End the processes of a Ray cluster this test's job started (they name its temp dir)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if ray_tmp in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@pytest.mark.ray
+def test_a_killed_driver_is_finished_by_rerunning_the_command(faulty_s3, s3_input, clean_s3):
+    args = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
+            "output.root=s3://atlas-out/driver-killed", "run.progress=false",
+            "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
+            *[f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
+              for k, v in faulty_s3.direct.items() if k != "endpoint_url"],
+            f"+data.storage_options.endpoint_url={faulty_s3.direct['endpoint_url']}",
+            f"+output.storage_options.endpoint_url={faulty_s3.proxy.endpoint_url}"]
+    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/driver-killed/_progress/.*45-52")
+    ray_tmp = tempfile.mkdtemp(prefix="i9k", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "atlinter_ray", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while hang.hits == 0 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert hang.hits == 1, "the job never reached the task it is killed in"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run
+        driver.wait()
+    finally:
+        _end_processes_of(ray_tmp)
+        faulty_s3.proxy.heal()
+    try:
+        again = _job(args, {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"})
+    finally:
+        _end_processes_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert again.returncode == 0, again.stderr
+    assert "complete 1, incomplete 0" in again.stdout
+    assert content(_direct_fs(faulty_s3), "atlas-out/driver-killed") == clean_s3
