@@ -30,7 +30,7 @@ from atlinter_ray.models.torch_runtime import (
 from atlinter_ray.pipeline import check_worker_device
 from atlinter_ray.planning import bisection_nodes, plan_dataset
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 from atlinter_ray.worker import TaskWorker, WorkerSpec
 
 torch.set_num_threads(1)
@@ -230,9 +230,9 @@ def _dataset(tmp_path, rgb=False, step=8):
 
 def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None):
     store = VolumeStore(str(tmp_path / f"out-{name}"))
-    store.prepare_image(ds, dtype, {"model": name})
+    state = prepare_image(store, ds, dtype, {"model": name})
     spec = WorkerSpec(name, checkpoint, params, {ds.id: ds}, {ds.id: dtype},
-                      str(tmp_path / f"out-{name}"))
+                      str(tmp_path / f"out-{name}"), images={ds.id: state.identity})
     return TaskWorker(spec), store
 
 
