@@ -41,6 +41,20 @@ def test_configs_compose_for_every_group_choice() -> None:
         assert Path(default.data.root, "mni152_t1.npy").is_file()
 
 
+def test_documented_model_options_override_without_plus() -> None:
+    """``model.params.<option>=...`` works for every option a config group lists."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for overrides, key, value in (
+            (["model=dis", "model.params.preset=fast"], "preset", "fast"),
+            (["model=rife_v4", "model.params.scale=0.5"], "scale", 0.5),
+            (["model=fusion", "model.params.tune=true"], "tune", True),
+            (["model=raft", "model.params.precision=bf16"], "precision", "bf16"),
+        ):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+            assert cfg.model.params[key] == value, overrides
+
+
 @pytest.mark.slow
 def test_default_job_on_the_sample_scores_against_truth(tmp_path: Path) -> None:
     secret = "do-not-print-this-secret"

@@ -10,6 +10,7 @@ job must reconstruct the bundled sample and print its scores.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -98,6 +99,33 @@ def test_every_registered_model_has_its_config_group() -> None:
         assert OmegaConf.load(path).name == name
     on_disk = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
     assert on_disk == set(available_models())
+
+
+def _init_defaults(factory: type) -> dict[str, object]:
+    """Keyword defaults of a model class's constructors, subclass last (it wins)."""
+    found: dict[str, object] = {}
+    for klass in reversed(factory.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            for p in inspect.signature(init).parameters.values():
+                if p.default is not inspect.Parameter.empty:
+                    found[p.name] = getattr(factory, f"default_{p.name}", p.default) \
+                        if p.default is None else p.default
+    return found
+
+
+def test_model_config_groups_list_the_model_defaults() -> None:
+    """conf/model/*.yaml show each option at the model's own default: one truth, two views."""
+    for module in set(base._LAZY_MODULES.values()):
+        importlib.import_module(module)
+    for name in available_models():
+        params = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml").params)
+        defaults = _init_defaults(base._REGISTRY[name])
+        for key, value in params.items():
+            assert key in defaults, f"conf/model/{name}.yaml: {key!r} is not an option of {name}"
+            default = defaults[key]
+            default = list(default) if isinstance(default, tuple) else default
+            assert value == default, f"conf/model/{name}.yaml: {key}={value!r}, the model's is {default!r}"
 
 
 def test_the_lazy_table_names_exactly_what_its_modules_register() -> None:
