@@ -25,7 +25,16 @@ from atlinter_ray.allen.job import DownloadError, run_download
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.files import write_atomic
-from atlinter_ray.testing.allen_server import AllenServer, Fault, Section, expected_slice
+from atlinter_ray.testing.allen_server import (
+    AllenServer,
+    Fault,
+    Section,
+    expected_slice,
+    placing_pixel,
+    projected_square_centre,
+    tilted_datasets,
+    true_coordinate,
+)
 from atlinter_ray.testing.ray_head import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +164,54 @@ def test_config_validation():
         DownloadConfig(genes=("Gad1",), concurrency=0)
     with pytest.raises(ConfigError, match="not a valid gene symbol"):
         DownloadConfig(genes=("Gad1']",))
+    with pytest.raises(ConfigError, match=r"section_point='middle': choose one of"):
+        DownloadConfig(genes=("Gad1",), section_point="middle")
+
+
+def red_centre(section: np.ndarray) -> tuple[float, float]:
+    """Row and column (voxels) of the centre of the red square in a warped section."""
+    rows, cols = np.nonzero((section[..., 0] > 120) & (section[..., 1] < 100))
+    return float(rows.mean()), float(cols.mean())
+
+
+@pytest.mark.parametrize("rule", ["top_left", "centre", "tissue"])
+def test_tilted_sections_are_placed_by_the_chosen_point(tmp_path: Path, rule: str) -> None:
+    """Realistic tilts: each section's slice is the reference coordinate of the chosen image
+    point, and its square lands where projecting the section onto that plane puts it.
+
+    At ``downsample=3`` a half-pixel error in the downsampled geometry would move every
+    square by 1.4 voxels; a transposed or inverted 3D matrix moves sections by slices.
+    """
+    with AllenServer(tilted_datasets()) as srv:
+        run_download(config(srv, tmp_path, genes=("Pvalb",), downsample=3, section_point=rule))
+        for eid in (4001, 4002):
+            volume, meta = read(tmp_path, eid)
+            dataset = srv.datasets[eid]
+            truth = sorted((true_coordinate(dataset, s, placing_pixel(dataset, s, rule, 3)), s)
+                           for s in dataset.sections)
+            assert meta["section_point"] == rule
+            assert meta["image_ids"] == [s.image_id for _, s in truth]
+            tolerance = 10.0 if rule == "tissue" else 1e-3  # µm: the tissue is found in a JPEG
+            assert meta["section_coordinates_um"] == pytest.approx([c for c, _ in truth],
+                                                                   abs=tolerance)
+            assert meta["section_numbers"] == [int(c // 25) for c, _ in truth]
+            for k, (coordinate, section) in enumerate(truth):
+                expected = projected_square_centre(dataset, section, coordinate)
+                assert red_centre(volume[k]) == pytest.approx(expected, abs=0.5), (eid, k)
+
+
+def test_the_placing_point_matters_on_tilted_sections(tmp_path: Path) -> None:
+    """On these tilts the top-left corner lies 16-35 slices from the tissue."""
+    with AllenServer(tilted_datasets()) as srv:
+        placed = {}
+        for rule in ("top_left", "tissue"):
+            out = tmp_path / rule
+            run_download(config(srv, out, genes=("Pvalb",), downsample=3, section_point=rule))
+            placed[rule] = read(out, 4001)[1]["section_numbers"]
+        with pytest.raises(StoreError, match="section_point"):
+            run_download(config(srv, tmp_path / "tissue", genes=("Pvalb",), downsample=3))
+    gaps = [a - b for a, b in zip(placed["top_left"], placed["tissue"])]
+    assert all(15 < g < 40 for g in gaps), gaps
 
 
 # ---------------------------------------------------------------------- job, in-process

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atlinter_ray.allen.client import DEFAULT_API_URL, DEFAULT_NISSL_URL, check_gene_symbol
-from atlinter_ray.allen.geometry import get_plane
+from atlinter_ray.allen.geometry import SectionPoint, get_plane
 from atlinter_ray.errors import ConfigError
+from atlinter_ray.planning import as_choice
 
 
 @dataclass
@@ -21,9 +22,15 @@ class DownloadConfig:
     genes: list[str] = field(default_factory=lambda: ["Gad1"])
     #: ``coronal`` and/or ``sagittal``.
     planes: list[str] = field(default_factory=lambda: ["coronal", "sagittal"])
-    #: Each step halves the section image's width and height (Allen ``downsample``): 4 gives
-    #: ~16 µm/pixel, finer than the 25 µm atlas; 0 is full resolution, as the predecessor did.
+    #: Each step halves the section image's width and height (Allen ``downsample``). Full
+    #: resolution (0, as the predecessor) is 0.645, 1.049 or 1.63 µm/pixel depending on the
+    #: scanner, so 4 gives 10.3, 16.8 or 26.1 µm/pixel (the last coarser than the 25 µm
+    #: atlas: use 3 for such experiments).
     downsample: int = 4
+    #: Which image point places a section along the plane normal: ``top_left`` (pixel
+    #: (0, 0), the predecessor's rule), ``centre`` or ``tissue`` (see README, "Download
+    #: Allen data", for what each costs).
+    section_point: SectionPoint = SectionPoint.top_left
     #: Local folder or fsspec URL (``s3://bucket/prefix``) receiving the files.
     output: str = "data/allen"
     #: fsspec options for ``output`` (endpoint_url, ...). Keep secrets in env vars.
@@ -58,6 +65,7 @@ class DownloadConfig:
         planes = [self.planes] if isinstance(self.planes, str) else list(self.planes)
         self.genes, self.planes = genes, planes
         self.storage_options = dict(self.storage_options or {})
+        self.section_point = as_choice(SectionPoint, self.section_point, "section_point")
         if not genes and not self.nissl:
             raise ConfigError(
                 "download config: `genes` is empty; list at least one gene symbol (or set "

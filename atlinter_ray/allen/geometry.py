@@ -18,13 +18,23 @@ superior->inferior, left->right) maps to a full-resolution image pixel ``(x, y)`
 ``(x, y) = tvs · (trv · (p, i, r, 1))[:2]``; the dropped third volume coordinate is
 ``section_number * section_thickness``.
 
+Full-resolution section images are 0.645, 1.049 or 1.63 µm per pixel, depending on the
+scanner (the SectionImage's ``resolution``). The image service cuts JPEG2000 resolution
+levels: sample ``n`` of level ``d`` (``downsample=d``) lies on full-resolution pixel
+``2**d * n`` (the wavelet's low-pass filter is centred on the even samples), so the
+full-resolution transforms hold at every level after scaling by ``2**-d``, with no
+half-pixel shift.
+
 Conventions copied from the predecessor (atlinter 0.2.3, which used atldld 0.2.2):
 
 * a section's position along the plane normal is the reference coordinate (``p`` for
   coronal, ``r`` for sagittal) of its image pixel ``(0, 0)``; its slice index in the
   25 µm atlas is that coordinate ``// 25``. atldld asked the API's ``image_to_reference``
   service for it; we compute the composition atldld's documentation describes locally
-  from ``tsv`` and ``tvr``, saving one request per image;
+  from ``tsv`` and ``tvr``, saving one request per image. Sections are cut at a slight
+  tilt to the reference planes, so the top-left pixel, usually outside the tissue, can
+  lie slices away from it: :class:`SectionPoint` offers the image centre or the
+  tissue's centroid instead (:func:`section_point`);
 * the whole reference plane at that coordinate is mapped into the image and sampled
   with bilinear interpolation, the outside filled with the image's top-left colour.
   atldld built a dense displacement field from the transform of the image the API's
@@ -39,6 +49,7 @@ reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import cv2
@@ -134,6 +145,38 @@ def section_coordinate(
     return float(pir[get_plane(plane).normal_axis])
 
 
+class SectionPoint(StrEnum):
+    """Which image point places a section along the plane normal (``section_point``)."""
+
+    #: Pixel (0, 0), the predecessor's rule; known before the image is downloaded.
+    top_left = "top_left"
+    #: The centre of the image.
+    centre = "centre"
+    #: The centroid of the tissue (pixels darker than the background, Otsu's threshold).
+    tissue = "tissue"
+
+
+def section_point(image: np.ndarray, rule: SectionPoint | str, downsample: int) -> tuple[float, float]:
+    """Full-resolution pixel ``(x, y)`` that places the section, from its downloaded image.
+
+    ``tissue`` falls back to the centre when the image has no two tones to tell apart.
+    """
+    rule = SectionPoint(rule)
+    if rule == SectionPoint.top_left:
+        return 0.0, 0.0
+    scale = 2.0 ** int(downsample)
+    h, w = image.shape[:2]
+    centre = ((w - 1) * scale / 2, (h - 1) * scale / 2)
+    if rule == SectionPoint.centre:
+        return centre
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if gray.min() == gray.max():
+        return centre
+    _, tissue = cv2.threshold(gray, 0, 1, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
+    rows, cols = np.nonzero(tissue)
+    return float(cols.mean()) * scale, float(rows.mean()) * scale
+
+
 def slice_index(coordinate_um: float) -> int:
     """The 25 µm reference slice holding ``coordinate_um`` (the predecessor's ``// 25``)."""
     return int(coordinate_um // VOXEL_UM)
@@ -144,8 +187,8 @@ def plane_to_image(
 ) -> np.ndarray:
     """(2, 3) affine map from reference-plane pixel (col, row) to downsampled image (x, y).
 
-    Full-resolution pixel ``x`` lies at ``(x + 0.5) / 2**downsample - 0.5`` in the
-    downsampled image (pixel centres), so ``downsample=0`` is exactly the predecessor's map.
+    Full-resolution pixel ``x`` is pixel ``x / 2**downsample`` of the downsampled image
+    (JPEG2000 levels, see the module docstring); ``downsample=0`` is the predecessor's map.
     """
     c = VOXEL_UM
     if get_plane(plane).name == "coronal":  # rows i, columns r, p fixed
@@ -154,9 +197,7 @@ def plane_to_image(
         dst_to_pir = np.array([[0, c, 0], [c, 0, 0], [0, 0, coordinate_um], [0, 0, 1.0]])
     volume_xy1 = np.vstack([(trv @ dst_to_pir)[:2], [0, 0, 1.0]])
     full_res = tvs @ volume_xy1
-    scale = 2.0 ** -int(downsample)
-    matrix = full_res * scale
-    matrix[:, 2] += 0.5 * scale - 0.5
+    matrix: np.ndarray = full_res * 2.0 ** -int(downsample)
     return matrix
 
 

@@ -31,10 +31,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -43,11 +43,13 @@ from atlinter_ray.allen.client import AllenClient, UnknownGeneError
 from atlinter_ray.allen.config import DownloadConfig
 from atlinter_ray.allen.geometry import (
     VOXEL_UM,
+    SectionPoint,
     affine_2d,
     affine_3d,
     get_plane,
     plane_to_image,
     section_coordinate,
+    section_point,
     slice_index,
     warp_to_reference,
 )
@@ -58,6 +60,8 @@ from atlinter_ray.nrrd_volume import read_nrrd
 from atlinter_ray.pool import PoolSpec, map_unordered
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Written into every ``.json`` so readers can tell our files apart.
 FORMAT = "atlinter_ray.download/1"
@@ -179,12 +183,12 @@ def check_not_conflicting(
     record: Mapping[str, Any], experiment: Experiment, config: DownloadConfig, where: str
 ) -> None:
     """Raise StoreError if a complete experiment was made with other settings."""
-    theirs = (record.get("downsample"), record.get("axis"))
-    ours = (config.downsample, experiment.plane)
+    theirs = (record.get("downsample"), record.get("axis"), record.get("section_point", "top_left"))
+    ours = (config.downsample, experiment.plane, str(config.section_point))
     if theirs != ours:
         raise StoreError(
             f"{where} holds experiment {experiment.experiment_id} downloaded with "
-            f"downsample/axis {theirs}, but this run asks for {ours}; use another `output` "
+            f"downsample/axis/section_point {theirs}, but this run asks for {ours}; use another `output` "
             "or delete that experiment's .npy and .json"
         )
 
@@ -237,15 +241,15 @@ def plan(
 
 
 def select_sections(
-    sections: list[tuple[float, int, np.ndarray]], n_slices: int, plane: str
-) -> tuple[list[tuple[float, int, np.ndarray]], list[dict[str, Any]]]:
+    sections: list[tuple[float, int, T]], n_slices: int, plane: str
+) -> tuple[list[tuple[float, int, T]], list[dict[str, Any]]]:
     """Keep one section per reference slice inside the volume; say why the others went.
 
-    ``sections`` are ``(coordinate_um, image_id, matrix)`` sorted by coordinate. Of two
+    ``sections`` are ``(coordinate_um, image_id, anything)`` sorted by coordinate. Of two
     sections in one slice, the one nearest the slice centre stays (then the lower id):
     the dataset loader accepts one image per slice.
     """
-    best: dict[int, tuple[float, int, np.ndarray]] = {}
+    best: dict[int, tuple[float, int, T]] = {}
     dropped: list[dict[str, Any]] = []
     for item in sections:
         coord, image_id, _ = item
@@ -270,6 +274,28 @@ def select_sections(
     return [best[k] for k in sorted(best)], sorted(dropped, key=lambda d: d["image_id"])
 
 
+@dataclass(frozen=True, slots=True)
+class SectionImage:
+    """One section image's place in its experiment: id, section number, 2D transforms."""
+
+    image_id: int
+    section_number: float
+    tsv: np.ndarray
+    tvs: np.ndarray
+
+
+def _in_parallel(fn: Callable[[T], R], items: list[T], threads: int) -> list[R]:
+    """``fn`` over ``items`` on ``threads`` threads, in order; the first failure cancels the rest."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # one image failed for good: do not download the rest
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def download_experiment(
     client: AllenClient,
     fs: fsspec.AbstractFileSystem,
@@ -277,7 +303,13 @@ def download_experiment(
     experiment: Experiment,
     config: DownloadConfig,
 ) -> int:
-    """Download, align and write one experiment; return its number of sections."""
+    """Download, align and write one experiment; return its number of sections.
+
+    With ``section_point=top_left`` (the predecessor's rule) every section is placed from
+    its transforms alone, so only the sections kept are downloaded; the other rules need
+    each image to place it, so every section image is downloaded, placed, warped, and
+    only then are duplicates and sections outside the volume dropped.
+    """
     eid = experiment.experiment_id
     plane = get_plane(experiment.plane)
     where = f"experiment {eid} (gene {experiment.gene}, {plane.name})"
@@ -286,7 +318,7 @@ def download_experiment(
     rows = client.section_images(eid)
     if not rows:
         raise DatasetError(f"{where} has no section images in the Allen API; drop it from the run")
-    sections = []  # (coordinate, image_id, matrix); every transform checked before downloading
+    images = []  # every transform checked before downloading
     for row in sorted(rows, key=lambda r: int(r["id"])):
         image_where = f"{where}, section image {row['id']}"
         tsv = affine_2d(row.get("alignment2d"), "tsv", image_where)
@@ -295,34 +327,46 @@ def download_experiment(
             raise DatasetError(
                 f"{image_where} has no section_number in the Allen API; drop this experiment"
             )
-        coord = section_coordinate(
-            tsv, tvr, float(row["section_number"]), experiment.section_thickness, plane.name
-        )
-        matrix = plane_to_image(plane.name, coord, trv, tvs, config.downsample)
-        sections.append((coord, int(row["id"]), matrix))
-    sections.sort(key=lambda s: (s[0], s[1]))
-    inside, dropped = select_sections(sections, plane.n_slices, plane.name)
+        images.append(SectionImage(int(row["id"]), float(row["section_number"]), tsv, tvs))
+
+    def coordinate(image: SectionImage, xy: tuple[float, float]) -> float:
+        """Reference coordinate along the normal of the image's full-resolution pixel ``xy``."""
+        return section_coordinate(image.tsv, tvr, image.section_number,
+                                  experiment.section_thickness, plane.name, xy)
+
+    def warp(image: SectionImage, coord: float, pixels: np.ndarray) -> np.ndarray:
+        """The downloaded section sampled on the reference plane at ``coord``."""
+        matrix = plane_to_image(plane.name, coord, trv, image.tvs, config.downsample)
+        return warp_to_reference(pixels, matrix, plane.shape)
+
+    def download(image: SectionImage) -> np.ndarray:
+        """The section image at ``config.downsample``."""
+        return client.section_image(image.image_id, config.downsample)
+
+    if config.section_point == SectionPoint.top_left:
+        by_transform = [(coordinate(i, (0.0, 0.0)), i.image_id, i) for i in images]
+        chosen, dropped = select_sections(sorted(by_transform, key=lambda s: s[:2]),
+                                          plane.n_slices, plane.name)
+        warped = _in_parallel(lambda item: warp(item[2], item[0], download(item[2])),
+                              chosen, config.image_threads)
+        inside = [(coord, image_id) for coord, image_id, _ in chosen]
+    else:
+        def place(image: SectionImage) -> tuple[float, int, np.ndarray]:
+            pixels = download(image)
+            point = section_point(pixels, config.section_point, config.downsample)
+            coord = coordinate(image, point)
+            return coord, image.image_id, warp(image, coord, pixels)
+
+        by_image = _in_parallel(place, images, config.image_threads)
+        kept, dropped = select_sections(sorted(by_image, key=lambda s: s[:2]),
+                                        plane.n_slices, plane.name)
+        warped = [pixels for _, _, pixels in kept]
+        inside = [(coord, image_id) for coord, image_id, _ in kept]
     if not inside:
         raise DatasetError(
-            f"{where}: all {len(sections)} sections fall outside the {plane.n_slices} reference "
+            f"{where}: all {len(images)} sections fall outside the {plane.n_slices} reference "
             "slices; its transforms look wrong, drop it from the run"
         )
-
-    def fetch(item: tuple[float, int, np.ndarray]) -> np.ndarray:
-        """Download one section and warp it into the reference plane."""
-        _, image_id, matrix = item
-        return warp_to_reference(
-            client.section_image(image_id, config.downsample), matrix, plane.shape
-        )
-
-    with ThreadPoolExecutor(max_workers=config.image_threads) as pool:
-        futures = [pool.submit(fetch, item) for item in inside]
-        try:
-            warped = [f.result() for f in futures]
-        except BaseException:  # one image failed for good: do not download the rest
-            for f in futures:
-                f.cancel()
-            raise
     ndims = {w.ndim for w in warped}
     if len(ndims) != 1:
         raise DatasetError(f"{where}: sections mix grayscale and colour images; cannot stack them")
@@ -341,6 +385,7 @@ def download_experiment(
         "experiment_id": eid,
         "plane": plane.name,
         "downsample": config.downsample,
+        "section_point": str(config.section_point),
         "section_coordinates_um": [round(s[0], 4) for s in inside],
         "dropped_sections": dropped,
         "reference_shape": list(CCF_25UM_SHAPE),

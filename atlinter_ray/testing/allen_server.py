@@ -9,7 +9,11 @@ SectionImage models in the documented RMA envelope (``success``, ``id``, ``start
 Every section image is rendered from the ground truth, not from the code under test:
 a red square at a known place of the 25 µm reference plane on a light background. Each
 section has its own 2D transform (scale, rotation, shift), so the raw images differ and
-only a correct alignment puts every square back where it belongs. Faults (an HTTP status
+only a correct alignment puts every square back where it belongs. Downsampled images
+are rendered as the image service's JPEG2000 levels are: pixel ``n`` of level ``d`` lies
+on full-resolution pixel ``2**d * n``. :func:`tilted_datasets` adds experiments cut at
+realistic tilts (non-symmetric 3D rotations, ``p`` decreasing with the section number),
+where a transposed matrix, a wrong sign or the wrong placement point shows. Faults (an HTTP status
 or a delay, for a number of requests or forever) are injected by URL substring, and every
 request is logged (percent-decoded) so tests can count them.
 """
@@ -88,17 +92,35 @@ def expected_slice(section: Section, plane: str, offset_um: float = 10.0) -> int
 
 
 def render(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
-    """The RGB section image at ``downsample``, rendered from the ground truth."""
+    """The RGB section image at ``downsample``, rendered from the ground truth.
+
+    Pixel ``n`` is the square's coverage of the ``2**d`` x ``2**d`` full-resolution pixels
+    centred on pixel ``2**d * n``: edges are anti-aliased, as a low-pass level is.
+    """
+    cover = square_coverage(dataset, section, downsample)[..., None]
+    img = np.asarray(BACKGROUND, float) * (1 - cover) + np.asarray(SQUARE, float) * cover
+    return np.rint(img).astype(np.uint8)
+
+
+def _pir(dataset: DataSet, section: Section, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Reference ``(p, i, r)`` µm of full-resolution pixels ``(u, v)`` of a section."""
     assert dataset.tvr is not None and section.tsv is not None
-    f = 2**downsample
-    h, w = section.full_shape[0] // f, section.full_shape[1] // f
-    vd, ud = np.mgrid[0:h, 0:w].astype(float)
-    u, v = (ud + 0.5) * f - 0.5, (vd + 0.5) * f - 0.5
     x = section.tsv[0, 0] * u + section.tsv[0, 1] * v + section.tsv[0, 2]
     y = section.tsv[1, 0] * u + section.tsv[1, 1] * v + section.tsv[1, 2]
     z = np.full_like(x, section.section_number * THICKNESS)
-    pir = np.einsum("ij,jhw->ihw", dataset.tvr, np.stack([x, y, z, np.ones_like(x)]))
-    rows_axis, cols_axis = (1, 2) if dataset.plane == "coronal" else (0, 1)
+    return np.einsum("ij,j...->i...", dataset.tvr, np.stack([x, y, z, np.ones_like(x)]))
+
+
+def square_coverage(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
+    """The fraction of each pixel of the image at ``downsample`` that the square covers."""
+    f = 2**downsample
+    h, w = section.full_shape[0] // f, section.full_shape[1] // f
+    sub = np.arange(f) - (f - 1) / 2  # full-resolution pixels around 2**d * n
+    v = (np.arange(h)[:, None] * f + sub[None, :]).reshape(h, 1, f, 1)
+    u = (np.arange(w)[:, None] * f + sub[None, :]).reshape(1, w, 1, f)
+    u, v = np.broadcast_arrays(u, v)
+    pir = _pir(dataset, section, u.astype(float), v.astype(float))
+    rows_axis, cols_axis = IN_PLANE[dataset.plane]
     lo_r, hi_r, lo_c, hi_c = section.box
     inside = (
         (pir[rows_axis] >= lo_r)
@@ -106,10 +128,62 @@ def render(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
         & (pir[cols_axis] >= lo_c)
         & (pir[cols_axis] < hi_c)
     )
-    img = np.empty((h, w, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
-    img[inside] = SQUARE
-    return img
+    coverage: np.ndarray = inside.mean(axis=(2, 3))
+    return coverage
+
+
+#: Reference axes (in p, i, r) along the rows and columns of each plane's images.
+IN_PLANE = {"coronal": (1, 2), "sagittal": (0, 1)}
+NORMAL = {"coronal": 0, "sagittal": 2}
+
+
+def square_centre(dataset: DataSet, section: Section) -> tuple[float, float]:
+    """Full-resolution pixel ``(u, v)`` of the square's centre (affine maps keep centroids)."""
+    rows_axis, cols_axis = IN_PLANE[dataset.plane]
+    lo_r, hi_r, lo_c, hi_c = section.box
+    # in-plane reference coordinates are affine in (u, v): solve for the box's centre
+    origin = _pir(dataset, section, np.array(0.0), np.array(0.0))
+    du = _pir(dataset, section, np.array(1.0), np.array(0.0)) - origin
+    dv = _pir(dataset, section, np.array(0.0), np.array(1.0)) - origin
+    a = np.array([[du[rows_axis], dv[rows_axis]], [du[cols_axis], dv[cols_axis]]])
+    b = np.array([(lo_r + hi_r) / 2 - origin[rows_axis], (lo_c + hi_c) / 2 - origin[cols_axis]])
+    u, v = np.linalg.solve(a, b)
+    return float(u), float(v)
+
+
+def placing_pixel(dataset: DataSet, section: Section, rule: str, downsample: int) -> tuple[float, float]:
+    """Full-resolution pixel ``(u, v)`` that places a section under ``rule`` (the square
+    stands for the tissue)."""
+    if rule == "top_left":
+        return 0.0, 0.0
+    if rule == "centre":
+        f = 2**downsample
+        h, w = section.full_shape[0] // f, section.full_shape[1] // f
+        return (w - 1) * f / 2, (h - 1) * f / 2
+    return square_centre(dataset, section)
+
+
+def true_coordinate(dataset: DataSet, section: Section, uv: tuple[float, float]) -> float:
+    """Reference coordinate (µm) along the plane normal of full-resolution pixel ``uv``."""
+    pir = _pir(dataset, section, np.array(uv[0]), np.array(uv[1]))
+    return float(pir[NORMAL[dataset.plane]])
+
+
+def projected_square_centre(
+    dataset: DataSet, section: Section, coordinate: float
+) -> tuple[float, float]:
+    """Where the square's centre lands, in 25 µm voxels (row, column), when the section is
+    projected along the volume's z axis onto the reference plane at ``coordinate``."""
+    assert dataset.tvr is not None and section.tsv is not None
+    x, y = section.tsv @ np.array([*square_centre(dataset, section), 1.0])
+    trv = invert_affine(dataset.tvr)
+    normal = NORMAL[dataset.plane]
+    in_plane = list(IN_PLANE[dataset.plane])
+    # trv[:2] @ (p, i, r, 1) = (x, y) with the normal coordinate fixed: 2 equations, 2 unknowns
+    a = trv[:2, in_plane]
+    b = np.array([x, y]) - trv[:2, normal] * coordinate - trv[:2, 3]
+    row_um, col_um = np.linalg.solve(a, b)
+    return row_um / 25.0, col_um / 25.0
 
 
 def alignment3d_record(tvr: np.ndarray) -> dict[str, float]:
@@ -160,6 +234,49 @@ def default_datasets() -> list[DataSet]:
     bad_3d = make(3002, "Badtx", "coronal", [120, 128], 32000)
     bad_3d.tvr = None
     return [gad_cor, gad_sag, vip_cor, vip_sag, bad_2d, bad_3d]
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """A 3x3 rotation about coordinate axis ``axis``."""
+    a = np.deg2rad(degrees)
+    c, s_ = np.cos(a), np.sin(a)
+    m = np.eye(3)
+    j, k = [n for n in range(3) if n != axis]
+    m[j, j], m[j, k], m[k, j], m[k, k] = c, -s_, s_, c
+    return m
+
+
+def tilted_datasets() -> list[DataSet]:
+    """Gene ``Pvalb``, both planes, cut at tilts like real experiments' ``alignment3d``.
+
+    The volume -> reference matrix is a plane's permutation with the normal reversed
+    (``p`` or ``r`` decreases as the section number grows), a 2 % scale and rotations of
+    a few degrees about two axes: no longer symmetric, so reading it transposed, or
+    reading ``trv`` for ``tvr``, misplaces every section.
+    """
+    out = []
+    for eid, plane, first_image in ((4001, "coronal", 41000), (4002, "sagittal", 42000)):
+        if plane == "coronal":  # x -> r, y -> i, z -> -p
+            base = np.array([[0, 0, -1.0], [0, 1.0, 0], [1.0, 0, 0]])
+            offset = np.array([12600.0, 300.0, -200.0])
+        else:  # x -> p, y -> i, z -> -r
+            base = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, -1.0]])
+            offset = np.array([-300.0, 250.0, 10800.0])
+        linear = 1.02 * rotation(1, 5.0) @ rotation(0, -3.0) @ base
+        tvr = np.hstack([linear, offset[:, None]])
+        ds = DataSet(eid, "Pvalb", plane, tvr)
+        full_shape = (1000, 1400) if plane == "coronal" else (1000, 1500)
+        for k, number in enumerate([100, 108, 116]):
+            shift = (-500.0 + 150.0 * k, -300.0 - 100.0 * k)
+            if plane == "coronal":  # rows i, cols r: far from the image's top-left corner
+                box = (4500.0, 5500.0, 6000.0 + 500.0 * k, 7250.0 + 500.0 * k)
+            else:  # rows p, cols i
+                box = (6000.0 + 600.0 * k, 7000.0 + 600.0 * k, 5000.0, 6000.0)
+            ds.sections.append(
+                Section(first_image + k, number, tsv_matrix(shift, 3.0 * k - 2.0), box, full_shape)
+            )
+        out.append(ds)
+    return out
 
 
 #: Where Allen serves the 25 µm Nissl volume (on its download host).
