@@ -35,8 +35,8 @@ from typing import Any
 from tqdm import tqdm
 
 from atlinter_ray import __version__
-from atlinter_ray.config import Config
-from atlinter_ray.dataset import Dataset
+from atlinter_ray.config import Config, DataConfig
+from atlinter_ray.dataset import Dataset, dataset_urls
 from atlinter_ray.dtypes import output_dtype
 from atlinter_ray.engine import build_for_validation, check_reachable, model_context
 from atlinter_ray.errors import (
@@ -150,6 +150,26 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def check_truths(data: DataConfig, inputs: Inputs) -> None:
+    """Every ``data.truth`` entry names a dataset of the run and fits it (before any work);
+    entries of datasets skipped as invalid are left alone."""
+    if not data.truth:
+        return
+    from atlinter_ray.scoring import check_truth  # imports scikit-image
+
+    by_id = {ds.id: ds for ds in inputs.datasets}
+    skipped = {dataset_urls(url)[0] for url in inputs.skipped}
+    unknown = sorted(set(data.truth) - set(by_id) - skipped)
+    if unknown:
+        raise ConfigError(
+            f"data.truth names {unknown}, which are not datasets of this run "
+            f"({sorted(by_id)}). Fix: key data.truth by dataset id, or drop those entries"
+        )
+    for ds_id, url in data.truth.items():
+        if ds_id in by_id:
+            check_truth(url, by_id[ds_id], data.storage_options)
+
+
 def check_reference(
     cfg: Config, model: PairInterpolator, datasets: list[Dataset]
 ) -> ReferenceVolume | None:
@@ -212,6 +232,7 @@ def run(cfg: Config) -> RunSummary:
     datasets = inputs.datasets
     log.info("%d datasets validated and fingerprinted in %.1f s", len(datasets),
              time.perf_counter() - began)
+    check_truths(cfg.data, inputs)
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
     # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)

@@ -8,20 +8,51 @@ so every run reports how much its model adds over the trivial one.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from atlinter_ray.dataset import Dataset, read_sections
+from atlinter_ray.dataset import NPY_FORMAT, Dataset, read_sections
 from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import predict
-from atlinter_ray.errors import DatasetError
+from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 from atlinter_ray.metrics import score_stack, summarize
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.store import VolumeStore
+
+
+def check_truth(url: str, ds: Dataset, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Check a truth ``.npz`` before any work: it exists and its ``volume`` fits the dataset.
+
+    Reads only the archive's directory and the array's ``.npy`` header.
+    """
+    expected = ds.reference_shape + ((ds.channels,) if ds.channels > 1 else ())
+    try:
+        with fsspec.open(url, "rb", **dict(storage_options or {})) as f, zipfile.ZipFile(f) as archive:
+            with archive.open("volume.npy") as member:
+                version = NPY_FORMAT.read_magic(member)
+                read_header = (NPY_FORMAT.read_array_header_1_0 if version == (1, 0)
+                               else NPY_FORMAT.read_array_header_2_0)
+                shape = read_header(member)[0]
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(
+            f"{url}: data.truth for dataset {ds.id}: file not found. Fix: give the .npz of "
+            "its true volume, or leave the dataset out of data.truth"
+        ) from exc
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DatasetError(
+            f"{url}: data.truth for dataset {ds.id}: not an .npz holding 'volume' ({exc}). "
+            "Fix: save it with numpy.savez(path, volume=volume)"
+        ) from exc
+    if tuple(shape) != expected:
+        raise DatasetError(
+            f"{url}: field 'volume': shape {tuple(shape)}, expected {expected} for "
+            f"dataset {ds.id}. Fix: give the truth in reference orientation, channels last"
+        )
 
 
 def load_truth(url: str, ds: Dataset, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:

@@ -232,3 +232,28 @@ def test_output_dtype_that_would_clip_is_refused_before_anything_is_written(
     ds = load_dataset(cfg.data.datasets[0], SHAPE)
     assert output_dtype(ds, "float32") == "float32" and output_dtype(ds, None) == ds.dtype
     assert output_dtype(ds, "uint16") == "uint16"  # holds 0..255 and 0..65535
+
+
+@pytest.mark.parametrize(("case", "hint"), [
+    ("unknown id", "data.truth names ['other']"),
+    ("wrong shape", "field 'volume': shape (20, 12, 15)"),
+    ("missing", "file not found"),
+    ("not npz", "not an .npz holding 'volume'"),
+])
+def test_truth_is_checked_before_anything_is_written(tmp_path: Path, case: str, hint: str,
+                                                     capsys) -> None:
+    cfg = _config(tmp_path, _good(tmp_path))
+    truth = tmp_path / "truth.npz"
+    np.savez(truth, volume=np.zeros(SHAPE[:2] + (15,), np.uint8))
+    if case == "not npz":
+        truth.write_bytes(b"not a zip file")
+    path = str(tmp_path / "absent.npz") if case == "missing" else str(truth)
+    cfg.data.truth = {"other" if case == "unknown id" else "gene": path}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        guarded(interpolate)(OmegaConf.structured(cfg))
+    assert stop.value.code == 2 and hint in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    np.savez(truth, volume=np.zeros(SHAPE, np.uint8))  # the right shape: the run scores
+    cfg.data.truth = {"gene": str(truth)}
+    assert "gene" in run(cfg).scores
