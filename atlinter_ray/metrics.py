@@ -15,7 +15,9 @@ Conventions
   uint16), ``max - min`` of the dtype for signed integers (as scikit-image does), 1
   for bool. Float truth has no natural range, so ``data_range`` must then be given
   (1.0 for images in ``[0, 1]``, 255.0 for float images in uint8 units). The range is
-  never estimated from the data, so a dark slice is not scored on an easier scale.
+  never estimated from the data, so a dark slice is not scored on an easier scale. The
+  jobs pass a dataset's stated full intensity (``Dataset.peak``: the integer dtype's
+  maximum, 1.0 for float images, or the json's ``intensity_max``).
 - **SSIM** is scikit-image's ``structural_similarity`` with the settings of Wang et
   al. (2004): an 11x11 Gaussian window (sigma 1.5, ``use_sample_covariance=False``),
   averaged over the image and, for RGB, over channels (``channel_axis``). Slices must

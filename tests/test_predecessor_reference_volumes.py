@@ -35,7 +35,7 @@ from atlinter_ray.testing.datasets import write_dataset
 from atlinter_ray.testing.mxnet_env import random_params, run_oracle
 from atlinter_ray.testing.predecessor import import_predecessor, predecessor_raft
 
-SECTIONS = [1, 3]  # predicted: 0 (edge), 2 and 4 (edge)
+SECTIONS = [1, 3]  # predicted: 0 (an edge) and 2
 
 
 def textured_volume(shape: tuple[int, int, int], rgb: bool, seed: int) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_raft_gives_the_predecessors_volume(tmp_path: Path) -> None:
 
     oracle = RAFTNet.__new__(RAFTNet)  # its __init__ loads with weights_only=False
     oracle.device, oracle.model = "cpu", net.module.eval()
-    shape = (5, 129, 140)
+    shape = (4, 129, 140)
     reference = np.rint(textured_volume(shape, rgb=False, seed=1) * 255).astype(np.uint8)
     gene = textured_volume(shape, rgb=False, seed=2)
     expected = theirs(gene, reference, "coronal", oracle)
@@ -155,7 +155,7 @@ def pair_key(a: np.ndarray, b: np.ndarray) -> str:
 
 def test_maskflownet_gives_the_predecessors_volume(tmp_path: Path) -> None:
     """Sagittal, RGB gene in float32, float reference in [0, 1] (the 8-bit rule), 130 x 150."""
-    shape = (5, 130, 150)  # section axis first; sagittal: the reference's axis 2
+    shape = (4, 130, 150)  # section axis first; sagittal: the reference's axis 2
     reference = along(textured_volume(shape, rgb=False, seed=3), "sagittal").astype(np.float32)
     gene = along(textured_volume(shape, rgb=True, seed=4), "sagittal").astype(np.float32)
     planes = np.moveaxis(reference, 2, 0)
