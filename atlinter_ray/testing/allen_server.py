@@ -34,6 +34,7 @@ import numpy as np
 
 UM_PER_PX = 10.0  # full-resolution pixel size of the synthetic sections
 THICKNESS = 25.0
+_HOST = "127.0.0.1"  # the fake API listens on loopback only
 BACKGROUND = (235, 230, 225)  # RGB
 SQUARE = (200, 30, 40)  # RGB
 
@@ -99,7 +100,8 @@ def render(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
     """
     cover = square_coverage(dataset, section, downsample)[..., None]
     img = np.asarray(BACKGROUND, float) * (1 - cover) + np.asarray(SQUARE, float) * cover
-    return np.rint(img).astype(np.uint8)
+    rgb: np.ndarray = np.rint(img).astype(np.uint8)
+    return rgb
 
 
 def _pir(dataset: DataSet, section: Section, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -108,7 +110,8 @@ def _pir(dataset: DataSet, section: Section, u: np.ndarray, v: np.ndarray) -> np
     x = section.tsv[0, 0] * u + section.tsv[0, 1] * v + section.tsv[0, 2]
     y = section.tsv[1, 0] * u + section.tsv[1, 1] * v + section.tsv[1, 2]
     z = np.full_like(x, section.section_number * THICKNESS)
-    return np.einsum("ij,j...->i...", dataset.tvr, np.stack([x, y, z, np.ones_like(x)]))
+    pir: np.ndarray = np.einsum("ij,j...->i...", dataset.tvr, np.stack([x, y, z, np.ones_like(x)]))
+    return pir
 
 
 def square_coverage(dataset: DataSet, section: Section, downsample: int) -> np.ndarray:
@@ -349,7 +352,7 @@ class AllenServer:
         #: The bytes served at NISSL_PATH; None: built from the datasets on first request.
         self.nissl: bytes | None = None
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = ThreadingHTTPServer((_HOST, 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -358,8 +361,7 @@ class AllenServer:
     @property
     def url(self) -> str:
         """Root URL, e.g. ``http://127.0.0.1:PORT``."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{_HOST}:{self._httpd.server_port}"
 
     def __enter__(self) -> AllenServer:
         """Start serving."""
@@ -466,18 +468,19 @@ class AllenServer:
                     rows.append(row)
         elif name == "SectionImage":
             m = re.search(r"section_data_set\[id\$eq(\d+)\]", criteria)
-            d = self.datasets.get(int(m.group(1))) if m else None
+            found = self.datasets.get(int(m.group(1))) if m else None
             with_2d = "rma::include,alignment2d" in criteria
             rows = []
-            for s in d.sections if d else []:
-                row = {
-                    "id": s.image_id,
-                    "data_set_id": d.experiment_id,
-                    "section_number": s.section_number,
-                }
-                if with_2d:
-                    row["alignment2d"] = None if s.tsv is None else alignment2d_record(s.tsv)
-                rows.append(row)
+            if found is not None:
+                for s in found.sections:
+                    row = {
+                        "id": s.image_id,
+                        "data_set_id": found.experiment_id,
+                        "section_number": s.section_number,
+                    }
+                    if with_2d:
+                        row["alignment2d"] = None if s.tsv is None else alignment2d_record(s.tsv)
+                    rows.append(row)
         else:
             return self._envelope(400, False, f"unknown model {name}")
         start = re.search(r"start_row\$eq(\d+)", criteria)

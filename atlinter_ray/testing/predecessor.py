@@ -37,6 +37,8 @@ PREDECESSOR_SPEC = "atlinter==0.2.3"
 
 # Names of modules this loader put in sys.modules (stubs), for tests that want to know.
 STUBBED: list[str] = []
+# The ``atlinter`` module import_predecessor prepared (stubs installed, origin checked).
+_prepared: types.ModuleType | None = None
 
 
 def predecessor_src() -> Path:
@@ -74,9 +76,10 @@ class _Unavailable:
         )
 
 
-def _stub_module(name: str, doc: str) -> types.ModuleType:
-    """Create an empty module, register it in ``sys.modules`` and remember it."""
+def _stub_module(name: str, doc: str, **attrs: Any) -> types.ModuleType:
+    """Create a module holding ``attrs``, register it in ``sys.modules`` and remember it."""
     module = types.ModuleType(name, doc)
+    vars(module).update(attrs)
     sys.modules[name] = module
     STUBBED.append(name)
     return module
@@ -136,14 +139,16 @@ class ColorJitter:
 
 def _install_torchvision() -> None:
     """Put the small ``torchvision`` replacement in ``sys.modules``."""
-    torchvision = _stub_module("torchvision", "atlinter oracle stub of torchvision")
-    transforms = _stub_module("torchvision.transforms", "ToTensor/ColorJitter stub")
-    transforms.ToTensor = ToTensor
-    transforms.ColorJitter = ColorJitter
+    torchvision = _stub_module(
+        "torchvision", "atlinter oracle stub of torchvision",
+        __version__="0.0.0+atlinter-oracle-stub",
+    )
+    transforms = _stub_module(
+        "torchvision.transforms", "ToTensor/ColorJitter stub",
+        ToTensor=ToTensor, ColorJitter=ColorJitter,
+    )
     models = _stub_module("torchvision.models", "empty: only rife's unused VGG loss uses it")
-    torchvision.transforms = transforms
-    torchvision.models = models
-    torchvision.__version__ = "0.0.0+atlinter-oracle-stub"
+    vars(torchvision).update(transforms=transforms, models=models)
 
 
 def _importable(name: str) -> bool:
@@ -161,8 +166,9 @@ def _install_scipy_if_missing() -> None:
         return
     scipy = _stub_module("scipy", "atlinter oracle stub of scipy")
     for sub in ("interpolate", "ndimage"):
-        module = _stub_module(f"scipy.{sub}", f"stub of scipy.{sub}")
-        module.__getattr__ = _lazy_failing_getattr(f"scipy.{sub}")
+        module = _stub_module(
+            f"scipy.{sub}", f"stub of scipy.{sub}", __getattr__=_lazy_failing_getattr(f"scipy.{sub}")
+        )
         setattr(scipy, sub, module)
 
 
@@ -170,22 +176,20 @@ def _install_mxnet_if_missing() -> None:
     """Stub ``mxnet`` and atlinter's MaskFlowNet modules when mxnet does not import."""
     if _importable("mxnet"):
         return
-    mxnet = _stub_module("mxnet", "atlinter oracle stub of mxnet")
-    mxnet.__getattr__ = _lazy_failing_getattr("mxnet")
+    _stub_module("mxnet", "atlinter oracle stub of mxnet", __getattr__=_lazy_failing_getattr("mxnet"))
     # Import the real (mxnet-free) package first, then hang the stubs under it.
     package = importlib.import_module("atlinter.vendor.MaskFlowNet")
-    network = _stub_module("atlinter.vendor.MaskFlowNet.network", "stub: needs mxnet")
-    network.__getattr__ = _lazy_failing_getattr("atlinter.vendor.MaskFlowNet.network")
-    predict = _stub_module("atlinter.vendor.MaskFlowNet.predict_new_data", "stub: needs mxnet")
-    predict.__getattr__ = _lazy_failing_getattr("atlinter.vendor.MaskFlowNet.predict_new_data")
-    package.network = network
-    package.predict_new_data = predict
+    for sub in ("network", "predict_new_data"):
+        name = f"atlinter.vendor.MaskFlowNet.{sub}"
+        stub = _stub_module(name, "stub: needs mxnet", __getattr__=_lazy_failing_getattr(name))
+        setattr(package, sub, stub)
 
 
 def import_predecessor() -> types.ModuleType:
     """Return the predecessor's ``atlinter`` package, importable with its submodules."""
+    global _prepared
     loaded = sys.modules.get("atlinter")
-    if loaded is not None and getattr(loaded, "_oracle_ready", False):
+    if loaded is not None and loaded is _prepared:
         return loaded
     src = str(predecessor_src())
     if src not in sys.path:
@@ -194,13 +198,14 @@ def import_predecessor() -> types.ModuleType:
         _install_torchvision()
     _install_scipy_if_missing()
     atlinter = importlib.import_module("atlinter")
-    if not str(Path(atlinter.__file__).resolve()).startswith(str(Path(src).resolve())):
+    origin = atlinter.__file__
+    if origin is None or not str(Path(origin).resolve()).startswith(str(Path(src).resolve())):
         raise ImportError(
             f"'atlinter' was imported from {atlinter.__file__}, not from the oracle sdist "
             f"in {src}; uninstall that copy (pip uninstall atlinter) so tests use 0.2.3"
         )
     _install_mxnet_if_missing()
-    atlinter._oracle_ready = True
+    _prepared = atlinter
     return atlinter
 
 
@@ -218,8 +223,8 @@ def predecessor_raft(small: bool) -> Any:
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+                m.get_buffer("running_mean").uniform_(-0.5, 0.5)
+                m.get_buffer("running_var").uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return net
@@ -314,4 +319,5 @@ def predecessor_volume(
 
     gene = GeneDataset(images, sections, axis, volume_shape)
     with torch.no_grad():
-        return GeneInterpolate(gene, model).predict_volume()
+        volume: np.ndarray = GeneInterpolate(gene, model).predict_volume()
+    return volume

@@ -46,7 +46,8 @@ def free_port() -> int:
     """A TCP port nobody listens on right now (loopback)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def start_local_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
@@ -112,7 +113,7 @@ class LocalHead:
             "--object-store-memory=200000000", "--disable-usage-stats",
             *(extra_args or []),
         ]
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(self.temp_dir) / "ray_start.log"
 
     @property
@@ -120,7 +121,7 @@ class LocalHead:
         """host:port of the head's GCS (what RAY_ADDRESS names for a driver)."""
         from ray._private.services import get_node_ip_address
 
-        return f"{get_node_ip_address()}:{self.gcs_port}"
+        return f"{get_node_ip_address()}:{self.gcs_port}"  # type: ignore[no-untyped-call]
 
     def start(self, timeout: float = 120) -> None:
         """Start the head; return when its dashboard answers (raise with its log if not)."""
@@ -145,7 +146,8 @@ class LocalHead:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status
+                status: int = response.status
+                return status
         except urllib.error.HTTPError as exc:
             return exc.code
         except OSError:
@@ -153,7 +155,7 @@ class LocalHead:
 
     def ray_cli(
         self, *args: str, timeout: float = 300, cwd: str | Path | None = None
-    ) -> subprocess.CompletedProcess:
+    ) -> subprocess.CompletedProcess[str]:
         """Run the `ray` CLI against this head (with its token), from ``cwd``."""
         return subprocess.run(
             [RAY, *args], env={**self.env, "RAY_ADDRESS": self.address}, cwd=cwd,

