@@ -60,4 +60,5 @@ def sample_metadata_path() -> str:
 def sample_truth() -> np.ndarray:
     """Return the sample's whole volume ``(D0, D1, D2)`` uint8, the held-out truth."""
     with np.load(_sample_file(f"{SAMPLE_NAME}_truth.npz")) as archive:
-        return archive["volume"]
+        volume: np.ndarray = archive["volume"]
+        return volume

@@ -8,7 +8,7 @@ import pytest
 from atlinter_ray.engine import build_interpolator, predict
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.models import available_models, build_model
-from atlinter_ray.models.base import PairInterpolator
+from atlinter_ray.models.base import PairInterpolator, register_model
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.testing.datasets import real_volume
 
@@ -66,6 +66,12 @@ def test_bisection_drives_midpoint_models_with_only_needed_calls() -> None:
     np.testing.assert_array_equal(out.frames[:, 0], np.full((2, 1, 4, 4), 8.0))
     np.testing.assert_array_equal(out.frames[:, 1], np.full((2, 1, 4, 4), 48.0))
     assert out.model_calls == model.pairs == 2 * 4  # nodes 1/2, 1/4, 1/8, 3/4 per pair
+
+
+def test_registry_refuses_a_class_that_is_not_a_model() -> None:
+    with pytest.raises(TypeError, match="'not_a_model'.*neither a PairInterpolator"):
+        register_model("not_a_model")(dict)
+    assert "not_a_model" not in available_models()
 
 
 def test_registry_lists_choices_and_rejects_bad_settings() -> None:

@@ -44,8 +44,9 @@ class PairInterpolator(ABC):
     #: True when any ``t`` in (0, 1) is supported; False for midpoint-only models,
     #: which the engine drives by bisection.
     arbitrary_t: ClassVar[bool] = True
-    #: Registry name, set by :func:`register_model`.
-    name: ClassVar[str] = ""
+    #: Registry name, set on the class by :func:`register_model`; a wrapper such as
+    #: :class:`~atlinter_ray.engine.ExactFallback` sets its own on the instance.
+    name: str = ""
     #: With ``placement=atlinter``: the multiple the predecessor zero-padded a pair to
     #: once before bisecting on the padded canvas (32 for its RIFE); 1 for no padding.
     atlinter_canvas: ClassVar[int] = 1
@@ -168,9 +169,14 @@ def register_model(name: str) -> Callable[[F], F]:
     def decorate(factory: F) -> F:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = factory
         if isinstance(factory, type):
+            if not issubclass(factory, (PairInterpolator, FlowEstimator)):
+                raise TypeError(
+                    f"@register_model({name!r}): {factory.__name__} is neither a "
+                    "PairInterpolator nor a FlowEstimator"
+                )
             factory.name = name
+        _REGISTRY[name] = factory
         return factory
 
     return decorate

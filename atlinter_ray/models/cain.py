@@ -52,7 +52,8 @@ class ReflectConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reflection-pad by one pixel, then convolve."""
-        return self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+        out: torch.Tensor = self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+        return out
 
 
 class ChannelAttention(nn.Module):
@@ -69,7 +70,8 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x * gate(mean_hw(x))``."""
-        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+        out: torch.Tensor = x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+        return out
 
 
 class RCAB(nn.Module):
@@ -86,7 +88,8 @@ class RCAB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual update."""
-        return x + self.body(x)
+        out: torch.Tensor = x + self.body(x)
+        return out
 
 
 class ResidualGroup(nn.Module):
@@ -100,7 +103,8 @@ class ResidualGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual update."""
-        return x + self.body(x)
+        out: torch.Tensor = x + self.body(x)
+        return out
 
 
 class Fusion(nn.Module):
@@ -115,7 +119,8 @@ class Fusion(nn.Module):
     def forward(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         """Fused features of two space-to-depth images."""
         x = self.headConv(torch.cat([fa, fb], dim=1))
-        return self.tailConv(self.body(x) + x)
+        out: torch.Tensor = self.tailConv(self.body(x) + x)
+        return out
 
 
 class Encoder(nn.Module):
@@ -206,4 +211,5 @@ class CAIN(TorchPairInterpolator):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Midpoint frames (``t`` is 0.5 throughout: the base class checks it)."""
-        return self.module(a, b)
+        frames: torch.Tensor = self.module(a, b)
+        return frames

@@ -30,13 +30,26 @@ class LinearInterpolator(PairInterpolator):
     ) -> np.ndarray:
         """Blend each pair at every position in ``t``."""
         tt = np.asarray(t, dtype=np.float32).reshape(1, -1, 1, 1, 1)
-        return (1.0 - tt) * a[:, None] + tt * b[:, None]
+        frames: np.ndarray = (1.0 - tt) * a[:, None] + tt * b[:, None]
+        return frames
 
 
 def to_gray_u8(images: np.ndarray, peak: float) -> np.ndarray:
     """``(N, C, H, W)`` in ``[0, peak]`` -> ``(N, H, W)`` uint8 luminance for OpenCV."""
     gray = images.mean(axis=1) if images.shape[1] > 1 else images[:, 0]
     return np.clip(np.rint(gray * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+
+def _dense(algorithm: cv2.DenseOpticalFlow) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``algorithm.calc`` with no initial flow (OpenCV allocates the result)."""
+
+    def calc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        # cv2's stub makes ``flow`` required; None is OpenCV's "no initial flow" (DIS
+        # would start from a given one).
+        flow: np.ndarray = algorithm.calc(x, y, None)  # type: ignore[call-overload]
+        return flow
+
+    return calc
 
 
 class OpenCVFlow(FlowEstimator):
@@ -72,8 +85,7 @@ class DISFlow(OpenCVFlow):
             raise ConfigError(
                 f"model.params.preset={preset!r}: choose one of {sorted(self._PRESETS)}"
             )
-        dis = cv2.DISOpticalFlow_create(self._PRESETS[preset])
-        super().__init__(lambda x, y: dis.calc(x, y, None))
+        super().__init__(_dense(cv2.DISOpticalFlow.create(self._PRESETS[preset])))
 
 
 @register_model("farneback")
@@ -90,7 +102,13 @@ class FarnebackFlow(OpenCVFlow):
         poly_sigma: float = 1.2,
     ) -> None:
         args = (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, 0)
-        super().__init__(lambda x, y: cv2.calcOpticalFlowFarneback(x, y, None, *args))
+
+        def calc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            # cv2's stub makes ``flow`` required; None: OpenCV allocates it (flags=0).
+            flow: np.ndarray = cv2.calcOpticalFlowFarneback(x, y, None, *args)  # type: ignore[call-overload]
+            return flow
+
+        super().__init__(calc)
 
 
 @register_model("deepflow")
@@ -98,8 +116,7 @@ class DeepFlow(OpenCVFlow):
     """DeepFlow (Weinzaepfel et al. 2013) from OpenCV contrib: slow, accurate."""
 
     def __init__(self) -> None:
-        deep = cv2.optflow.createOptFlow_DeepFlow()
-        super().__init__(lambda x, y: deep.calc(x, y, None))
+        super().__init__(_dense(cv2.optflow.createOptFlow_DeepFlow()))
 
 
 @register_model("tvl1")
@@ -107,5 +124,4 @@ class TVL1Flow(OpenCVFlow):
     """Dual TV-L1 optical flow from OpenCV contrib."""
 
     def __init__(self) -> None:
-        tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
-        super().__init__(lambda x, y: tvl1.calc(x, y, None))
+        super().__init__(_dense(cv2.optflow.DualTVL1OpticalFlow.create()))

@@ -186,7 +186,7 @@ class DeformConv2d(nn.Module):
         # (N, 3 rows of taps, 3 columns of taps, H, W) sampling positions, row-major taps
         py = ys + taps.view(1, 3, 1, 1, 1) + offset_yx[:, 0].view(n, 1, 1, h, w)
         px = xs + taps.view(1, 1, 3, 1, 1) + offset_yx[:, 1].view(n, 1, 1, h, w)
-        py, px = torch.broadcast_tensors(py, px)
+        py, px = torch.broadcast_tensors(py, px)  # type: ignore[no-untyped-call]  # unannotated in torch
         inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
         grid = torch.stack(
             [_normalised(px.clamp(0, w - 1), w), _normalised(py.clamp(0, h - 1), h)], dim=-1
@@ -207,6 +207,9 @@ def _offset(flow: torch.Tensor, stride: int) -> torch.Tensor:
 
 class _Base(nn.Module):
     """Layers both stages share in name and shape: pyramid, dense decoders, heads."""
+
+    #: Built by :meth:`_decoders` with the other levels' heads; level 6 is called by name.
+    pred_flow6: nn.Conv2d
 
     def _pyramid(self, names: str, cin: int) -> None:
         """Three convs per level (``conv1a``/``conv1b``/``conv1c``...), first stride 2."""
@@ -257,8 +260,10 @@ class _Base(nn.Module):
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         """Dilated context network: a residual flow at level 2."""
-        x = self.dc_conv4(self.dc_conv3(self.dc_conv2(self.dc_conv1(x))))
-        return self.dc_conv7(self.dc_conv6(self.dc_conv5(x)))
+        for k in range(1, 7):
+            x = getattr(self, f"dc_conv{k}")(x)
+        residual: torch.Tensor = self.dc_conv7(x)
+        return residual
 
     def _features(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
         """Pyramid features of levels 1..6."""
@@ -274,6 +279,8 @@ class MaskFlownetS(_Base):
     """First stage: asymmetric occlusion-aware feature matching (md = 4)."""
 
     md = 4
+    #: Built in :meth:`__init__` with the other levels' masks.
+    pred_mask6: nn.Conv2d
 
     def __init__(self) -> None:
         super().__init__()
@@ -351,25 +358,36 @@ class MaskFlownetNet(_Base):
         c3 = [f[:n] for f in both]
         c4 = [f[n:] for f in both]
         c1, c2, stage1 = s["c1"], s["c2"], s["flows"]
-        flow = stage1[0]
-        x = None
-        for level in (6, 5, 4, 3, 2):
+        flow: torch.Tensor = stage1[0]
+        x = self._dense(6, [*self._correlations(6, flow, c1, c2, c3, c4), flow])
+        flow = flow + self.pred_flow6(x).float()
+        for level in (5, 4, 3, 2):
             i = level - 1
-            if level < 6:
-                feat = getattr(self, f"upfeat{level}")(x)
-                flow = upsample(flow, 2)
-            warped = _leaky(
-                getattr(self, f"deform{level}")(c2[i], _offset(flow, STRIDES[6 - level]))
-            )
-            corr_u = _leaky(correlation(c1[i], warped, self.md))
-            corr_v = _leaky(correlation(c3[i], c4[i], self.md))
-            if level == 6:
-                x = self._dense(level, [corr_u, corr_v, flow])
-            else:
-                x = self._dense(level, [c1[i], feat, corr_u, corr_v, flow, stage1[6 - level]])
+            feat = getattr(self, f"upfeat{level}")(x)
+            flow = upsample(flow, 2)
+            corr_u, corr_v = self._correlations(level, flow, c1, c2, c3, c4)
+            x = self._dense(level, [c1[i], feat, corr_u, corr_v, flow, stage1[6 - level]])
             flow = flow + getattr(self, f"pred_flow{level}")(x).float()
         flow = flow + self._context(x).float()
         return flow * FLOW_SCALE
+
+    def _correlations(
+        self,
+        level: int,
+        flow: torch.Tensor,
+        c1: list[torch.Tensor],
+        c2: list[torch.Tensor],
+        c3: list[torch.Tensor],
+        c4: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A level's two correlations: of stage 1's features (image 2's deformed by
+        ``flow``), and of this stage's own."""
+        i = level - 1
+        warped = _leaky(getattr(self, f"deform{level}")(c2[i], _offset(flow, STRIDES[6 - level])))
+        return (
+            _leaky(correlation(c1[i], warped, self.md)),
+            _leaky(correlation(c3[i], c4[i], self.md)),
+        )
 
 
 def legacy_names(net: MaskFlownetNet) -> dict[str, str]:

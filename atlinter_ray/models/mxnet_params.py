@@ -83,7 +83,8 @@ class _Cursor:
 
     def u64(self, what: str) -> int:
         """One unsigned 64-bit integer."""
-        return self.unpack("Q", what)[0]
+        value: int = self.unpack("Q", what)[0]
+        return value
 
 
 def _read_shape(cur: _Cursor, magic: int, what: str) -> tuple[int, ...] | None:

@@ -141,7 +141,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features at stride 8."""
         x = F.relu(self.norm1(self.conv1(x)))
-        return self.conv2(self.layer3(self.layer2(self.layer1(x))))
+        features: torch.Tensor = self.conv2(self.layer3(self.layer2(self.layer1(x))))
+        return features
 
 
 def _gru_step(
@@ -161,9 +162,13 @@ class SepConvGRU(nn.Module):
     def __init__(self, hidden: int, inp: int) -> None:
         super().__init__()
         c = hidden + inp
-        for gate in "zrq":
-            setattr(self, f"conv{gate}1", nn.Conv2d(c, hidden, (1, 5), padding=(0, 2)))
-            setattr(self, f"conv{gate}2", nn.Conv2d(c, hidden, (5, 1), padding=(2, 0)))
+        # (1x5) gates, then (5x1) gates, built in the original's order
+        self.convz1 = nn.Conv2d(c, hidden, (1, 5), padding=(0, 2))
+        self.convz2 = nn.Conv2d(c, hidden, (5, 1), padding=(2, 0))
+        self.convr1 = nn.Conv2d(c, hidden, (1, 5), padding=(0, 2))
+        self.convr2 = nn.Conv2d(c, hidden, (5, 1), padding=(2, 0))
+        self.convq1 = nn.Conv2d(c, hidden, (1, 5), padding=(0, 2))
+        self.convq2 = nn.Conv2d(c, hidden, (5, 1), padding=(2, 0))
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Horizontal then vertical GRU update."""
@@ -223,7 +228,8 @@ class FlowHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, 2, h, w)`` flow update."""
-        return self.conv2(F.relu(self.conv1(h)))
+        update: torch.Tensor = self.conv2(F.relu(self.conv1(h)))
+        return update
 
 
 class UpdateBlock(nn.Module):
@@ -381,8 +387,10 @@ class _RAFT(TorchFlowEstimator):
         h, w = a.shape[-2:]
         pad = (0, max(MIN_SIDE - w, 0), 0, max(MIN_SIDE - h, 0))
         if any(pad):
-            return self.module(F.pad(a, pad), F.pad(b, pad))[..., :h, :w]
-        return self.module(a, b)
+            padded: torch.Tensor = self.module(F.pad(a, pad), F.pad(b, pad))
+            return padded[..., :h, :w]
+        flow: torch.Tensor = self.module(a, b)
+        return flow
 
     def provenance(self) -> dict[str, Any]:
         """The runtime's provenance plus the iteration count."""

@@ -92,7 +92,7 @@ def _flownet_url(checkpoint: str) -> str:
 def v4_layout(state: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool]:
     """Block widths and whether the file is the 4.2x layout, read from its keys."""
     modern = "encode.cnn0.weight" in state
-    widths = []
+    widths: list[int] = []
     while f"block{len(widths)}.conv0.1.0.weight" in state:
         widths.append(int(state[f"block{len(widths)}.conv0.1.0.weight"].shape[0]))
     if not widths:
@@ -170,7 +170,8 @@ class _Rife(TorchPairInterpolator):
 
     def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
         """Midpoint frames of padded RGB batches in [0, 1]."""
-        return self.module(a, b, self.flow_scale)
+        frames: Tensor = self.module(a, b, self.flow_scale)
+        return frames
 
     def provenance(self) -> dict[str, Any]:
         """Runtime provenance plus the flow scale (``auto`` or a number)."""
@@ -267,7 +268,8 @@ class RifeV4(_Rife):
 
     def forward(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
         """Frames at ``t`` of padded RGB batches in [0, 1]."""
-        return self.module(a, b, t, self.flow_scale, self.ensemble)
+        frames: Tensor = self.module(a, b, t, self.flow_scale, self.ensemble)
+        return frames
 
     def provenance(self) -> dict[str, Any]:
         """Runtime provenance plus the detected RIFE 4.x layout and the ensemble flag."""

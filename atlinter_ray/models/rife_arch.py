@@ -68,10 +68,14 @@ def _conv(
     return nn.Sequential(*layers)
 
 
-def _deconv(cin: int, cout: int, act: bool = False) -> nn.Module:
-    """4x4 stride-2 transposed conv (x2 upsampling), optionally followed by PReLU."""
-    up = nn.ConvTranspose2d(cin, cout, 4, 2, 1)
-    return nn.Sequential(up, nn.PReLU(cout)) if act else up
+def _deconv(cin: int, cout: int) -> nn.ConvTranspose2d:
+    """4x4 stride-2 transposed conv (x2 upsampling)."""
+    return nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+
+
+def _deconv_prelu(cin: int, cout: int) -> nn.Sequential:
+    """:func:`_deconv` followed by PReLU, as an indexed Sequential."""
+    return nn.Sequential(_deconv(cin, cout), nn.PReLU(cout))
 
 
 # ----------------------------------------------------------------------- RIFE_HD
@@ -96,7 +100,8 @@ class _SEResBlock(nn.Module):
         y = self.conv0(x)
         x = self.conv2(self.conv1(x))
         gate = torch.sigmoid(self.fc2(self.relu1(self.fc1(x.mean(3, True).mean(2, True)))))
-        return self.relu2(x * gate + y)
+        out: Tensor = self.relu2(x * gate + y)
+        return out
 
 
 class _HDBlock(nn.Module):
@@ -172,9 +177,10 @@ class HDFusionNet(nn.Module):
         self.down1 = _SEResBlock(4 * c, 4 * c, 2, 3, bn=False)
         self.down2 = _SEResBlock(8 * c, 8 * c, 2, 3, bn=False)
         self.down3 = _SEResBlock(16 * c, 16 * c, 2, 3, bn=False)
-        ups = ((32 * c, 8 * c), (16 * c, 4 * c), (8 * c, 2 * c), (4 * c, c))
-        for i, (cin, cout) in enumerate(ups):
-            setattr(self, f"up{i}", _deconv(cin, cout, act=True))
+        self.up0 = _deconv_prelu(32 * c, 8 * c)
+        self.up1 = _deconv_prelu(16 * c, 4 * c)
+        self.up2 = _deconv_prelu(8 * c, 2 * c)
+        self.up3 = _deconv_prelu(4 * c, c)
         self.conv = nn.Conv2d(c, 16, 3, 1, 1)
 
     def forward(
@@ -223,8 +229,8 @@ class _V3Block(nn.Module):
         self.conv0 = nn.Sequential(_conv(cin, c // 2, 3, 2, 1), _conv(c // 2, c, 3, 2, 1))
         for i in range(4):
             setattr(self, f"convblock{i}", nn.Sequential(_conv(c, c), _conv(c, c)))
-        self.conv1 = nn.Sequential(*_deconv(c, c // 2, act=True), _deconv(c // 2, 4))
-        self.conv2 = nn.Sequential(*_deconv(c, c // 2, act=True), _deconv(c // 2, 1))
+        self.conv1 = nn.Sequential(_deconv(c, c // 2), nn.PReLU(c // 2), _deconv(c // 2, 4))
+        self.conv2 = nn.Sequential(_deconv(c, c // 2), nn.PReLU(c // 2), _deconv(c // 2, 1))
 
     def forward(self, x: Tensor, flow: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Flow and mask increments at the input's resolution."""
@@ -290,7 +296,8 @@ class _Head(nn.Module):
         x = F.leaky_relu(self.cnn0(x), 0.2)
         x = F.leaky_relu(self.cnn1(x), 0.2)
         x = F.leaky_relu(self.cnn2(x), 0.2)
-        return self.cnn3(x)
+        features: Tensor = self.cnn3(x)
+        return features
 
 
 class _V4Block(nn.Module):
@@ -303,6 +310,7 @@ class _V4Block(nn.Module):
         self.conv0 = nn.Sequential(
             _conv(cin, c // 2, 3, 2, 1, act=act), _conv(c // 2, c, 3, 2, 1, act=act)
         )
+        self.lastconv: nn.Module
         if modern:
             self.convblock = nn.Sequential(*[_ResConv(c) for _ in range(8)])
             self.lastconv = nn.Sequential(_deconv(c, 4 * out), nn.PixelShuffle(2))
@@ -350,31 +358,28 @@ class RifeV4Net(nn.Module):
         extra: tuple[Tensor, ...] = ()
         if self.modern:
             e0, e1 = self.encode(img0), self.encode(img1)
-        flow = mask = feat = None
-        w0, w1 = img0, img1
-        for i, s in enumerate(self.scales):
-            block = getattr(self, f"block{i}")
-            if flow is None:
-                if self.modern:
-                    extra = (e0, e1)
-                out = block(torch.cat((img0, img1, *extra, ts), 1), None, s / scale)
-                if ensemble:
-                    rev = block(torch.cat((img1, img0, 1 - ts), 1), None, s / scale)
-                    out = _average(out, rev)
-                flow, mask, feat = out[:, :4].float(), out[:, 4:5].float(), out[:, 5:]
+            extra = (e0, e1)
+        blocks = [getattr(self, f"block{i}") for i in range(len(self.scales))]
+        s = self.scales[0] / scale
+        out = blocks[0](torch.cat((img0, img1, *extra, ts), 1), None, s)
+        if ensemble:
+            out = _average(out, blocks[0](torch.cat((img1, img0, 1 - ts), 1), None, s))
+        flow, mask, feat = out[:, :4].float(), out[:, 4:5].float(), out[:, 5:]
+        w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
+        for block, level in zip(blocks[1:], self.scales[1:]):
+            s = level / scale
+            if self.modern:
+                extra = (backward_warp(e0, flow[:, :2]), backward_warp(e1, flow[:, 2:4]))
+                x = torch.cat((w0, w1, *extra, ts, mask, feat), 1)
             else:
-                if self.modern:
-                    extra = (backward_warp(e0, flow[:, :2]), backward_warp(e1, flow[:, 2:4]))
-                    x = torch.cat((w0, w1, *extra, ts, mask, feat), 1)
-                else:
-                    x = torch.cat((w0, w1, ts, mask), 1)
-                out = block(x, flow, s / scale)
-                if ensemble:
-                    x = torch.cat((w1, w0, 1 - ts, -mask), 1)
-                    out = _average(out, block(x, _swap(flow), s / scale))
-                flow = flow + out[:, :4].float()
-                mask = out[:, 4:5].float() if self.modern else mask + out[:, 4:5].float()
-                feat = out[:, 5:]
+                x = torch.cat((w0, w1, ts, mask), 1)
+            out = block(x, flow, s)
+            if ensemble:
+                x = torch.cat((w1, w0, 1 - ts, -mask), 1)
+                out = _average(out, block(x, _swap(flow), s))
+            flow = flow + out[:, :4].float()
+            mask = out[:, 4:5].float() if self.modern else mask + out[:, 4:5].float()
+            feat = out[:, 5:]
             w0, w1 = backward_warp(img0, flow[:, :2]), backward_warp(img1, flow[:, 2:4])
         m = torch.sigmoid(mask)
         return w0 * m + w1 * (1 - m)

@@ -111,7 +111,8 @@ def strict_fp32() -> None:
     if hasattr(torch.backends, "fp32_precision"):
         torch.backends.fp32_precision = "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        # cudnn's ``conv`` lives on the module object torch swaps in, unseen by mypy
+        torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]
     else:  # pragma: no cover  (torch < 2.9)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -252,7 +253,8 @@ class TorchRuntime:
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # batches repeat the same shapes
         if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
+            # Module.to accepts memory_format; torch's overloads leave it out
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # Autocast caches its low-precision copy of a weight only for leaves that require
         # grad; frozen ones would be cast again at every use (RAFT's update block 20 times
         # a forward). Forwards run under inference_mode, so no graph is ever recorded.
@@ -476,7 +478,7 @@ def download(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
         return x, lambda: None
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     host.copy_(x, non_blocking=True)
-    done = torch.cuda.Event()
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves __new__ unannotated
     done.record()
     return host, done.synchronize
 
@@ -535,8 +537,9 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
 class _TorchModel:
     """What both torch base classes share: the module, the runtime and provenance."""
 
-    #: Pad H and W up to a multiple of this before the forward.
-    multiple: ClassVar[int] = 32
+    #: Pad H and W up to a multiple of this before the forward (a model whose
+    #: checkpoint decides it sets it per instance).
+    multiple: int = 32
     #: Channels the network takes (grayscale input is repeated to this).
     in_channels: ClassVar[int] = 3
     #: The network's full intensity: inputs in [0, peak] are scaled to [0, input_range].
