@@ -68,7 +68,7 @@ class ExactFallback(PairInterpolator):
     def __init__(self, midpoint: PairInterpolator, fallback: PairInterpolator) -> None:
         self.midpoint = midpoint
         self.fallback = fallback
-        self.name = midpoint.name  # type: ignore[misc]
+        self.name = midpoint.name
         self.device = midpoint.device
 
     def producer(self, t: float) -> PairInterpolator:
@@ -172,7 +172,7 @@ def check_reachable(model: PairInterpolator, tasks: Sequence[GapTask]) -> None:
         return
     for task in tasks:
         for job in task.predicted:
-            if not is_dyadic(job.t):
+            if job.t is not None and not is_dyadic(job.t):
                 raise ConfigError(
                     f"model {model.name!r} predicts midpoints only, but slice {job.slice} of "
                     f"{task.dataset_id} sits at t={job.t:.4g} between sections {task.left} "
@@ -242,10 +242,10 @@ def predict_pairs(
         return _split(model, a, b, positions, peak)
     if model.arbitrary_t:
         pair = np.repeat(np.arange(n), [len(p) for p in positions])
-        t = np.array([x for p in positions for x in p], dtype=np.float32)
+        ts = np.array([x for p in positions for x in p], dtype=np.float32)
         if not len(pair):
             return PairsPrediction([a[:0] for _ in range(n)], [0] * n)
-        frames = model.interpolate_items(a, b, pair, t, peak)
+        frames = model.interpolate_items(a, b, pair, ts, peak)
         bounds = np.cumsum([0, *(len(p) for p in positions)])
         return PairsPrediction(
             [frames[bounds[i] : bounds[i + 1]] for i in range(n)], [len(p) for p in positions]
@@ -287,19 +287,19 @@ def predict_gap(
     :attr:`~atlinter_ray.planning.GapTask.sources`; a context model also gets the
     task's ``context`` sections as neighbours. ``canvas`` as for :func:`predict`.
     """
-    assert task.left is not None and task.right is not None
-    positions = [j.t for j in task.predicted if j.t is not None]
-    a, b = sections[task.left], sections[task.right]
+    left, right = task.pair
+    positions = task.positions
+    a, b = sections[left], sections[right]
     if not isinstance(model, ContextInterpolator):
         return predict(model, a[None], b[None], positions, peak, canvas)
-    gap = task.right - task.left
-    before = [s for s in task.context if s < task.left]
-    after = [s for s in task.context if s > task.right]
+    gap = right - left
+    before = [s for s in task.context if s < left]
+    after = [s for s in task.context if s > right]
     frames = model.interpolate_context(
         a.astype(np.float32, copy=False), b.astype(np.float32, copy=False),
         np.asarray(positions, np.float32), peak,
-        Neighbour(sections[before[-1]], gap / (task.left - before[-1])) if before else None,
-        Neighbour(sections[after[0]], gap / (after[0] - task.right)) if after else None,
+        Neighbour(sections[before[-1]], gap / (left - before[-1])) if before else None,
+        Neighbour(sections[after[0]], gap / (after[0] - right)) if after else None,
     )
     return Prediction(frames[None], len(positions))
 

@@ -155,7 +155,7 @@ def ssim(
             f"{SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} Gaussian window; score slices at least "
             f"{SSIM_MIN_SIDE} pixels on each side (or check channel_axis={channel_axis})"
         )
-    value = structural_similarity(
+    value = structural_similarity(  # type: ignore[no-untyped-call]  # unannotated in scikit-image
         t,
         p,
         data_range=value_range,

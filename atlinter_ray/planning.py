@@ -83,6 +83,13 @@ class SliceJob:
     source: int | None = None
     t: float | None = None
 
+    @property
+    def copied_from(self) -> int:
+        """``source`` of a measured or edge-filled slice; ValueError for a predicted one."""
+        if self.source is None:
+            raise ValueError(f"slice {self.slice} is {self.status}: it copies no section")
+        return self.source
+
 
 @dataclass(frozen=True, slots=True)
 class GapTask:
@@ -111,6 +118,18 @@ class GapTask:
     def predicted(self) -> tuple[SliceJob, ...]:
         """The jobs that need the model."""
         return tuple(j for j in self.jobs if j.status == PREDICTED)
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """``(left, right)`` of a task between two known sections; ValueError at the edges."""
+        if self.left is None or self.right is None:
+            raise ValueError(f"task {self.task_id} lies outside the known sections: no pair")
+        return self.left, self.right
+
+    @property
+    def positions(self) -> tuple[float, ...]:
+        """Position ``t`` of each slice predicted between the bounds, in slice order."""
+        return tuple(j.t for j in self.predicted if j.t is not None)
 
     @property
     def bounds(self) -> tuple[int, ...]:

@@ -47,6 +47,19 @@ def test_reference_edges_are_predicted_from_the_nearest_section() -> None:
     assert [j.status for j in tail.jobs] == [MEASURED, PREDICTED, PREDICTED]
 
 
+def test_typed_accessors_refuse_what_a_job_or_task_lacks() -> None:
+    """``pair``, ``positions`` and ``copied_from`` give ints and floats, or say why not."""
+    lead, gap, tail = plan_dataset("g", [4, 8], 10, edge="copy")
+    assert gap.pair == (4, 8) and gap.positions == (0.25, 0.5, 0.75)
+    assert lead.positions == () and [j.copied_from for j in lead.jobs] == [4] * 4
+    with pytest.raises(ValueError, match="g/8-end lies outside the known sections"):
+        _ = tail.pair
+    with pytest.raises(ValueError, match="slice 5 is predicted: it copies no section"):
+        _ = gap.jobs[1].copied_from
+    (edge_task, _, _) = plan_dataset("g", [4, 8], 10, edge="reference")
+    assert edge_task.positions == ()  # predicted from the reference, at no position t
+
+
 def test_task_ids_are_deterministic_and_survive_pickling() -> None:
     a = plan_dataset("gene", [17, 3, 11], 22)
     b = plan_dataset("gene", [3, 11, 17], 22)

@@ -89,7 +89,8 @@ def kept_sections(tasks: Sequence[GapTask]) -> tuple[int, ...]:
 def slice_geometry(task: GapTask, job: SliceJob) -> tuple[int | None, int]:
     """``(gap, distance)`` of a held-out slice: gap is None for edge slices."""
     if task.left is None or task.right is None:
-        return None, abs(job.slice - (task.left if task.right is None else task.right))
+        (nearest,) = task.bounds
+        return None, abs(job.slice - nearest)
     return task.right - task.left, min(job.slice - task.left, task.right - job.slice)
 
 

@@ -119,8 +119,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             f"datasets {empty} have no held-out section between two kept ones with "
             f"holdout={cfg.holdout}, k={cfg.k}: lower k or use holdout=leave_one_out"
         )
-    positions = sorted({j.t for per_k in plans.values() for ts in per_k for t in ts
-                        for j in t.predicted})
+    positions = sorted({t for per_k in plans.values() for tasks in per_k for task in tasks
+                        for t in task.positions})
     for name, model in models.items():
         if not model.arbitrary_t:  # midpoint-only: every position must be dyadic
             try:

@@ -92,7 +92,7 @@ def panel_png(ds: Dataset, slices: Sequence[int], predictions: Mapping[str, np.n
     axes = np.atleast_2d(fig.subplots(len(slices), cols, squeeze=False))
     for r, s in enumerate(slices):
         truth = truths[s]
-        shown = [(f"truth {s}", truth, None)]
+        shown: list[tuple[str, np.ndarray, str | None]] = [(f"truth {s}", truth, None)]
         for m in models:
             pred = predictions[f"{m}/{s}"]
             error = np.abs(pred.astype(np.float64) - truth.astype(np.float64))

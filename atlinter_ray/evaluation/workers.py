@@ -116,7 +116,7 @@ class EvalWorker:
                 seconds = (time.perf_counter() - start) / len(task.jobs)
                 candidates[name] = (to_dtype(frames, ds.dtype), seconds)
         else:
-            copies = np.stack([images[j.source] for j in task.jobs])
+            copies = np.stack([images[j.copied_from] for j in task.jobs])
             candidates = {EDGE_COPY: (copies, 0.0)}
         scores, arrays = [], {}
         for i, job in enumerate(task.jobs):
