@@ -379,7 +379,3 @@ def _to_chw(raw: np.ndarray, channels: int, h: int, w: int) -> np.ndarray:
         return raw.reshape(1, h, w)
     return np.moveaxis(raw.reshape(h, w, channels), -1, 0)
 
-
-def section_volume_bytes(ds: Dataset) -> int:
-    """Bytes of the whole reconstructed volume in the stored dtype (for planning)."""
-    return math.prod(ds.reference_shape) * ds.channels * np.dtype(ds.dtype).itemsize

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from atlinter_ray.testing.pypi import load_source
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_sample.py"
-_spec = importlib.util.spec_from_file_location("make_sample", SCRIPT)
-make_sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_sample)
+make_sample = load_source("make_sample", SCRIPT)
 
 
 def _nifti1(volume: np.ndarray, affine: np.ndarray, endian: str = "<") -> bytes:

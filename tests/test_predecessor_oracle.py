@@ -92,7 +92,7 @@ def test_vendored_torch_models_import(atlinter) -> None:
 def test_mxnet_stub_only_when_mxnet_is_absent(atlinter) -> None:
     optical_flow = importlib.import_module("atlinter.optical_flow")
     if "mxnet" in STUBBED:
-        with pytest.raises(RuntimeError, match="stub installed by tests/predecessor.py"):
+        with pytest.raises(RuntimeError, match="stub installed by atlinter_ray.testing.predecessor"):
             optical_flow.MaskFlowNet("maskflownet.params")
     else:
         assert importlib.util.find_spec("mxnet") is not None

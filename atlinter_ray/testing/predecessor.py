@@ -71,7 +71,7 @@ class _Unavailable:
     def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
         """Raise: the real package is not importable in this environment."""
         raise RuntimeError(
-            f"{self._what} is a stub installed by tests/predecessor.py (the real package "
+            f"{self._what} is a stub installed by atlinter_ray.testing.predecessor (the real package "
             "is not importable here); the oracle path you used needs the real package"
         )
 
@@ -112,7 +112,7 @@ class ToTensor:
 
         if not isinstance(pic, np.ndarray):
             raise TypeError(
-                f"tests/predecessor.py ToTensor stub accepts numpy arrays only, got "
+                f"atlinter_ray.testing.predecessor ToTensor stub accepts numpy arrays only, got "
                 f"{type(pic).__name__}; convert PIL images with np.asarray first"
             )
         if pic.ndim not in {2, 3}:

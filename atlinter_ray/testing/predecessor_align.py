@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
@@ -29,9 +28,4 @@ def predecessor_align() -> types.ModuleType:
     if str(atlannot_src) not in sys.path:
         sys.path.insert(0, str(atlannot_src))
     script = pypi.extract(PREDECESSOR_SPEC, sdist=True) / "atlinter-0.2.3" / "data" / "align.py"
-    spec = importlib.util.spec_from_file_location("atlinter_data_align", script)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"{script}: the predecessor's align script is missing")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pypi.load_source("atlinter_data_align", script)

@@ -7,10 +7,12 @@ from disk. Nothing here installs the packages.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import tarfile
+import types
 import zipfile
 from pathlib import Path
 
@@ -48,3 +50,13 @@ def extract(spec: str, *, sdist: bool = False) -> Path:
                 tf.extractall(tmp, filter="data")
         tmp.rename(out)
     return out
+
+
+def load_source(name: str, path: Path) -> types.ModuleType:
+    """Import one Python file that is not on ``sys.path`` (a script, a packaged source file)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: no Python source to load as {name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

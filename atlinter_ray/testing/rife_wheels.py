@@ -8,7 +8,6 @@ installed) into the cache by :mod:`atlinter_ray.testing.pypi`.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -84,11 +83,7 @@ def oracle_ifnet(wheels: dict[str, Path], spec: str) -> torch.nn.Module:
         before = set(sys.modules)
         sys.path.insert(0, added)
         try:
-            spec_ = importlib.util.spec_from_file_location(name, source)
-            if spec_ is None or spec_.loader is None:
-                raise FileNotFoundError(f"{source}: the {spec} wheel has no IFNet source here")
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
+            module = pypi.load_source(name, source)
         finally:
             sys.path.remove(added)
             for leaked in {"model", "model.warplayer"} & (set(sys.modules) - before):

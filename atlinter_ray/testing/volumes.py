@@ -11,7 +11,6 @@ The microscopy stacks are not 8-bit: they are scaled to uint8 between their 0.1 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +25,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 def mni152_1mm() -> np.ndarray:
     """The 1 mm MNI152 T1 template the sample is made from, cropped, uint8 (AP, DV, LR)."""
-    spec = importlib.util.spec_from_file_location("make_sample", _ROOT / "scripts/make_sample.py")
-    assert spec is not None and spec.loader is not None
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
+    ms = pypi.load_source("make_sample", _ROOT / "scripts/make_sample.py")
     volume, affine = ms.read_nifti1(ms.load_template(None))
     volume = ms.crop_to_foreground(ms.to_ap_dv_lr(volume, affine), ms.FOREGROUND, ms.MARGIN)
     out: np.ndarray = ms.to_uint8(volume)
