@@ -114,21 +114,29 @@ def map_batches(
     spec: Any,
     resources: ResourcesConfig,
     failed: Callable[[T, str], R],
+    serial: bool = False,
 ) -> Iterator[R]:
     """Hand ``resources.tasks_per_batch`` tasks per call to ``worker_class(spec).run``.
 
-    Yields the workers' rows; ``failed(task, error)`` stands for a task whose actor died.
+    On the actor pool (connecting first), or in this process with ``serial`` (no Ray,
+    for debugging). Yields the workers' rows; ``failed(task, error)`` stands for a task
+    whose actor died.
     """
-    n = resources.tasks_per_batch
-    batches = [list(tasks[i : i + n]) for i in range(0, len(tasks), n)]
+    chunks = batches(tasks, resources.tasks_per_batch)
+    if serial:
+        worker = worker_class(spec)
+        for batch in chunks:
+            yield from worker.run(batch)
+        return
+    connect(resources)
     for rows in map_unordered(
-        worker_class, (spec,), batches, pool_spec(resources),
+        worker_class, (spec,), chunks, pool_spec(resources),
         lambda batch, error: [failed(t, error) for t in batch],
     ):
         yield from rows
 
 
-def batches(tasks: Sequence[GapTask], size: int) -> list[list[GapTask]]:
+def batches(tasks: Sequence[T], size: int) -> list[list[T]]:
     """``tasks`` in consecutive batches of ``size``."""
     return [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
 

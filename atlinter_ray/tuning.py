@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.engine import build_interpolator
 from atlinter_ray.errors import AtlinterRayError
-from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.execution import map_batches
 from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.store import VolumeStore
 
@@ -147,12 +147,7 @@ def run_tuning(
     Raises :class:`TuningError` naming the failed stacks: the gap tasks never run with
     a model that was meant to be tuned and was not.
     """
-    rows: Iterator[TuneResult]
-    if serial:
-        rows = iter(TuneWorker(spec).run(list(jobs)))
-    else:
-        connect(resources)
-        rows = map_batches(jobs, TuneWorker, spec, resources, failed_tune)
+    rows = map_batches(jobs, TuneWorker, spec, resources, failed_tune, serial)
     results, failures = {}, []
     for row in rows:
         if row.status == "done":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -46,7 +45,7 @@ from atlinter_ray.align.worker import (
 )
 from atlinter_ray.dataset import Dataset, field_error
 from atlinter_ray.errors import DatasetNotFoundError, StoreError
-from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.execution import map_batches
 from atlinter_ray.files import file_sha256, write_atomic
 from atlinter_ray.inputs import load_datasets
 from atlinter_ray.nrrd_volume import nrrd_to_npy, read_nrrd_info
@@ -233,17 +232,6 @@ def _differences(theirs: dict[str, Any], cfg: AlignConfig) -> str:
     return "differs in " + ", ".join(keys) if keys else "another reference volume"
 
 
-def _run(datasets: list[Dataset], spec: AlignSpec, cfg: AlignConfig) -> Iterator[AlignResult]:
-    """Result rows of every experiment, in-process or on the actor pool."""
-    if cfg.run.serial:
-        worker = AlignWorker(spec)
-        for ds in datasets:
-            yield worker.run_one(ds)
-        return
-    connect(cfg.resources)
-    yield from map_batches(datasets, AlignWorker, spec, cfg.resources, failed_result)
-
-
 def run_align(cfg: AlignConfig) -> AlignSummary:
     """Validate everything, align every experiment not yet aligned, write the summary."""
     start = time.perf_counter()
@@ -262,7 +250,8 @@ def run_align(cfg: AlignConfig) -> AlignSummary:
     by_id = {ds.id: ds for ds in datasets}
     results: list[AlignResult] = []
     with tqdm(total=total, unit="section", desc="align", disable=not cfg.run.progress) as bar:
-        for result in _run(datasets, spec, cfg):
+        for result in map_batches(datasets, AlignWorker, spec, cfg.resources, failed_result,
+                                  cfg.run.serial):
             results.append(result)
             bar.update(len(by_id[result.dataset_id].section_numbers))
     results.sort(key=lambda r: r.dataset_id)

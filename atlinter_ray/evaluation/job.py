@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -49,8 +48,8 @@ from atlinter_ray.evaluation.holdout import (
     plan_holdout,
 )
 from atlinter_ray.evaluation.report import metrics_plot_png, panel_png, report_tables
-from atlinter_ray.evaluation.workers import EvalResult, EvalSpec, EvalWorker, failed_result
-from atlinter_ray.execution import connect, map_batches
+from atlinter_ray.evaluation.workers import EvalSpec, EvalWorker, failed_result
+from atlinter_ray.execution import map_batches
 from atlinter_ray.inputs import load_datasets
 from atlinter_ray.models.base import PairInterpolator
 from atlinter_ray.planning import GapTask, bisection_nodes
@@ -59,17 +58,6 @@ from atlinter_ray.store import VolumeStore
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 
 log = logging.getLogger(__name__)
-
-
-def _run(tasks: list[GapTask], spec: EvalSpec, cfg: EvaluateConfig) -> Iterator[EvalResult]:
-    """Result rows of every task, in-process or on the actor pool."""
-    if cfg.serial:
-        worker = EvalWorker(spec)
-        for task in tasks:
-            yield worker.run_task(task)
-        return
-    connect(cfg.resources)
-    yield from map_batches(tasks, EvalWorker, spec, cfg.resources, failed_result)
 
 
 def _tune(
@@ -146,7 +134,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     predictions: dict[str, np.ndarray] = {}
     failures = []
-    for result in _run(tasks, spec, cfg):
+    for result in map_batches(tasks, EvalWorker, spec, cfg.resources, failed_result, cfg.serial):
         if result.status != "done":
             failures.append({"task_id": result.task_id, "error": result.error})
             continue
