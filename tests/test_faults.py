@@ -24,6 +24,7 @@ import numpy as np
 import psutil
 import pytest
 import s3fs
+import zarr
 
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
@@ -115,6 +116,57 @@ def test_lost_objects_of_a_complete_image_are_found_and_redone(tmp_path: Path) -
     again = run(cfg)
     assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 66-72
     assert content(store.fs, cfg.output.root) == clean
+
+
+class Killed(BaseException):
+    """The process dying at a chosen point: no handler of ours may catch it."""
+
+
+def _die_on_call(n: int, original, when=lambda *a, **k: True):
+    """``original`` wrapped to die at its ``n``-th call that ``when`` accepts."""
+    calls = []
+
+    def dying(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+        return original(*args, **kwargs)
+    return dying
+
+
+#: Where a run dies: (what, object patched, attribute, call it dies at, which calls count).
+KILL_POINTS = {
+    "image arrays made, metadata not": (zarr, "create_group", 1, None),
+    "slices of 3 tasks written, 3rd marker not": (VolumeStore, "mark_done", 3, None),
+    "last task's slices written, marker not": (VolumeStore, "mark_done", TASKS, None),
+    "pyramid and pictures written, metadata not": (VolumeStore, "update_attrs", 1, None),
+    "complete, summary not written": (
+        VolumeStore, "write_bytes", 1, lambda self, name, data: name == "run_summary.json"),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, point: str) -> None:
+    cfg = _local(tmp_path)
+    assert run(cfg).ok
+    store = VolumeStore(cfg.output.root)
+    clean = content(store.fs, cfg.output.root)
+    shutil.rmtree(tmp_path / "out")
+    owner, name, n, when = KILL_POINTS[point]
+    with pytest.MonkeyPatch.context() as mp:
+        original = getattr(owner, name)
+        mp.setattr(owner, name, _die_on_call(n, original, when or (lambda *a, **k: True)))
+        with pytest.raises(Killed):
+            run(cfg)
+    if (tmp_path / "out" / "g.ome.zarr" / "zarr.json").exists():
+        _marked_objects_are_stored(store, "g")  # nothing marked done that is not there
+    again = run(cfg)
+    assert again.ok, again.failures
+    assert again.tasks_done + again.tasks_skipped == TASKS
+    assert content(store.fs, cfg.output.root) == clean
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["complete"] == ["g"] and not summary["incomplete"]
 
 
 def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:
