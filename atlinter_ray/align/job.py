@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from typing import Any
 
@@ -43,6 +43,7 @@ from atlinter_ray.align.worker import (
     read_marker,
     settings_digest,
 )
+from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.dataset import Dataset, field_error
 from atlinter_ray.errors import DatasetNotFoundError, StoreError
 from atlinter_ray.execution import map_batches
@@ -232,6 +233,18 @@ def _differences(theirs: dict[str, Any], cfg: AlignConfig) -> str:
     return "differs in " + ", ".join(keys) if keys else "another reference volume"
 
 
+def worker_resources(resources: ResourcesConfig) -> ResourcesConfig:
+    """One CPU and no GPU per align actor: ANTs runs on one ITK thread and never on a GPU.
+
+    ``resources=gpu_cluster`` would otherwise hold a GPU (and 4 CPUs) per idle-waiting actor.
+    """
+    if resources.gpus_per_worker or resources.cpus_per_worker != 1:
+        log.info("align workers ask for 1 CPU and no GPU each (resources.cpus_per_worker=%s, "
+                 "gpus_per_worker=%s do not apply)", resources.cpus_per_worker,
+                 resources.gpus_per_worker)
+    return replace(resources, cpus_per_worker=1, gpus_per_worker=0)
+
+
 def run_align(cfg: AlignConfig) -> AlignSummary:
     """Validate everything, align every experiment not yet aligned, write the summary."""
     start = time.perf_counter()
@@ -250,8 +263,8 @@ def run_align(cfg: AlignConfig) -> AlignSummary:
     by_id = {ds.id: ds for ds in datasets}
     results: list[AlignResult] = []
     with tqdm(total=total, unit="section", desc="align", disable=not cfg.run.progress) as bar:
-        for result in map_batches(datasets, AlignWorker, spec, cfg.resources, failed_result,
-                                  cfg.run.serial):
+        for result in map_batches(datasets, AlignWorker, spec, worker_resources(cfg.resources),
+                                  failed_result, cfg.run.serial):
             results.append(result)
             bar.update(len(by_id[result.dataset_id].section_numbers))
     results.sort(key=lambda r: r.dataset_id)
