@@ -1,0 +1,272 @@
+"""Scale: many datasets in one job, ``s3://`` against local disk, 12 genes against the predecessor.
+
+Issue 9's benchmark. One invocation measures, each run in its own process on a local
+Ray cluster started before the clock (as on a real cluster), model ``linear``, every
+job as a user runs it (manifest, finishing with pyramid, quick-look and montage):
+
+* **many small datasets** (``--small 50,200``): a manifest of ``n`` copies of the bundled
+  sample's volume (91 x 79 x 77 grey uint8, a section every 8 slices), 2 workers:
+  slices/s and the peak memory of the driver process (PSS from ``smaps_rollup`` and
+  peak RSS). The ratios are against the first ``n``: driver memory must stay flat;
+* **s3:// against local** (``--s3-genes 2``): the same full-size genes read from and
+  written to moto's S3 server on loopback (started in this parent process, so its
+  CPU is on the same 2 cores), against the same genes on local disk. Target: >= 80 % of
+  local slices/s;
+* **12 full-size genes** (``--genes 12``; 528 x 320 x 456 RGB uint8, a section every 8
+  slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
+  predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
+  runs it) on one gene. Target: >= 8x the predecessor's time per gene.
+
+``--profile N`` instead runs N full-size genes in this process (``run.serial``) under
+cProfile, the io threads' commits included, and prints where the write path spends
+its time (compression, zarr, file writes, finishing). ``--quick`` is a smoke run
+(< 2 min): 5 and 20 small datasets, 1 gene on S3, 2 genes.
+
+Usage::
+
+    python benchmarks/bench_scale.py --out benchmarks/results      # ~6 min on 2 cores
+    python benchmarks/bench_scale.py --quick
+    python benchmarks/bench_scale.py --profile 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import logging
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecessor
+
+#: Storage options of the S3 server, handed to the child processes.
+S3_ENV = "ATLINTER_BENCH_S3"
+
+
+def small_datasets(folder: Path, n: int) -> Path:
+    """``n`` copies of the bundled sample's volume as datasets; return their manifest."""
+    from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+
+    volume = real_volume()
+    sections = list(range(3, volume.shape[0], SPACING))
+    images = sections_of(volume, sections, "coronal")
+    paths = [write_dataset(folder, f"s{i:03d}", images, sections,
+                           reference_shape=list(volume.shape)) for i in range(n)]
+    return manifest(folder / f"small-{n}.txt", [str(p) for p in paths])
+
+
+def manifest(path: Path, urls: list[str]) -> Path:
+    """Write a manifest (one dataset URL per line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def upload(paths: list[Path], options: dict[str, Any], prefix: str) -> list[str]:
+    """Copy datasets (``.npy`` + ``.json``) to ``prefix`` on S3; return their URLs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    urls = []
+    for npy in paths:
+        for local in (npy, npy.with_suffix(".json")):
+            fs.put_file(str(local), f"{prefix}/{local.name}")
+        urls.append(f"s3://{prefix}/{npy.name}")
+    return urls
+
+
+def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int) -> Any:
+    """The job's config: the manifest's datasets, model linear, ``workers`` actors."""
+    from atlinter_ray.config import Config
+
+    cfg = Config()
+    cfg.data.manifest = str(manifest_path)
+    cfg.data.storage_options = dict(options)
+    cfg.model.name, cfg.model.params = "linear", {}
+    cfg.output.root, cfg.output.storage_options = root, dict(options)
+    cfg.resources.min_workers = cfg.resources.max_workers = workers
+    cfg.run.progress = False
+    return cfg
+
+
+def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: int) -> dict:
+    """The job on a local Ray cluster started before the clock."""
+    import ray
+
+    from atlinter_ray.pipeline import run
+    from atlinter_ray.testing.ray_head import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    cfg = config(manifest_path, root, options, workers)
+    start = time.perf_counter()
+    summary = run(cfg)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    assert summary.ok, (summary.failures, summary.incomplete)
+    return {"wall_s": wall, "slices": summary.slices_written, "datasets": len(summary.datasets)}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one measurement and print its JSON result (called in a fresh process)."""
+    options = json.loads(os.environ.get(S3_ENV, "{}")) if args.root.startswith("s3://") else {}
+    with PeakPSS() as mem:
+        if args.mode == "predecessor":
+            npy = Path(Path(args.manifest).read_text().split()[0])
+            out = Path(args.root)
+            out.mkdir(parents=True, exist_ok=True)
+            result = predecessor(npy, "linear", out)
+            result["datasets"] = 1
+        else:
+            result = pipeline(Path(args.manifest), args.root, options, args.workers)
+    result["driver_peak_pss_mb"] = mem.driver_peak / 2**20
+    result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_pss_with_workers_mb"] = mem.peak / 2**20
+    result["slices_per_s"] = result["slices"] / result["wall_s"]
+    result["s_per_dataset"] = result["wall_s"] / result["datasets"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(mode: str, manifest_path: Path, root: str, workers: int,
+            s3: dict[str, Any] | None) -> dict:
+    """One measurement in a child process, with the load average before it."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+           S3_ENV: json.dumps(s3 or {})}
+    cmd = [sys.executable, __file__, "--mode", mode, "--manifest", str(manifest_path),
+           "--root", root, "--workers", str(workers)]
+    load = os.getloadavg()[0]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+    return {**json.loads(line[7:]), "load_average_1min_before": load}
+
+
+def profile(n: int, folder: Path) -> None:
+    """Run ``n`` full-size genes in this process under cProfile; print the write path's costs."""
+    from atlinter_ray import worker
+    from atlinter_ray.pipeline import run
+
+    genes = [make_dataset(folder / "genes", seed, f"g{seed:02d}") for seed in range(n)]
+    cfg = config(manifest(folder / "genes.txt", [str(p) for p in genes]),
+                 str(folder / "out"), {}, 1)
+    cfg.run.serial = True
+    threads: list[cProfile.Profile] = []
+    commit = worker.commit_task
+
+    def profiled_commit(*a: Any, **kw: Any) -> None:
+        """The io thread's commit under its own profiler (cProfile sees one thread)."""
+        prof = cProfile.Profile()
+        threads.append(prof)
+        prof.runcall(commit, *a, **kw)
+
+    worker.commit_task = profiled_commit
+    main = cProfile.Profile()
+    start = time.perf_counter()
+    summary = main.runcall(run, cfg)
+    wall = time.perf_counter() - start
+    assert summary.ok
+    stats = pstats.Stats(main)
+    for prof in threads:
+        stats.add(prof)
+    stats.dump_stats(str(folder / "profile.pstats"))
+    print(f"{n} genes, serial, under cProfile: {wall:.1f} s ({wall / n:.2f} s per gene)")
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(
+        r"commit_task|write_slices|encode|_put_many|pipe|mark_done|finish_dataset|_pyramid|"
+        r"downsample2|quicklook_png|montage_png|update_attrs|_read_slab|create_array|setitem")
+
+
+def report(results: dict[str, dict]) -> None:
+    """Print the table of every measurement and its ratios."""
+    print(f"{'run':<22}{'datasets':>9}{'wall s':>9}{'slices/s':>10}{'s/dataset':>10}"
+          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['datasets']:>9}{r['wall_s']:>9.1f}{r['slices_per_s']:>10.1f}"
+              f"{r['s_per_dataset']:>10.2f}{r['driver_peak_pss_mb']:>15.0f}"
+              f"{r['driver_peak_rss_mb']:>15.0f}{r['load_average_1min_before']:>7.2f}")
+
+
+def main() -> None:
+    """Make the data, run every measurement, print and save the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", default="50,200", help="numbers of small datasets")
+    parser.add_argument("--s3-genes", type=int, default=2)
+    parser.add_argument("--genes", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
+    parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
+    parser.add_argument("--out", default=None, help="folder for scale.json")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            profile(args.profile, Path(tmp))
+        return
+    if args.quick:
+        args.small, args.s3_genes, args.genes = "5,20", 1, 2
+    from atlinter_ray.testing.faulty_s3 import S3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp_name, S3Server() as s3:
+        tmp = Path(tmp_name)
+        genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
+                 for seed in range(max(args.genes, args.s3_genes))]
+        for n in (int(v) for v in args.small.split(",")):
+            results[f"small-{n}"] = measure("pipeline", small_datasets(tmp / f"small{n}", n),
+                                            str(tmp / f"out-small{n}"), args.workers, None)
+        some = genes[: args.s3_genes]
+        results["local"] = measure("pipeline", manifest(tmp / "local.txt", [str(p) for p in some]),
+                                   str(tmp / "out-local"), args.workers, None)
+        on_s3 = manifest(tmp / "s3.txt", upload(some, s3.direct, "atlas-in/genes"))
+        results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers, s3.direct)
+        results["predecessor"] = measure("predecessor", manifest(tmp / "one.txt", [str(genes[0])]),
+                                         str(tmp / "out-predecessor"), 0, None)
+        all_genes = manifest(tmp / "genes.txt", [str(p) for p in genes[: args.genes]])
+        results["genes"] = measure("pipeline", all_genes, str(tmp / "out-genes"),
+                                   args.workers, None)
+    report(results)
+    small = [k for k in results if k.startswith("small-")]
+    first, last = results[small[0]], results[small[-1]]
+    ratios = {
+        f"driver_pss_{small[-1]}_over_{small[0]}":
+            last["driver_peak_pss_mb"] / first["driver_peak_pss_mb"],
+        f"driver_rss_{small[-1]}_over_{small[0]}":
+            last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"],
+        f"slices_per_s_{small[-1]}_over_{small[0]}": last["slices_per_s"] / first["slices_per_s"],
+        "s3_over_local_slices_per_s": results["s3"]["slices_per_s"] / results["local"]["slices_per_s"],
+        "predecessor_s_per_gene_over_pipeline":
+            results["predecessor"]["s_per_dataset"] / results["genes"]["s_per_dataset"],
+    }
+    targets = {"s3_at_least_80_percent_of_local": ratios["s3_over_local_slices_per_s"] >= 0.8,
+               "genes_at_least_8x_predecessor": ratios["predecessor_s_per_gene_over_pipeline"] >= 8}
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}")
+    print(f"targets met: {targets}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / ("scale-quick.json" if args.quick else "scale.json")).write_text(
+            json.dumps({"date": started, "command": " ".join(sys.argv),
+                        "reference": REFERENCE, "spacing": SPACING, "model": "linear",
+                        "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
+                        "ratios": ratios, "targets_met": targets}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
