@@ -263,13 +263,16 @@ class VolumeStore:
             return {key: None for k in range(len(frames))
                     for key, _ in _tiles(ds, objects, first + k, arr.shape)}
         blobs: dict[str, bytes] = {}
+        shape = _chunk_in_plane(objects, ds)
         for k, frame in enumerate(frames):
             plane = frame if ds.channels > 1 else frame[0]
             for key, tile in _tiles(ds, objects, first + k, arr.shape):
-                chunk = np.zeros(_chunk_in_plane(objects, ds), dtype=encoder.dtype)
                 part = plane[..., tile[0], tile[1]]
-                chunk[..., : part.shape[-2], : part.shape[-1]] = part
-                blobs[key] = encoder.encode(np.expand_dims(chunk, ds.axis_index - 3))
+                if part.shape != shape:  # an edge tile: padded with the fill value
+                    chunk = np.zeros(shape, dtype=encoder.dtype)
+                    chunk[..., : part.shape[-2], : part.shape[-1]] = part
+                    part = chunk
+                blobs[key] = encoder.encode(np.expand_dims(part, ds.axis_index - 3))
         self._put_many(self._image_path(ds.id, "0"), blobs)
         return {key: len(blob) for key, blob in blobs.items()}
 
