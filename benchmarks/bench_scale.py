@@ -19,14 +19,17 @@ job as a user runs it (manifest, finishing with pyramid, quick-look and montage)
 
 ``--profile N`` instead runs N full-size genes in this process (``run.serial``) under
 cProfile, the io threads' commits included, and prints where the write path spends
-its time (compression, zarr, file writes, finishing). ``--quick`` is a smoke run
-(< 2 min): 5 and 20 small datasets, 1 gene on S3, 2 genes.
+its time (compression, zarr, file writes, finishing). ``--profile-writes`` times one
+slice's write (320 x 456 RGB uint8) per zstd level, and ``VolumeStore.write_slices``
+against zarr's own write for whole-slice chunks, 128 x 128 tiles and sharded tiles.
+``--quick`` is a smoke run (< 2 min): 5 and 20 small datasets, 1 gene on S3, 2 genes.
 
 Usage::
 
     python benchmarks/bench_scale.py --out benchmarks/results      # ~6 min on 2 cores
     python benchmarks/bench_scale.py --quick
     python benchmarks/bench_scale.py --profile 2
+    python benchmarks/bench_scale.py --profile-writes
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecessor
@@ -143,12 +148,14 @@ def measure(mode: str, manifest_path: Path, root: str, workers: int,
            S3_ENV: json.dumps(s3 or {})}
     cmd = [sys.executable, __file__, "--mode", mode, "--manifest", str(manifest_path),
            "--root", root, "--workers", str(workers)]
-    load = os.getloadavg()[0]
+    load, cpu = os.getloadavg()[0], time.process_time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
-    return {**json.loads(line[7:]), "load_average_1min_before": load}
+    # this process only waits, and serves S3 (moto's threads): its CPU is the server's
+    return {**json.loads(line[7:]), "load_average_1min_before": load,
+            "s3_server_cpu_s": time.process_time() - cpu}
 
 
 def profile(n: int, folder: Path) -> None:
@@ -186,14 +193,57 @@ def profile(n: int, folder: Path) -> None:
         r"downsample2|quicklook_png|montage_png|update_attrs|_read_slab|create_array|setitem")
 
 
+def profile_writes(folder: Path, slices: int = 64) -> None:
+    """ms per 320 x 456 RGB slice: zstd levels, zarr's write against ours, tiles, shards."""
+    import numcodecs
+    import zarr
+
+    from atlinter_ray.dataset import load_dataset
+    from atlinter_ray.identity import fingerprint
+    from atlinter_ray.layout import Layout, array_spec
+    from atlinter_ray.store import VolumeStore
+
+    npy = make_dataset(folder / "in", 0, "g")
+    ds = load_dataset(str(npy))
+    frames = np.ascontiguousarray(np.moveaxis(np.load(npy)[:slices], -1, 1))  # (K, 3, H, W)
+    print(f"{slices} slices of {frames.shape[1:]} uint8 ({frames[0].nbytes / 1e3:.0f} kB raw)")
+    for level in (1, 3, 5):
+        codec = numcodecs.Zstd(level=level)
+        start = time.perf_counter()
+        size = sum(len(codec.encode(f)) for f in frames)
+        print(f"  zstd level {level}: {1e3 * (time.perf_counter() - start) / slices:.2f} ms, "
+              f"{size / slices / 1e3:.0f} kB per slice")
+    layouts = {"whole slices": Layout(), "tiles 128x128": Layout(chunks=(128, 128)),
+               "tiles 128x128, sharded": Layout(chunks=(128, 128), shards=True)}
+    for name, layout in layouts.items():
+        store = VolumeStore(str(folder / name.replace(" ", "_")))
+        store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds), layout)
+        start = time.perf_counter()
+        for k in range(slices):
+            store.write_slices(ds, k, frames[k : k + 1])
+        ours = 1e3 * (time.perf_counter() - start) / slices
+        spec = array_spec(ds, layout)
+        twin = zarr.create_array(str(folder / f"twin-{name}"), shape=spec.shape,
+                                 chunks=spec.chunks, shards=spec.shards, dtype="uint8",
+                                 fill_value=0, compressors=zarr.codecs.ZstdCodec(level=1),
+                                 config={"write_empty_chunks": True})
+        start = time.perf_counter()
+        for k in range(slices):
+            twin[:, k : k + 1] = np.moveaxis(frames[k : k + 1], 0, 1)
+        theirs = 1e3 * (time.perf_counter() - start) / slices
+        print(f"  {name:24s} write_slices {ours:6.2f} ms, zarr's own write {theirs:6.2f} ms "
+              "per slice")
+
+
 def report(results: dict[str, dict]) -> None:
     """Print the table of every measurement and its ratios."""
     print(f"{'run':<22}{'datasets':>9}{'wall s':>9}{'slices/s':>10}{'s/dataset':>10}"
-          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}")
+          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}{'S3 server CPU s':>17}")
     for name, r in results.items():
         print(f"{name:<22}{r['datasets']:>9}{r['wall_s']:>9.1f}{r['slices_per_s']:>10.1f}"
               f"{r['s_per_dataset']:>10.2f}{r['driver_peak_pss_mb']:>15.0f}"
-              f"{r['driver_peak_rss_mb']:>15.0f}{r['load_average_1min_before']:>7.2f}")
+              f"{r['driver_peak_rss_mb']:>15.0f}{r['load_average_1min_before']:>7.2f}"
+              f"{r['s3_server_cpu_s']:>17.1f}")
 
 
 def main() -> None:
@@ -205,6 +255,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
     parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
+    parser.add_argument("--profile-writes", action="store_true",
+                        help="time compression levels, zarr's writes and ours, tiles, shards")
     parser.add_argument("--out", default=None, help="folder for scale.json")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -213,9 +265,12 @@ def main() -> None:
     if args.mode:
         child(args)
         return
-    if args.profile:
+    if args.profile or args.profile_writes:
         with tempfile.TemporaryDirectory() as tmp:
-            profile(args.profile, Path(tmp))
+            if args.profile_writes:
+                profile_writes(Path(tmp))
+            else:
+                profile(args.profile, Path(tmp))
         return
     if args.quick:
         args.small, args.s3_genes, args.genes = "5,20", 1, 2
