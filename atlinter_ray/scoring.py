@@ -58,7 +58,7 @@ def check_truth(url: str, ds: Dataset, storage_options: Mapping[str, Any] | None
 def load_truth(url: str, ds: Dataset, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Read a truth volume (``.npz`` key ``volume``) and check it matches the dataset."""
     with fsspec.open(url, "rb", **dict(storage_options or {})) as f, np.load(f) as archive:
-        volume = archive["volume"]
+        volume: np.ndarray = archive["volume"]
     expected = ds.reference_shape + ((ds.channels,) if ds.channels > 1 else ())
     if volume.shape != expected:
         raise DatasetError(
@@ -79,7 +79,7 @@ def score_run(
     store: VolumeStore, ds: Dataset, truth: np.ndarray, placement: str
 ) -> dict[str, dict[str, float]]:
     """Scores of the run's predicted slices and of ``linear`` on the same slices."""
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement)  # type: ignore[arg-type]
+    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement)
     predicted = [j.slice for t in tasks for j in t.predicted]
     volume = store.read_volume(ds.id)
     ours = take_slices(volume, ds.axis_index, predicted, ds.channels > 1)
@@ -88,8 +88,8 @@ def score_run(
     frames = []
     for task in tasks:
         if task.predicted:
-            a, b = read_sections(ds, [task.left, task.right])
-            out = predict(linear, a[None], b[None], [j.t for j in task.predicted], ds.peak)
+            a, b = read_sections(ds, task.pair)
+            out = predict(linear, a[None], b[None], task.positions, ds.peak)
             frames.append(to_dtype(out.frames[0], ours.dtype.name))
     base = np.concatenate(frames)  # (N, C, H, W)
     base = np.moveaxis(base, 1, -1) if ds.channels > 1 else base[:, 0]
