@@ -91,7 +91,8 @@ def upload(paths: list[Path], options: dict[str, Any], prefix: str) -> list[str]
     return urls
 
 
-def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int) -> Any:
+def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int,
+           tasks_per_batch: int = 1) -> Any:
     """The job's config: the manifest's datasets, model linear, ``workers`` actors."""
     from atlinter_ray.config import Config
 
@@ -101,11 +102,13 @@ def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int
     cfg.model.name, cfg.model.params = "linear", {}
     cfg.output.root, cfg.output.storage_options = root, dict(options)
     cfg.resources.min_workers = cfg.resources.max_workers = workers
+    cfg.resources.tasks_per_batch = tasks_per_batch
     cfg.run.progress = False
     return cfg
 
 
-def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: int) -> dict:
+def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: int,
+             tasks_per_batch: int) -> dict:
     """The job on a local Ray cluster started before the clock."""
     import ray
 
@@ -113,7 +116,7 @@ def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: i
     from atlinter_ray.testing.ray_head import start_local_ray
 
     start_local_ray(num_cpus=2)
-    cfg = config(manifest_path, root, options, workers)
+    cfg = config(manifest_path, root, options, workers, tasks_per_batch)
     start = time.perf_counter()
     summary = run(cfg)
     wall = time.perf_counter() - start
@@ -125,6 +128,7 @@ def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: i
 def child(args: argparse.Namespace) -> None:
     """Run one measurement and print its JSON result (called in a fresh process)."""
     options = json.loads(os.environ.get(S3_ENV, "{}")) if args.root.startswith("s3://") else {}
+    cpu = time.process_time()
     with PeakPSS() as mem:
         if args.mode == "predecessor":
             npy = Path(Path(args.manifest).read_text().split()[0])
@@ -133,7 +137,9 @@ def child(args: argparse.Namespace) -> None:
             result = predecessor(npy, "linear", out)
             result["datasets"] = 1
         else:
-            result = pipeline(Path(args.manifest), args.root, options, args.workers)
+            result = pipeline(Path(args.manifest), args.root, options, args.workers,
+                              args.tasks_per_batch)
+    result["driver_cpu_s"] = time.process_time() - cpu  # Ray's start included
     result["driver_peak_pss_mb"] = mem.driver_peak / 2**20
     result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_pss_with_workers_mb"] = mem.peak / 2**20
@@ -143,12 +149,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(mode: str, manifest_path: Path, root: str, workers: int,
-            s3: dict[str, Any] | None) -> dict:
+            s3: dict[str, Any] | None, tasks_per_batch: int = 1) -> dict:
     """One measurement in a child process, with the load average before it."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
            S3_ENV: json.dumps(s3 or {})}
     cmd = [sys.executable, __file__, "--mode", mode, "--manifest", str(manifest_path),
-           "--root", root, "--workers", str(workers)]
+           "--root", root, "--workers", str(workers),
+           "--tasks-per-batch", str(tasks_per_batch)]
     load, cpu = os.getloadavg()[0], time.process_time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -256,6 +263,8 @@ def main() -> None:
     parser.add_argument("--s3-genes", type=int, default=2, help="0: no s3 run")
     parser.add_argument("--genes", type=int, default=12, help="0: no run against the predecessor")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks-per-batch", type=int, default=1,
+                        help="resources.tasks_per_batch of every job (default: the config's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
     parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
     parser.add_argument("--profile-writes", action="store_true",
@@ -292,18 +301,19 @@ def main() -> None:
                                              str(tmp / "out-predecessor"), 0, None)
             all_genes = manifest(tmp / "genes.txt", [str(p) for p in genes[: args.genes]])
             results["genes"] = measure("pipeline", all_genes, str(tmp / "out-genes"),
-                                       args.workers, None)
+                                       args.workers, None, args.tasks_per_batch)
         for n in (int(v) for v in args.small.split(",") if v):
             results[f"small-{n}"] = measure("pipeline", small_datasets(tmp / f"small{n}", n),
-                                            str(tmp / f"out-small{n}"), args.workers, None)
+                                            str(tmp / f"out-small{n}"), args.workers, None,
+                                            args.tasks_per_batch)
         if args.s3_genes:
             some = manifest(tmp / "local.txt", [str(p) for p in genes[: args.s3_genes]])
             results["local"] = measure("pipeline", some, str(tmp / "out-local"), args.workers,
-                                       None)
+                                       None, args.tasks_per_batch)
             on_s3 = manifest(tmp / "s3.txt", upload(genes[: args.s3_genes], s3.direct,
                                                     "atlas-in/genes"))
             results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers,
-                                    s3.direct)
+                                    s3.direct, args.tasks_per_batch)
     report(results)
     ratios, targets = {}, {}
     small = [k for k in results if k.startswith("small-")]
