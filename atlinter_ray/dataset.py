@@ -145,7 +145,7 @@ def read_npy_header(url: str, storage_options: Mapping[str, Any]) -> NpyLayout:
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         size = fs.size(path)
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb", block_size=_NPY_HEADER_MAX) as f:  # no 50 MB read-ahead
             version = NPY_FORMAT.read_magic(f)
             read_header = (
                 NPY_FORMAT.read_array_header_1_0
@@ -354,7 +354,10 @@ def read_planes(
         return out
     stored = np.dtype(layout.stored)
     nbytes = channels * h * w * stored.itemsize
-    with fsspec.open(url, "rb", **storage_options) as f:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    # no read-ahead: s3fs would fetch 50 MB (its block) after each plane, in practice
+    # the rest of the file for every task (measured: benchmarks/bench_scale.py)
+    with fs.open(path, "rb", cache_type="none") as f:
         for k, i in enumerate(indices):
             f.seek(layout.offset + i * nbytes)
             out[k] = _to_chw(np.frombuffer(f.read(nbytes), dtype=stored), channels, h, w)

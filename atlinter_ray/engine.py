@@ -191,10 +191,13 @@ def atlinter_canvas(model: PairInterpolator, placement: Placement | str) -> int:
 
 
 def slice_provenance(
-    model: PairInterpolator, t: float, run_provenance: Mapping[str, Any]
+    model: PairInterpolator, t: float | None, run_provenance: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Provenance of the slice at ``t``: the producing model's with a fallback, else the run's."""
-    if isinstance(model, ExactFallback):
+    """Provenance of the slice at ``t``: the producing model's with a fallback, else the run's.
+
+    ``t`` is None for slices predicted without a position (reference-guided edges).
+    """
+    if isinstance(model, ExactFallback) and t is not None:
         return model.producer(t).provenance()
     return dict(run_provenance)
 

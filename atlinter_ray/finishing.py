@@ -193,7 +193,7 @@ def _pyramid(
             f"{url}/{number}", shape=shape, chunks=pyramid_chunks(shape), dtype=arr.dtype,
             fill_value=0, dimension_names=arr.metadata.dimension_names,
             compressors=ZstdCodec(level=zstd_level), zarr_format=3, overwrite=True,
-            storage_options=store.storage_options if "://" in url else None,
+            storage_options=store.zarr_options(url),
         )
         out[...] = level
     return 1 + len(shapes), planes

@@ -88,8 +88,8 @@ def score_run(
     frames = []
     for task in tasks:
         if task.predicted:
-            a, b = read_sections(ds, list(task.pair))
-            out = predict(linear, a[None], b[None], list(task.positions), ds.peak)
+            a, b = read_sections(ds, task.pair)
+            out = predict(linear, a[None], b[None], task.positions, ds.peak)
             frames.append(to_dtype(out.frames[0], ours.dtype.name))
     base = np.concatenate(frames)  # (N, C, H, W)
     base = np.moveaxis(base, 1, -1) if ds.channels > 1 else base[:, 0]

@@ -203,11 +203,11 @@ class VolumeStore:
             _join(url, "0"), shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
             dtype=dtype, fill_value=0, dimension_names=spec.dims,
             compressors=ZstdCodec(level=layout.zstd_level), zarr_format=3,
-            storage_options=self._opts(url),
+            storage_options=self.zarr_options(url),
         )
         generation = new_generation()
         zarr.create_group(
-            url, zarr_format=3, storage_options=self._opts(url),
+            url, zarr_format=3, storage_options=self.zarr_options(url),
             attributes={
                 "ome": ome_metadata(ds, dtype),
                 "atlinter_ray": {
@@ -238,7 +238,7 @@ class VolumeStore:
             url = _join(self.image_url(dataset_id), level)
             config = {"write_empty_chunks": True} if mode != "r" else None
             self._arrays[key] = zarr.open_array(
-                url, mode=mode, storage_options=self._opts(url), config=config
+                url, mode=mode, storage_options=self.zarr_options(url), config=config
             )
         return self._arrays[key]
 
@@ -263,13 +263,16 @@ class VolumeStore:
             return {key: None for k in range(len(frames))
                     for key, _ in _tiles(ds, objects, first + k, arr.shape)}
         blobs: dict[str, bytes] = {}
+        shape = _chunk_in_plane(objects, ds)
         for k, frame in enumerate(frames):
             plane = frame if ds.channels > 1 else frame[0]
             for key, tile in _tiles(ds, objects, first + k, arr.shape):
-                chunk = np.zeros(_chunk_in_plane(objects, ds), dtype=encoder.dtype)
                 part = plane[..., tile[0], tile[1]]
-                chunk[..., : part.shape[-2], : part.shape[-1]] = part
-                blobs[key] = encoder.encode(np.expand_dims(chunk, ds.axis_index - 3))
+                if part.shape != shape:  # an edge tile: padded with the fill value
+                    chunk = np.zeros(shape, dtype=encoder.dtype)
+                    chunk[..., : part.shape[-2], : part.shape[-1]] = part
+                    part = chunk
+                blobs[key] = encoder.encode(np.expand_dims(part, ds.axis_index - 3))
         self._put_many(self._image_path(ds.id, "0"), blobs)
         return {key: len(blob) for key, blob in blobs.items()}
 
@@ -308,12 +311,12 @@ class VolumeStore:
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""
         url = self.image_url(dataset_id)
-        return dict(zarr.open_group(url, mode="r", storage_options=self._opts(url)).attrs)
+        return dict(zarr.open_group(url, mode="r", storage_options=self.zarr_options(url)).attrs)
 
     def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
         """Replace top-level attributes of the image group (one metadata write)."""
         url = self.image_url(dataset_id)
-        zarr.open_group(url, mode="r+", storage_options=self._opts(url)).attrs.update(dict(attrs))
+        zarr.open_group(url, mode="r+", storage_options=self.zarr_options(url)).attrs.update(dict(attrs))
 
     def read_volume(self, dataset_id: str, level: str = "0") -> np.ndarray:
         """The whole image ``([C,] Z, Y, X)``; for small volumes, tests and evaluation."""
@@ -380,9 +383,19 @@ class VolumeStore:
         except FileNotFoundError:
             return None
 
-    def _opts(self, url: str) -> dict[str, Any] | None:
-        # zarr rejects storage_options for plain local paths
-        return self.storage_options if "://" in url else None
+    def zarr_options(self, url: str) -> dict[str, Any] | None:
+        """zarr's storage options for ``url`` (None for plain local paths: zarr rejects them).
+
+        On ``s3://``, ``max_concurrency=1`` unless configured: with more, s3fs sends a
+        HEAD before every whole-object GET to decide on a split download, which objects
+        under its 50 MB block never need (a quarter of a job's requests, measured with
+        ``benchmarks/bench_scale.py``).
+        """
+        if "://" not in url:
+            return None
+        if url.startswith("s3://"):
+            return {"max_concurrency": 1, **self.storage_options}
+        return self.storage_options
 
 
 def _chunk_in_plane(objects: tuple[int, ...], ds: Dataset) -> tuple[int, ...]:

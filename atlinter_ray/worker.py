@@ -139,7 +139,8 @@ class WorkerSpec:
 
 def _identity(model: Any) -> WorkerIdentity:
     """Where this worker runs: process, Ray node, the GPUs Ray gave it, device, precision."""
-    node_id, gpu_ids = "", ()
+    node_id = ""
+    gpu_ids: tuple[str, ...] = ()
     if "ray" in sys.modules:
         import ray
 
@@ -158,10 +159,10 @@ def _identity(model: Any) -> WorkerIdentity:
 def _runtime(model: Any) -> Any:
     """The torch runtime behind a model (its estimator's, its midpoint model's), or None."""
     for part in (model, getattr(model, "estimator", None), getattr(model, "midpoint", None)):
-        if getattr(part, "runtime", None) is not None:
-            return part.runtime
-        if getattr(getattr(part, "estimator", None), "runtime", None) is not None:
-            return part.estimator.runtime
+        for owner in (part, getattr(part, "estimator", None)):
+            runtime = getattr(owner, "runtime", None)
+            if runtime is not None:
+                return runtime
     return None
 
 
@@ -180,11 +181,10 @@ def _device_identity(model: Any) -> dict[str, str]:
 
 @dataclass
 class _Chunk:
-    """Tasks computed together, and what the io threads hand back for them."""
+    """Tasks computed together."""
 
     tasks: list[GapTask]
     peak: float
-    sections: Future = field(default=None)  # type: ignore[assignment]
 
 
 class TaskWorker:
@@ -229,15 +229,15 @@ class TaskWorker:
         rows = {t.task_id: failed_result(t) for t in tasks}
         for row in rows.values():
             row.worker = self.identity
-        writes: list[tuple[GapTask, Future, float]] = []
+        writes: list[tuple[GapTask, Future[None], float]] = []
         chunks = self._chunks(tasks)
-        for chunk in chunks:  # all reads queued first: they run ahead of the compute
-            chunk.sections = self.io.submit(self._read, chunk.tasks)
-        for chunk in chunks:
+        # all reads queued first: they run ahead of the compute
+        reads = [self.io.submit(self._read, chunk.tasks) for chunk in chunks]
+        for chunk, read in zip(chunks, reads):
             start = time.perf_counter()
             try:
                 reruns = self.runtime.fp32_reruns if self.runtime else 0
-                blocks = self._compute(chunk, chunk.sections.result())
+                blocks = self._compute(chunk, read.result())
                 if self.runtime:
                     rows[chunk.tasks[0].task_id].fp32_reruns = self.runtime.fp32_reruns - reruns
             except Exception as exc:
@@ -287,7 +287,7 @@ class TaskWorker:
         Positions are not part of the key: items of any positions share a batch. Tasks
         with nothing to predict (edges) go apart, so a model failure never takes them.
         """
-        groups: dict[tuple, list[GapTask]] = defaultdict(list)
+        groups: dict[tuple[Any, ...], list[GapTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
             key = (ds.image_shape, ds.channels, ds.peak, self.dtypes[ds.id], not task.predicted)
@@ -326,9 +326,10 @@ class TaskWorker:
         gaps = [t for t in tasks if t.predicted]
         frames: dict[str, Any] = {}
         calls: dict[str, int] = {}
-        if gaps and self.reference is not None:
+        if gaps and self.reference is not None and self.estimator is not None:
             for task in gaps:
-                frames[task.task_id] = self._from_reference(task, sections)
+                frames[task.task_id] = self._from_reference(task, sections, self.reference,
+                                                            self.estimator)
                 calls[task.task_id] = len(task.predicted)
         elif gaps and isinstance(self.model, ContextInterpolator):
             for task in gaps:  # each task with its own neighbours (and its stack's tuning)
@@ -337,17 +338,15 @@ class TaskWorker:
                 frames[task.task_id] = predict_gap(model, own, task, chunk.peak).frames[0]
                 calls[task.task_id] = len(task.predicted)
         elif gaps:
-            keys = sorted({(t.dataset_id, s) for t in gaps for s in (t.left, t.right)})
+            keys = sorted({(t.dataset_id, s) for t in gaps for s in t.pair})
             slot = {k: i for i, k in enumerate(keys)}
             stack = np.stack([sections[k] for k in keys])
             known = self.runtime.upload(stack).float() if self.runtime else stack
             pick = _picker(known)
-            a = pick([slot[t.dataset_id, t.left] for t in gaps])
-            b = pick([slot[t.dataset_id, t.right] for t in gaps])
-            result = predict_pairs(
-                self.model, a, b, [[j.t for j in t.predicted] for t in gaps], chunk.peak,
-                self.canvas,
-            )
+            a = pick([slot[t.dataset_id, t.pair[0]] for t in gaps])
+            b = pick([slot[t.dataset_id, t.pair[1]] for t in gaps])
+            result = predict_pairs(self.model, a, b, [t.positions for t in gaps], chunk.peak,
+                                   self.canvas)
             for task, f, n in zip(gaps, result.frames, result.model_calls):
                 frames[task.task_id], calls[task.task_id] = f, n
         return self._blocks(tasks, sections, frames, calls)
@@ -368,7 +367,7 @@ class TaskWorker:
         dtype = self.dtypes[tasks[0].dataset_id]
         parts: list[list[Any]] = []
         for task in tasks:
-            made = frames.get(task.task_id)
+            made: Any = frames.get(task.task_id)
             k = 0
             part = []
             for job in task.jobs:
@@ -410,7 +409,11 @@ class TaskWorker:
         return [(block(i), calls.get(task.task_id, 0)) for i, task in enumerate(tasks)]
 
     def _from_reference(
-        self, task: GapTask, sections: Mapping[tuple[str, int], np.ndarray]
+        self,
+        task: GapTask,
+        sections: Mapping[tuple[str, int], np.ndarray],
+        reference: ReferenceVolume,
+        estimator: FlowEstimator,
     ) -> np.ndarray:
         """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
         ds = self.datasets[task.dataset_id]
@@ -419,13 +422,13 @@ class TaskWorker:
         # section is one of the task's bounds.
         nearest = [nearest_known(s, task.bounds) for s in targets]
         wanted = sorted(set(targets) | set(nearest))
-        ref = dict(zip(wanted, read_reference_slices(self.reference, ds.axis_index, wanted)))
+        ref = dict(zip(wanted, read_reference_slices(reference, ds.axis_index, wanted)))
         return predict_from_reference(
-            self.estimator,
+            estimator,
             np.stack([ref[s] for s in targets]),
             np.stack([ref[k] for k in nearest]),
             np.stack([sections[task.dataset_id, k] for k in nearest]),
-            self.reference.peak,
+            reference.peak,
             atlinter=self.placement == Placement.atlinter,
         )
 

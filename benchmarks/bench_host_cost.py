@@ -45,6 +45,8 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import subprocess
@@ -112,9 +114,19 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
     tasks = [t for t in plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy")
              if len(t.predicted) == 7]
     store = VolumeStore(str(tmp / "out"))
-    store.prepare_image(ds, "uint8", {"bench": kind})
+    extra: dict[str, Any] = {}
+    mark_done = store.mark_done
+    if "fingerprint" in inspect.signature(store.prepare_image).parameters:
+        # since issue 9 an image and its markers are bound to the input and a generation
+        from atlinter_ray.identity import fingerprint
+
+        identity = store.prepare_image(ds, "uint8", {"bench": kind}, fingerprint(ds)).identity
+        extra["images"] = {ds.id: identity}
+        mark_done = functools.partial(store.mark_done, identity)
+    else:
+        store.prepare_image(ds, "uint8", {"bench": kind})
     spec = WorkerSpec(name, None, {"device": "cpu"}, {ds.id: ds}, {ds.id: "uint8"},
-                      str(tmp / "out"))
+                      str(tmp / "out"), **extra)
     worker = TaskWorker(spec)
     batches = [tasks[i : i + tasks_per_batch] for i in range(0, len(tasks), tasks_per_batch)]
 
@@ -138,8 +150,8 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
     c0 = time.process_time()
     for t in tasks:
         read_sections(ds, t.sources)
-        store.write_slices(ds, t.jobs[0].slice, blocks[t.task_id])
-        store.mark_done(t.task_id, {"task_id": t.task_id, "slices": []})
+        objects = store.write_slices(ds, t.jobs[0].slice, blocks[t.task_id])
+        mark_done(t.task_id, {"task_id": t.task_id, "slices": [], "objects": objects or {}})
     io_cpu = time.process_time() - c0
     from torch.profiler import ProfilerActivity, profile
 

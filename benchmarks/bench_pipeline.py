@@ -49,8 +49,8 @@ REFERENCE = (528, 320, 456)
 SPACING = 8
 
 
-def make_dataset(folder: Path, seed: int = 0) -> Path:
-    """Write the synthetic full-size RGB dataset; return its ``.npy`` path."""
+def make_dataset(folder: Path, seed: int = 0, name: str = "synthetic") -> Path:
+    """Write the synthetic full-size RGB dataset ``<name>``; return its ``.npy`` path."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -67,25 +67,26 @@ def make_dataset(folder: Path, seed: int = 0) -> Path:
         m = np.float32([[1, 0, dx], [0, 1, dy + 16]])
         images[k] = cv2.warpAffine(field, m, (field.shape[1], field.shape[0]))[:h, :w].astype(np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "synthetic.npy", images)
-    (folder / "synthetic.json").write_text(
+    np.save(folder / f"{name}.npy", images)
+    (folder / f"{name}.json").write_text(
         json.dumps({"section_numbers": sections, "axis": "coronal"})
     )
-    return folder / "synthetic.npy"
+    return folder / f"{name}.npy"
 
 
 class PeakPSS:
     """Samples the PSS of this process (the driver) and of the Ray processes beside it.
 
     ``peak`` is the driver plus our worker actors (``ray::...TaskWorker``), the figure
-    the targets are about; ``peak_with_services`` adds every other ``ray::`` process
+    the targets are about; ``driver_peak`` the driver alone; ``peak_with_services``
+    adds every other ``ray::`` process
     (the dashboard and runtime-env agents, idle pooled workers),
     so nothing is hidden. GCS and raylet are not counted in either.
     """
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval, self._stop = interval, threading.Event()
-        self.peak = self.peak_with_services = 0
+        self.peak = self.peak_with_services = self.driver_peak = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
@@ -97,9 +98,10 @@ class PeakPSS:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def _sample(self) -> tuple[int, int]:
+    def _sample(self) -> tuple[int, int, int]:
         me = os.getpid()
-        ours, services = self._pss(me), 0
+        driver = ours = self._pss(me)
+        services = 0
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
             if p.pid == me or not cmd.startswith("ray::"):
@@ -112,11 +114,12 @@ class PeakPSS:
                 ours += pss
             else:
                 services += pss
-        return ours, ours + services
+        return driver, ours, ours + services
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ours, everything = self._sample()
+            driver, ours, everything = self._sample()
+            self.driver_peak = max(self.driver_peak, driver)
             self.peak = max(self.peak, ours)
             self.peak_with_services = max(self.peak_with_services, everything)
             time.sleep(self.interval)

@@ -200,3 +200,23 @@ def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_server) -> None:
         assert not store.fs.exists("atlas-out/lease-test/_lease.json")
     finally:
         first._stop.set()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "float32"])
+def test_pyramid_means_are_the_float32_means_rounded_half_to_even(dtype: str) -> None:
+    from atlinter_ray.layout import downsample2
+
+    rng = np.random.default_rng(2)
+    info = np.iinfo(dtype) if dtype != "float32" else None
+    for low, high in ((0, 3), (-2, 1), (None, None)):  # few values (many ties), full range
+        if info is None:
+            block = rng.random((3, 7, 10, 9)).astype(dtype)
+        else:
+            low = info.min if low is None else max(low, info.min)
+            high = info.max if high is None else high
+            block = rng.integers(low, high, (3, 7, 10, 9), endpoint=True).astype(dtype)
+        padded = np.pad(block, [(0, 0), (0, 1), (0, 0), (0, 1)], mode="edge")
+        mean = padded.reshape(3, 4, 2, 5, 2, 5, 2).astype(np.float32).mean(axis=(2, 4, 6))
+        expected = mean.astype(dtype) if info is None else np.rint(mean).astype(dtype)
+        assert downsample2(block).dtype == block.dtype
+        np.testing.assert_array_equal(downsample2(block), expected)

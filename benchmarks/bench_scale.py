@@ -1,0 +1,346 @@
+"""Scale: many datasets in one job, ``s3://`` against local disk, 12 genes against the predecessor.
+
+Issue 9's benchmark. One invocation measures, each run in its own process on a local
+Ray cluster started before the clock (as on a real cluster), model ``linear``, every
+job as a user runs it (manifest, finishing with pyramid, quick-look and montage):
+
+* **many small datasets** (``--small 50,200``): a manifest of ``n`` copies of the bundled
+  sample's volume (91 x 79 x 77 grey uint8, a section every 8 slices), 2 workers:
+  slices/s and the peak memory of the driver process (PSS from ``smaps_rollup`` and
+  peak RSS). The ratios are against the first ``n``: driver memory must stay flat;
+* **s3:// against local** (``--s3-genes 2``): the same full-size genes read from and
+  written to moto's S3 server on loopback (started in this parent process, so its
+  CPU is on the same 2 cores), against the same genes on local disk. Target: >= 80 % of
+  local slices/s;
+* **12 full-size genes** (``--genes 12``; 528 x 320 x 456 RGB uint8, a section every 8
+  slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
+  predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
+  runs it) on one gene. Target: >= 8x the predecessor's time per gene.
+
+``--profile N`` instead runs N full-size genes in this process (``run.serial``) under
+cProfile, the io threads' commits included, and prints where the write path spends
+its time (compression, zarr, file writes, finishing). ``--profile-writes`` times one
+slice's write (320 x 456 RGB uint8) per zstd level, and ``VolumeStore.write_slices``
+against zarr's own write for whole-slice chunks, 128 x 128 tiles and sharded tiles.
+``--quick`` is a smoke run (< 2 min): 5 and 20 small datasets, 1 gene on S3, 2 genes.
+
+Usage::
+
+    python benchmarks/bench_scale.py --out benchmarks/results      # ~6 min on 2 cores
+    python benchmarks/bench_scale.py --quick
+    python benchmarks/bench_scale.py --profile 2
+    python benchmarks/bench_scale.py --profile-writes
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import logging
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecessor
+
+#: Storage options of the S3 server, handed to the child processes.
+S3_ENV = "ATLINTER_BENCH_S3"
+
+
+def small_datasets(folder: Path, n: int) -> Path:
+    """``n`` copies of the bundled sample's volume as datasets; return their manifest."""
+    from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+
+    volume = real_volume()
+    sections = list(range(3, volume.shape[0], SPACING))
+    images = sections_of(volume, sections, "coronal")
+    paths = [write_dataset(folder, f"s{i:03d}", images, sections,
+                           reference_shape=list(volume.shape)) for i in range(n)]
+    return manifest(folder / f"small-{n}.txt", [str(p) for p in paths])
+
+
+def manifest(path: Path, urls: list[str]) -> Path:
+    """Write a manifest (one dataset URL per line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def upload(paths: list[Path], options: dict[str, Any], prefix: str) -> list[str]:
+    """Copy datasets (``.npy`` + ``.json``) to ``prefix`` on S3; return their URLs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    urls = []
+    for npy in paths:
+        for local in (npy, npy.with_suffix(".json")):
+            fs.put_file(str(local), f"{prefix}/{local.name}")
+        urls.append(f"s3://{prefix}/{npy.name}")
+    return urls
+
+
+def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int,
+           tasks_per_batch: int = 1) -> Any:
+    """The job's config: the manifest's datasets, model linear, ``workers`` actors."""
+    from atlinter_ray.config import Config
+
+    cfg = Config()
+    cfg.data.manifest = str(manifest_path)
+    cfg.data.storage_options = dict(options)
+    cfg.model.name, cfg.model.params = "linear", {}
+    cfg.output.root, cfg.output.storage_options = root, dict(options)
+    cfg.resources.min_workers = cfg.resources.max_workers = workers
+    cfg.resources.tasks_per_batch = tasks_per_batch
+    cfg.run.progress = False
+    return cfg
+
+
+def pipeline(manifest_path: Path, root: str, options: dict[str, Any], workers: int,
+             tasks_per_batch: int) -> dict:
+    """The job on a local Ray cluster started before the clock."""
+    import ray
+
+    from atlinter_ray.pipeline import run
+    from atlinter_ray.testing.ray_head import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    cfg = config(manifest_path, root, options, workers, tasks_per_batch)
+    start = time.perf_counter()
+    summary = run(cfg)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    assert summary.ok, (summary.failures, summary.incomplete)
+    return {"wall_s": wall, "slices": summary.slices_written, "datasets": len(summary.datasets)}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one measurement and print its JSON result (called in a fresh process)."""
+    options = json.loads(os.environ.get(S3_ENV, "{}")) if args.root.startswith("s3://") else {}
+    cpu = time.process_time()
+    with PeakPSS() as mem:
+        if args.mode == "predecessor":
+            npy = Path(Path(args.manifest).read_text().split()[0])
+            out = Path(args.root)
+            out.mkdir(parents=True, exist_ok=True)
+            result = predecessor(npy, "linear", out)
+            result["datasets"] = 1
+        else:
+            result = pipeline(Path(args.manifest), args.root, options, args.workers,
+                              args.tasks_per_batch)
+    result["driver_cpu_s"] = time.process_time() - cpu  # Ray's start included
+    result["driver_peak_pss_mb"] = mem.driver_peak / 2**20
+    result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_pss_with_workers_mb"] = mem.peak / 2**20
+    result["slices_per_s"] = result["slices"] / result["wall_s"]
+    result["s_per_dataset"] = result["wall_s"] / result["datasets"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(mode: str, manifest_path: Path, root: str, workers: int,
+            s3: dict[str, Any] | None, tasks_per_batch: int = 1) -> dict:
+    """One measurement in a child process, with the load average before it."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+           S3_ENV: json.dumps(s3 or {})}
+    cmd = [sys.executable, __file__, "--mode", mode, "--manifest", str(manifest_path),
+           "--root", root, "--workers", str(workers),
+           "--tasks-per-batch", str(tasks_per_batch)]
+    load, cpu = os.getloadavg()[0], time.process_time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+    if "://" not in root:  # the next run starts on an empty disk cache of outputs
+        shutil.rmtree(root, ignore_errors=True)
+    # this process only waits, and serves S3 (moto's threads): its CPU is the server's
+    return {**json.loads(line[7:]), "load_average_1min_before": load,
+            "s3_server_cpu_s": time.process_time() - cpu}
+
+
+def profile(n: int, folder: Path) -> None:
+    """Run ``n`` full-size genes in this process under cProfile; print the write path's costs."""
+    from atlinter_ray import worker
+    from atlinter_ray.pipeline import run
+
+    genes = [make_dataset(folder / "genes", seed, f"g{seed:02d}") for seed in range(n)]
+    cfg = config(manifest(folder / "genes.txt", [str(p) for p in genes]),
+                 str(folder / "out"), {}, 1)
+    cfg.run.serial = True
+    threads: list[cProfile.Profile] = []
+    commit = worker.commit_task
+
+    def profiled_commit(*a: Any, **kw: Any) -> None:
+        """The io thread's commit under its own profiler (cProfile sees one thread)."""
+        prof = cProfile.Profile()
+        threads.append(prof)
+        prof.runcall(commit, *a, **kw)
+
+    worker.commit_task = profiled_commit
+    main = cProfile.Profile()
+    start = time.perf_counter()
+    summary = main.runcall(run, cfg)
+    wall = time.perf_counter() - start
+    assert summary.ok
+    stats = pstats.Stats(main)
+    for prof in threads:
+        stats.add(prof)
+    stats.dump_stats(str(folder / "profile.pstats"))
+    print(f"{n} genes, serial, under cProfile: {wall:.1f} s ({wall / n:.2f} s per gene)")
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(
+        r"commit_task|write_slices|encode|_put_many|pipe|mark_done|finish_dataset|_pyramid|"
+        r"downsample2|quicklook_png|montage_png|update_attrs|_read_slab|create_array|setitem")
+
+
+def profile_writes(folder: Path, slices: int = 64) -> None:
+    """ms per 320 x 456 RGB slice: zstd levels, zarr's write against ours, tiles, shards."""
+    import numcodecs
+    import zarr
+
+    from atlinter_ray.dataset import load_dataset
+    from atlinter_ray.identity import fingerprint
+    from atlinter_ray.layout import Layout, array_spec
+    from atlinter_ray.store import VolumeStore
+
+    npy = make_dataset(folder / "in", 0, "g")
+    ds = load_dataset(str(npy))
+    frames = np.ascontiguousarray(np.moveaxis(np.load(npy)[:slices], -1, 1))  # (K, 3, H, W)
+    print(f"{slices} slices of {frames.shape[1:]} uint8 ({frames[0].nbytes / 1e3:.0f} kB raw)")
+    for level in (1, 3, 5):
+        codec = numcodecs.Zstd(level=level)
+        start = time.perf_counter()
+        size = sum(len(codec.encode(f)) for f in frames)
+        print(f"  zstd level {level}: {1e3 * (time.perf_counter() - start) / slices:.2f} ms, "
+              f"{size / slices / 1e3:.0f} kB per slice")
+    layouts = {"whole slices": Layout(), "tiles 128x128": Layout(chunks=(128, 128)),
+               "tiles 128x128, sharded": Layout(chunks=(128, 128), shards=True)}
+    for name, layout in layouts.items():
+        store = VolumeStore(str(folder / name.replace(" ", "_")))
+        store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds), layout)
+        start = time.perf_counter()
+        for k in range(slices):
+            store.write_slices(ds, k, frames[k : k + 1])
+        ours = 1e3 * (time.perf_counter() - start) / slices
+        spec = array_spec(ds, layout)
+        twin = zarr.create_array(str(folder / f"twin-{name}"), shape=spec.shape,
+                                 chunks=spec.chunks, shards=spec.shards, dtype="uint8",
+                                 fill_value=0, compressors=zarr.codecs.ZstdCodec(level=1),
+                                 config={"write_empty_chunks": True})
+        start = time.perf_counter()
+        for k in range(slices):
+            twin[:, k : k + 1] = np.moveaxis(frames[k : k + 1], 0, 1)
+        theirs = 1e3 * (time.perf_counter() - start) / slices
+        print(f"  {name:24s} write_slices {ours:6.2f} ms, zarr's own write {theirs:6.2f} ms "
+              "per slice")
+
+
+def report(results: dict[str, dict]) -> None:
+    """Print the table of every measurement and its ratios."""
+    print(f"{'run':<22}{'datasets':>9}{'wall s':>9}{'slices/s':>10}{'s/dataset':>10}"
+          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}{'S3 server CPU s':>17}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['datasets']:>9}{r['wall_s']:>9.1f}{r['slices_per_s']:>10.1f}"
+              f"{r['s_per_dataset']:>10.2f}{r['driver_peak_pss_mb']:>15.0f}"
+              f"{r['driver_peak_rss_mb']:>15.0f}{r['load_average_1min_before']:>7.2f}"
+              f"{r['s3_server_cpu_s']:>17.1f}")
+
+
+def main() -> None:
+    """Make the data, run every measurement, print and save the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", default="50,200", help="numbers of small datasets ('': none)")
+    parser.add_argument("--s3-genes", type=int, default=2, help="0: no s3 run")
+    parser.add_argument("--genes", type=int, default=12, help="0: no run against the predecessor")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks-per-batch", type=int, default=1,
+                        help="resources.tasks_per_batch of every job (default: the config's)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
+    parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
+    parser.add_argument("--profile-writes", action="store_true",
+                        help="time compression levels, zarr's writes and ours, tiles, shards")
+    parser.add_argument("--out", default=None, help="folder for scale.json")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return
+    if args.profile or args.profile_writes:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.profile_writes:
+                profile_writes(Path(tmp))
+            else:
+                profile(args.profile, Path(tmp))
+        return
+    if args.quick:
+        args.small, args.s3_genes, args.genes = "5,20", 1, 2
+    from atlinter_ray.testing.faulty_s3 import S3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp_name, S3Server() as s3:
+        tmp = Path(tmp_name)
+        genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
+                 for seed in range(max(args.genes, args.s3_genes))]
+        if args.genes:
+            results["predecessor"] = measure("predecessor",
+                                             manifest(tmp / "one.txt", [str(genes[0])]),
+                                             str(tmp / "out-predecessor"), 0, None)
+            all_genes = manifest(tmp / "genes.txt", [str(p) for p in genes[: args.genes]])
+            results["genes"] = measure("pipeline", all_genes, str(tmp / "out-genes"),
+                                       args.workers, None, args.tasks_per_batch)
+        for n in (int(v) for v in args.small.split(",") if v):
+            results[f"small-{n}"] = measure("pipeline", small_datasets(tmp / f"small{n}", n),
+                                            str(tmp / f"out-small{n}"), args.workers, None,
+                                            args.tasks_per_batch)
+        if args.s3_genes:
+            some = manifest(tmp / "local.txt", [str(p) for p in genes[: args.s3_genes]])
+            results["local"] = measure("pipeline", some, str(tmp / "out-local"), args.workers,
+                                       None, args.tasks_per_batch)
+            on_s3 = manifest(tmp / "s3.txt", upload(genes[: args.s3_genes], s3.direct,
+                                                    "atlas-in/genes"))
+            results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers,
+                                    s3.direct, args.tasks_per_batch)
+    report(results)
+    ratios, targets = {}, {}
+    small = [k for k in results if k.startswith("small-")]
+    if len(small) > 1:
+        first, last = results[small[0]], results[small[-1]]
+        for key in ("driver_peak_pss_mb", "driver_peak_rss_mb", "slices_per_s"):
+            ratios[f"{key}_{small[-1]}_over_{small[0]}"] = last[key] / first[key]
+    if "s3" in results:
+        ratios["s3_over_local_slices_per_s"] = (results["s3"]["slices_per_s"]
+                                                / results["local"]["slices_per_s"])
+        targets["s3_at_least_80_percent_of_local"] = ratios["s3_over_local_slices_per_s"] >= 0.8
+    if "genes" in results:
+        ratios["predecessor_s_per_gene_over_pipeline"] = (
+            results["predecessor"]["s_per_dataset"] / results["genes"]["s_per_dataset"])
+        targets["genes_at_least_8x_predecessor"] = (
+            ratios["predecessor_s_per_gene_over_pipeline"] >= 8)
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}")
+    print(f"targets met: {targets}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / ("scale-quick.json" if args.quick else "scale.json")).write_text(
+            json.dumps({"date": started, "command": " ".join(sys.argv),
+                        "reference": REFERENCE, "spacing": SPACING, "model": "linear",
+                        "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
+                        "ratios": ratios, "targets_met": targets}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
