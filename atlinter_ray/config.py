@@ -50,8 +50,9 @@ class OutputConfig:
     overwrite: bool = False
     quicklook: bool = True
     #: Zstandard level of the chunks (1..22; higher: smaller files, slower writes). 1
-    #: writes a 320x456 RGB slice ~5x faster than zstd's default 3 at a similar size on
-    #: sparse images. Part of the image's identity, like the layout settings below.
+    #: writes a 320x456 RGB slice 2.7x (dense images) to 4.7x (sparse) faster than zstd's
+    #: default 3, at 16 % (dense) or 2 % (sparse) more bytes. Part of the image's
+    #: identity, like the layout settings below.
     zstd_level: int = 1
     #: In-plane chunk ``[h, w]`` of the full-resolution array; None: whole slices. Along
     #: the section axis an object is always one slice (tasks own whole objects).

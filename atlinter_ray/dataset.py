@@ -36,9 +36,9 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
+from atlinter_ray.files import is_local
 
 #: Section axis name -> index of that axis in the reference volume.
 AXES: dict[str, int] = {"coronal": 0, "sagittal": 2}
@@ -176,11 +176,6 @@ def read_npy_header(url: str, storage_options: Mapping[str, Any]) -> NpyLayout:
                           "re-save it C-ordered with numpy.save(path, "
                           "numpy.ascontiguousarray(array)), or read it from a local path")
     return layout
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for the local filesystem, where files can be memory-mapped."""
-    return isinstance(fs, LocalFileSystem)
 
 
 def _check_sections(

@@ -10,6 +10,12 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for local disk: files can be memory-mapped, a rename is atomic, a write is not."""
+    return isinstance(fs, LocalFileSystem)
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -18,7 +24,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     A crash leaves at most a stray ``.<name>.tmp-*`` file, never a half-written ``path``.
     On object stores a PUT is already all-or-nothing, so the data goes straight there.
     """
-    if not _is_local(fs):
+    if not is_local(fs):
         fs.pipe_file(path, data)
         return
     parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
@@ -39,7 +45,7 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]
     block ends without error (and removed otherwise). On object stores they are gathered
     in memory and PUT whole, since an upload cut short must not leave an object behind.
     """
-    if not _is_local(fs):
+    if not is_local(fs):
         buffer = io.BytesIO()
         yield buffer
         fs.pipe_file(path, buffer.getvalue())
@@ -73,10 +79,3 @@ def file_sha256(url: str, storage_options: Mapping[str, Any]) -> str:
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"{url}: file not found. Fix: check the path or URL.") from exc
     return digest.hexdigest()
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for filesystems where a rename is atomic and a write is not (local disk)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)

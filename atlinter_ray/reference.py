@@ -27,11 +27,11 @@ from atlinter_ray.dataset import (
     NpyLayout,
     field_error,
     finite_peak,
-    is_local,
     read_npy_header,
     read_planes,
 )
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
+from atlinter_ray.files import is_local
 
 FIELD = "interpolation.reference"
 #: Bytes of leading-axis planes held at once when streaming a remote volume.

@@ -39,9 +39,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
-from atlinter_ray.dataset import Dataset, is_local
+from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import StoreError
-from atlinter_ray.files import write_atomic
+from atlinter_ray.files import is_local, write_atomic
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
