@@ -204,10 +204,10 @@ class TaskWorker:
         self.provenance = self.model.provenance()
         self.placement = spec.placement
         self.canvas = atlinter_canvas(self.model, spec.placement)
-        self.reference: ReferenceVolume | None = None
+        self.reference = spec.reference
+        #: The flow estimator the reference guides (checked now: a pair model has none).
         self.estimator: FlowEstimator | None = None
-        if spec.reference is not None:
-            self.reference = spec.reference
+        if self.reference is not None:
             self.estimator = reference_estimator(self.model, spec.model_name)
             self.provenance = {**self.provenance, **reference_provenance(self.reference.url)}
         self.tuning = dict(spec.tuning)
@@ -326,10 +326,9 @@ class TaskWorker:
         gaps = [t for t in tasks if t.predicted]
         frames: dict[str, Any] = {}
         calls: dict[str, int] = {}
-        if gaps and self.reference is not None and self.estimator is not None:
+        if gaps and self.reference is not None:
             for task in gaps:
-                frames[task.task_id] = self._from_reference(task, sections, self.reference,
-                                                            self.estimator)
+                frames[task.task_id] = self._from_reference(task, sections, self.reference)
                 calls[task.task_id] = len(task.predicted)
         elif gaps and isinstance(self.model, ContextInterpolator):
             for task in gaps:  # each task with its own neighbours (and its stack's tuning)
@@ -413,7 +412,6 @@ class TaskWorker:
         task: GapTask,
         sections: Mapping[tuple[str, int], np.ndarray],
         reference: ReferenceVolume,
-        estimator: FlowEstimator,
     ) -> np.ndarray:
         """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
         ds = self.datasets[task.dataset_id]
@@ -423,8 +421,9 @@ class TaskWorker:
         nearest = [nearest_known(s, task.bounds) for s in targets]
         wanted = sorted(set(targets) | set(nearest))
         ref = dict(zip(wanted, read_reference_slices(reference, ds.axis_index, wanted)))
+        assert self.estimator is not None  # set with the reference in __init__
         return predict_from_reference(
-            estimator,
+            self.estimator,
             np.stack([ref[s] for s in targets]),
             np.stack([ref[k] for k in nearest]),
             np.stack([sections[task.dataset_id, k] for k in nearest]),
