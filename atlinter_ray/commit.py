@@ -3,9 +3,11 @@
 The worker decides when and from where a task is committed (the compute path); this
 module decides what committing means. The order is what makes a crash harmless: a task
 whose marker exists has every object written, and a task without one is simply
-redone. The marker is bound to the image generation and input fingerprint it was
-written for (``identity``) and names every object the task stored with its size, so
-finishing can prove the dataset complete from one listing of the store.
+redone. Between the two goes the task's reduction (what finishing needs of its slices,
+:class:`~atlinter_ray.finishing.Reduction`), so finishing need not read them back.
+The marker is bound to the image generation and input fingerprint it was written for
+(``identity``) and names every object the task stored with its size, so finishing can
+prove the dataset complete from one listing of the store.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numpy as np
 
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import StorageError, is_storage_error
+from atlinter_ray.finishing import reduce_slab
 from atlinter_ray.identity import ImageIdentity
+from atlinter_ray.layout import as_slab
 from atlinter_ray.planning import GapTask
 from atlinter_ray.store import VolumeStore
 
@@ -39,7 +43,10 @@ def commit_task(
     """
     try:
         # a task's slices are consecutive (planning.GapTask), so they go in one write
-        objects = store.write_slices(ds, task.jobs[0].slice, block)
+        first = task.jobs[0].slice
+        objects = store.write_slices(ds, first, block)
+        reduction = reduce_slab(ds, as_slab(ds, block), first)
+        store.write_reduction(identity, task.task_id, reduction.to_bytes())
         store.mark_done(identity, task.task_id, {
             "slices": list(records), "model_calls": model_calls, "objects": objects,
         })

@@ -6,7 +6,7 @@
     listing of level 0          ──> every object a marker names
                                     is stored, with its size?      no ─> drop their markers,
                                                                          redo those tasks
-    one pass over level 0 (slabs along the section axis)
+    the tasks' reductions, in slice order (level 0 read only where one is lost)
         ├─> level 1 of the pyramid (2x2x2 means), then 2, 3 ... from it, in memory
         └─> the three mid planes of the quick-look
     quick-look and montage PNGs (atomic), provenance merged in slice order
@@ -19,12 +19,14 @@ store is, on a worker; the driver only receives a :class:`FinishResult`.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
@@ -32,7 +34,14 @@ from zarr.codecs import ZstdCodec
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import IncompleteOutputError, is_storage_error
 from atlinter_ray.identity import ImageIdentity
-from atlinter_ray.layout import downsample2, ome_metadata, pyramid_chunks, pyramid_shapes
+from atlinter_ray.layout import (
+    downsample2,
+    mean_of_eight,
+    ome_metadata,
+    pair_sums,
+    pyramid_chunks,
+    pyramid_shapes,
+)
 from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
 from atlinter_ray.store import VolumeStore
 
@@ -136,7 +145,8 @@ def _finish(
                         key=lambda s: s["slice"])
     layout = meta.get("layout", {})
     levels, planes = _pyramid(store, ds, int(layout.get("pyramid_min", 0)),
-                              int(layout.get("zstd_level", 1)))
+                              int(layout.get("zstd_level", 1)),
+                              _reductions(store, ds, job.identity, records))
     outputs = {"image": store.image_url(ds.id)}
     if job.quicklook:
         status = [""] * ds.n_slices
@@ -154,35 +164,136 @@ def _finish(
     return outputs
 
 
+@dataclass(frozen=True, slots=True)
+class Reduction:
+    """What finishing needs of consecutive slices, made where they are written.
+
+    ``sums`` are the slices' in-plane pair sums (:func:`~atlinter_ray.layout.pair_sums`),
+    in array order with the section axis ``count`` long: finishing pairs them across
+    tasks into level 1 of the pyramid. ``cuts[a]`` is the slices' part of the quick-look
+    plane across reference axis ``a`` (for the section axis, the whole mid slice, when
+    these slices hold it). A task stores its reduction beside its marker, so finishing
+    reads one small object per task instead of every slice of level 0.
+    """
+
+    first: int
+    count: int
+    sums: np.ndarray
+    cuts: dict[int, np.ndarray]
+
+    def to_bytes(self) -> bytes:
+        """Zstandard-compressed ``.npz`` bytes."""
+        buffer = io.BytesIO()
+        arrays: dict[str, Any] = {f"cut{a}": cut for a, cut in self.cuts.items()}
+        np.savez(buffer, first=self.first, count=self.count, sums=self.sums, **arrays)
+        return bytes(_REDUCTION_CODEC.encode(buffer.getvalue()))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Reduction:
+        """Decode :meth:`to_bytes` (``ValueError`` when the bytes are not one)."""
+        try:
+            with np.load(io.BytesIO(_REDUCTION_CODEC.decode(blob)), allow_pickle=False) as npz:
+                return cls(int(npz["first"]), int(npz["count"]), npz["sums"],
+                           {int(k[3:]): npz[k] for k in npz.files if k.startswith("cut")})
+        except (RuntimeError, OSError, KeyError, EOFError) as exc:
+            raise ValueError(f"not a reduction: {exc}") from exc
+
+
+_REDUCTION_CODEC = numcodecs.Zstd(level=1)
+
+
+def reduce_slab(ds: Dataset, slab: np.ndarray, first: int) -> Reduction:
+    """The :class:`Reduction` of ``slab``: slices ``first..`` in array order ``([C,] z, y, x)``."""
+    lead = slab.ndim - 3
+    axis = lead + ds.axis_index
+    count = slab.shape[axis]
+    cuts = {}
+    for a, mid in enumerate(mid_positions(ds)):
+        if a != ds.axis_index:
+            cuts[a] = np.take(slab, mid, axis=lead + a)
+        elif first <= mid < first + count:
+            cuts[a] = np.take(slab, mid - first, axis=axis)
+    in_plane = [lead + a for a in range(3) if a != ds.axis_index]
+    return Reduction(first, count, pair_sums(slab, in_plane), cuts)
+
+
+def _reductions(
+    store: VolumeStore, ds: Dataset, identity: ImageIdentity,
+    records: Mapping[str, Mapping[str, Any]],
+) -> Iterator[Reduction]:
+    """Reductions of every slice in order: the tasks' own, or made from level 0 where lost."""
+    arr = store.open_array(ds.id)
+    n = arr.shape[arr.ndim - 3 + ds.axis_index]
+    ranges = sorted((min(s["slice"] for s in r["slices"]), max(s["slice"] for s in r["slices"]),
+                     task_id) for task_id, r in records.items() if r["slices"])
+    blobs = store.read_reductions(identity, [task_id for *_, task_id in ranges])
+    made = 0
+    for lo, hi, task_id in ranges:
+        if made < lo:
+            yield from _reduce_level0(arr, ds, made, lo)
+        reduction = _stored_reduction(blobs.get(task_id), lo, hi)
+        if reduction is None:
+            log.info("%s: no reduction stored for %s; reading its slices", ds.id, task_id)
+            yield from _reduce_level0(arr, ds, lo, hi + 1)
+        else:
+            yield reduction
+        made = hi + 1
+    yield from _reduce_level0(arr, ds, made, n)
+
+
+def _stored_reduction(blob: bytes | None, lo: int, hi: int) -> Reduction | None:
+    """A stored reduction of slices ``lo..hi``, or None when lost, torn or of other slices."""
+    if blob is None:
+        return None
+    try:
+        reduction = Reduction.from_bytes(blob)
+    except ValueError:
+        return None
+    return reduction if (reduction.first, reduction.count) == (lo, hi - lo + 1) else None
+
+
+def _reduce_level0(arr: Any, ds: Dataset, start: int, stop: int) -> Iterator[Reduction]:
+    """Reductions of slices ``start..stop-1`` read from level 0, :data:`SLAB` at a time."""
+    axis = arr.ndim - 3 + ds.axis_index
+    for first in range(start, stop, SLAB):
+        index: list[Any] = [slice(None)] * arr.ndim
+        index[axis] = slice(first, min(first + SLAB, stop))
+        yield reduce_slab(ds, _read_slab(arr, index, axis), first)
+
+
 def _pyramid(
-    store: VolumeStore, ds: Dataset, minimum: int, zstd_level: int
+    store: VolumeStore, ds: Dataset, minimum: int, zstd_level: int, reductions: Iterable[Reduction]
 ) -> tuple[int, list[np.ndarray]]:
-    """Stream level 0 once: write levels 1.. and return ``(levels, quick-look planes)``."""
+    """Level 1 from the reductions, levels 2.. from it; return ``(levels, quick-look planes)``."""
     arr = store.open_array(ds.id)
     lead = arr.ndim - 3
     axis = lead + ds.axis_index
     n = arr.shape[axis]
     shapes = pyramid_shapes(arr.shape, ds.channels, minimum)
-    mids = mid_positions(ds)
     planes = [np.zeros(arr.shape[:lead + a] + arr.shape[lead + a + 1:], arr.dtype)
               for a in range(3)]
     level = np.zeros(shapes[0], arr.dtype) if shapes else None
-    for first in range(0, n, SLAB):
-        index: list[Any] = [slice(None)] * arr.ndim
-        index[axis] = slice(first, min(first + SLAB, n))
-        slab = _read_slab(arr, index, axis)
-        for a in range(3):
-            if a == ds.axis_index:
-                if first <= mids[a] < first + slab.shape[axis]:
-                    planes[a][...] = np.take(slab, mids[a] - first, axis=axis)
-                continue
+    carry: np.ndarray | None = None  # the sums of a slice whose pair is in the next reduction
+    for red in reductions:
+        for a, cut in red.cuts.items():
             into: list[Any] = [slice(None)] * (arr.ndim - 1)
-            into[axis - (1 if a < ds.axis_index else 0)] = index[axis]
-            planes[a][tuple(into)] = np.take(slab, mids[a], axis=lead + a)
-        if level is not None:
+            if a != ds.axis_index:
+                into[axis - (1 if a < ds.axis_index else 0)] = slice(red.first,
+                                                                     red.first + red.count)
+            planes[a][tuple(into)] = cut
+        if level is None:
+            continue
+        sums, start = red.sums, red.first
+        if carry is not None:
+            sums, start = np.concatenate([carry, sums], axis=axis), start - 1
+        carry = None
+        if sums.shape[axis] % 2 and start + sums.shape[axis] < n:
+            carry = np.take(sums, [sums.shape[axis] - 1], axis=axis)
+            sums = np.take(sums, range(sums.shape[axis] - 1), axis=axis)
+        if sums.shape[axis]:
             half: list[Any] = [slice(None)] * arr.ndim
-            half[axis] = slice(first // 2, first // 2 + -(-slab.shape[axis] // 2))
-            level[tuple(half)] = downsample2(slab)
+            half[axis] = slice(start // 2, start // 2 + -(-sums.shape[axis] // 2))
+            level[tuple(half)] = mean_of_eight(pair_sums(sums, (axis,)), arr.dtype)
     url = store.image_url(ds.id)
     for number, shape in enumerate(shapes, start=1):
         assert level is not None

@@ -6,6 +6,7 @@ Layout under the output root (a local path or any fsspec URL such as ``s3://``):
         zarr.json                                group metadata, written last
         0/ 1/ 2/ ...                             level 0 and the pyramid (layout.py)
     <root>/_progress/<dataset>/<generation>/<lo>-<hi>.json    one task's done marker
+                                           .../<lo>-<hi>.sums    its reduction (finishing)
     <root>/<dataset>.quicklook.png, <dataset>.montage.png
     <root>/run_summary.json
     <root>/.atlinter_ray.lock or _lease.json     the driver's lease (lease.py)
@@ -48,6 +49,7 @@ from atlinter_ray.layout import (
     ChunkEncoder,
     Layout,
     array_spec,
+    as_slab,
     chunk_key,
     direct_encoder,
     ome_metadata,
@@ -55,6 +57,9 @@ from atlinter_ray.layout import (
 from atlinter_ray.lease import OutputLease
 
 log = logging.getLogger(__name__)
+
+#: Suffix of a task's reduction, stored beside its marker (``<lo>-<hi>.json``).
+REDUCTION_SUFFIX = ".sums"
 
 
 def _join(root: str, *parts: str) -> str:
@@ -97,9 +102,9 @@ class VolumeStore:
     def _progress_path(self, dataset_id: str, *parts: str) -> str:
         return self._fs_path("_progress", dataset_id, *parts)
 
-    def _marker_path(self, identity: ImageIdentity, task_id: str) -> str:
+    def _marker_path(self, identity: ImageIdentity, task_id: str, suffix: str = ".json") -> str:
         dataset_id, bounds = task_id.rsplit("/", 1)
-        return self._progress_path(dataset_id, identity.generation, f"{bounds}.json")
+        return self._progress_path(dataset_id, identity.generation, f"{bounds}{suffix}")
 
     # -- images ---------------------------------------------------------------------
     def prepare_image(
@@ -256,10 +261,8 @@ class VolumeStore:
         objects = tuple(arr.shards or arr.chunks)
         if encoder is None:
             index: list[Any] = [slice(None)] * arr.ndim
-            axis = arr.ndim - 3 + ds.axis_index
-            index[axis] = slice(first, first + len(frames))
-            block = frames if ds.channels > 1 else frames[:, 0]
-            arr[tuple(index)] = np.moveaxis(block, 0, axis)
+            index[arr.ndim - 3 + ds.axis_index] = slice(first, first + len(frames))
+            arr[tuple(index)] = as_slab(ds, frames)
             return {key: None for k in range(len(frames))
                     for key, _ in _tiles(ds, objects, first + k, arr.shape)}
         blobs: dict[str, bytes] = {}
@@ -347,9 +350,23 @@ class VolumeStore:
                 records[record["task_id"]] = record
         return records
 
+    def write_reduction(self, identity: ImageIdentity, task_id: str, blob: bytes) -> None:
+        """Store a task's reduction (:mod:`atlinter_ray.finishing`) beside its marker, before it."""
+        path = self._marker_path(identity, task_id, REDUCTION_SUFFIX)
+        self._folder(posixpath.dirname(path))
+        write_atomic(self.fs, path, blob)
+
+    def read_reductions(self, identity: ImageIdentity, task_ids: Iterable[str]) -> dict[str, bytes]:
+        """The stored reductions of ``task_ids`` (in one concurrent batch); lost ones left out."""
+        paths = {self._marker_path(identity, t, REDUCTION_SUFFIX): t for t in task_ids}
+        found = self.fs.cat(list(paths), on_error="omit") if paths else {}
+        return {paths[p]: bytes(blob) for p, blob in found.items()
+                if p in paths and isinstance(blob, bytes)}
+
     def drop_markers(self, identity: ImageIdentity, task_ids: Iterable[str]) -> None:
-        """Remove tasks' markers (their objects were found missing: they must be redone)."""
-        for path in [self._marker_path(identity, t) for t in task_ids]:
+        """Remove tasks' markers and reductions (their objects were found missing: redo them)."""
+        for path in [self._marker_path(identity, t, suffix) for t in task_ids
+                     for suffix in (".json", REDUCTION_SUFFIX)]:
             try:
                 self.fs.rm_file(path)
             except FileNotFoundError:

@@ -19,7 +19,8 @@ forward is a handful of tensor operations, so the device's share is negligible:
 
 What is measured: the process's CPU time per task (all threads, one core), and in a
 separate pass the I/O alone, as the io threads do it: reading the two sections and
-committing the task (``write_slices`` + ``mark_done``, zarr's own threads included).
+committing the task (``write_slices``, the reduction where the package has one, and
+``mark_done``; zarr's own threads included).
 On a GPU the tensor operations run on the device; their host share is the launch, about
 ``--launch-us`` (10 µs, the usual eager dispatch + launch cost) each, counted with
 ``torch.profiler`` in a second pass. The host work per task on a GPU machine is then::
@@ -147,10 +148,20 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
     # The I/O alone, as the io threads do it (same calls in both paths): read the two
     # sections, write the task's slices and its marker; zarr's own threads included.
     blocks = {t.task_id: np.stack([read_sections(ds, [t.left])[0]] * len(t.jobs)) for t in tasks}
+    reduce = None
+    if hasattr(store, "write_reduction"):  # since finishing reads no slice back
+        from atlinter_ray.finishing import reduce_slab
+        from atlinter_ray.layout import as_slab
+
+        def reduce(task_id: str, first: int, block: np.ndarray) -> None:
+            blob = reduce_slab(ds, as_slab(ds, block), first).to_bytes()
+            store.write_reduction(extra["images"][ds.id], task_id, blob)
     c0 = time.process_time()
     for t in tasks:
         read_sections(ds, t.sources)
         objects = store.write_slices(ds, t.jobs[0].slice, blocks[t.task_id])
+        if reduce is not None:
+            reduce(t.task_id, t.jobs[0].slice, blocks[t.task_id])
         mark_done(t.task_id, {"task_id": t.task_id, "slices": [], "objects": objects or {}})
     io_cpu = time.process_time() - c0
     from torch.profiler import ProfilerActivity, profile

@@ -26,8 +26,10 @@ import pytest
 import s3fs
 import zarr
 
+from atlinter_ray import finishing
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
+from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
@@ -36,10 +38,10 @@ SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 TASKS = len(SECTIONS) + 1
 
 
-def _local(tmp_path: Path, sections: list[int] = SECTIONS) -> Config:
+def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal") -> Config:
     volume = real_volume()
-    write_dataset(tmp_path / "in", "g", sections_of(volume, sections, "coronal"), sections,
-                  reference_shape=list(volume.shape))
+    write_dataset(tmp_path / "in", "g", sections_of(volume, sections, axis), sections,
+                  axis=axis, reference_shape=list(volume.shape))
     cfg = Config()
     cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["g"]
     cfg.output.root = str(tmp_path / "out")
@@ -167,6 +169,46 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     assert content(store.fs, cfg.output.root) == clean
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["complete"] == ["g"] and not summary["incomplete"]
+
+
+@pytest.mark.parametrize("axis", ["coronal", "sagittal"])
+def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
+    tmp_path: Path, axis: str
+) -> None:
+    """No slice is read back when every task left its reduction; where one is lost or
+    torn, its slices are read from level 0 instead, and the output is the same bytes."""
+    reads: list[tuple[int, int]] = []
+    original = finishing._read_slab
+
+    def counted(arr, index, axis_):
+        reads.append((index[axis_].start, index[axis_].stop))
+        return original(arr, index, axis_)
+
+    cfg = _local(tmp_path, [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72], axis)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finishing, "_read_slab", counted)
+        assert run(cfg).ok
+        assert reads == []
+        store = VolumeStore(cfg.output.root)
+        levels = [np.asarray(zarr.open_array(f"{cfg.output.root}/g.ome.zarr/{k}")[...])
+                  for k in range(2)]
+        np.testing.assert_array_equal(levels[1], downsample2(levels[0]))  # 91x79x77: odd sides
+        clean = content(store.fs, cfg.output.root)
+        shutil.rmtree(tmp_path / "out")
+        with pytest.MonkeyPatch.context() as dying:
+            dying.setattr(VolumeStore, "update_attrs", _die_on_call(1, VolumeStore.update_attrs))
+            with pytest.raises(Killed):
+                run(cfg)
+        sums = sorted((tmp_path / "out" / "_progress" / "g").rglob("*.sums"))
+        assert len(sums) == 12  # one per task: 10 gaps and two edges
+        (sums[0].parent / "10-16.sums").unlink()  # lost
+        (sums[0].parent / "72-end.sums").write_bytes(b"torn")
+        again = run(cfg)
+    assert again.ok and again.tasks_done == 0
+    read = sorted(s for start, stop in reads for s in range(start, stop))
+    n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
+    assert read == [*range(10, 16), *range(72, n)]  # only the slices of those two tasks
+    assert content(store.fs, cfg.output.root) == clean
 
 
 def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:

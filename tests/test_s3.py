@@ -17,8 +17,10 @@ SECTIONS = [3, 11, 19, 27, 35, 43, 51, 59, 67, 75, 83]
 
 
 @pytest.mark.ray
-def test_pipeline_reads_and_writes_s3(ray_cluster, s3_server) -> None:
-    fs = s3fs.S3FileSystem(**s3_server)
+def test_pipeline_reads_and_writes_s3(ray_cluster, s3_servers) -> None:
+    """A job in and out of S3, through the proxy that records every request it makes."""
+    s3_server = s3_servers.options
+    fs = s3fs.S3FileSystem(**s3_servers.direct)
     volume = real_volume()
     with fs.open("atlas-in/genes/g1.npy", "wb") as f:
         np.save(f, sections_of(volume, SECTIONS, "coronal"))
@@ -30,13 +32,26 @@ def test_pipeline_reads_and_writes_s3(ray_cluster, s3_server) -> None:
     cfg.output.root, cfg.output.storage_options = "s3://atlas-out/run1", dict(s3_server)
     cfg.model.name, cfg.model.params = "farneback", {}
     cfg.run.progress = False
+    s3_servers.proxy.seen.clear()
     summary = run(cfg)
     assert summary.ok and summary.slices_written == 91
+    requests = list(s3_servers.proxy.seen)
+    tasks = len(SECTIONS) + 1
+    # requests are what an object store bills and waits on: each task reads its two
+    # bounding sections in one ranged GET, without a HEAD; finishing reads back no slice
+    # of level 0 (the montage reads a few)
+    npy = [m for m, path in requests if path.startswith("/atlas-in/genes/g1.npy")]
+    # the driver's checks (header, size, content hash) take 3 HEADs and 2 GETs
+    assert npy.count("HEAD") <= 3 and npy.count("GET") <= tasks + 2
+    level0 = [path for m, path in requests
+              if m == "GET" and path.startswith("/atlas-out/run1/g1.ome.zarr/0/c/")]
+    assert len(level0) <= 10
     out = VolumeStore(cfg.output.root, s3_server).read_volume("g1")
     np.testing.assert_array_equal(out[SECTIONS], volume[SECTIONS])
     assert fs.exists("atlas-out/run1/g1.quicklook.png")
     (generation,) = fs.ls("atlas-out/run1/_progress/g1")  # markers of one image generation
-    assert len(fs.ls(generation)) == len(SECTIONS) + 1
+    assert sorted(p.rsplit(".", 1)[1] for p in fs.ls(generation)) == (
+        ["json"] * (len(SECTIONS) + 1) + ["sums"] * (len(SECTIONS) + 1))  # marker, reduction
     text = fs.cat_file("atlas-out/run1/run_summary.json").decode()
     assert "testing-secret-value" not in text and "testing-key" not in text
     # resume on S3: everything is skipped

@@ -217,6 +217,8 @@ def test_pyramid_means_are_the_float32_means_rounded_half_to_even(dtype: str) ->
             block = rng.integers(low, high, (3, 7, 10, 9), endpoint=True).astype(dtype)
         padded = np.pad(block, [(0, 0), (0, 1), (0, 0), (0, 1)], mode="edge")
         mean = padded.reshape(3, 4, 2, 5, 2, 5, 2).astype(np.float32).mean(axis=(2, 4, 6))
-        expected = mean.astype(dtype) if info is None else np.rint(mean).astype(dtype)
         assert downsample2(block).dtype == block.dtype
-        np.testing.assert_array_equal(downsample2(block), expected)
+        if info is None:  # float sums in another order: equal to rounding
+            np.testing.assert_allclose(downsample2(block), mean, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(downsample2(block), np.rint(mean).astype(dtype))

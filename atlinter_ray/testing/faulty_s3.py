@@ -147,7 +147,10 @@ class FaultyProxy:
         for key, value in headers:
             if key.lower() not in _HOP_BY_HOP:
                 h.send_header(key, value)
-        h.send_header("Content-Length", str(len(data)))
+        # a HEAD answer has no body but tells the object's size: keep the server's length
+        upstream = dict((k.lower(), v) for k, v in headers).get("content-length")
+        h.send_header("Content-Length", upstream if h.command == "HEAD" and upstream
+                      else str(len(data)))
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(data)
