@@ -68,17 +68,25 @@ def models() -> dict[str, PairInterpolator]:
     return out
 
 
+def predict_task(
+    model: PairInterpolator, volume: np.ndarray, task: GapTask
+) -> tuple[np.ndarray, float]:
+    """A task's predicted slices ``(K, H, W)`` (float) from the volume's known sections, and seconds."""
+    wanted = sorted({task.left, task.right, *task.context})
+    sections = {s: volume[s][None].astype(np.float32) for s in wanted}
+    start = time.perf_counter()
+    frames = predict_gap(model, sections, task, 255.0).frames[0, :, 0]
+    return frames, time.perf_counter() - start
+
+
 def score_model(
     model: PairInterpolator, volume: np.ndarray, tasks: list[GapTask]
 ) -> dict[str, float]:
     """Mean scores over every predicted slice, and seconds per slice."""
     rows, seconds, count = [], 0.0, 0
     for task in tasks:
-        wanted = sorted({task.left, task.right, *task.context})
-        sections = {s: volume[s][None].astype(np.float32) for s in wanted}
-        start = time.perf_counter()
-        frames = predict_gap(model, sections, task, 255.0).frames[0, :, 0]
-        seconds += time.perf_counter() - start
+        frames, spent = predict_task(model, volume, task)
+        seconds += spent
         pred = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
         for k, job in enumerate(task.predicted):
             rows.append(score_slice(pred[k], volume[job.slice], 255.0))

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -40,7 +39,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_context as BC
 
-from atlinter_ray.engine import predict_gap
 from atlinter_ray.metrics import score_slice
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.testing.volumes import REAL_VOLUMES
@@ -57,11 +55,8 @@ def collect(model, volume, tasks):
     """Float predictions ``(N, H, W)`` of every predicted slice, their slice numbers, seconds."""
     preds, slices, seconds = [], [], 0.0
     for task in tasks:
-        wanted = sorted({task.left, task.right, *task.context})
-        sections = {s: volume[s][None].astype(np.float32) for s in wanted}
-        start = time.perf_counter()
-        frames = predict_gap(model, sections, task, 255.0).frames[0, :, 0]
-        seconds += time.perf_counter() - start
+        frames, spent = BC.predict_task(model, volume, task)
+        seconds += spent
         for k, job in enumerate(task.predicted):
             preds.append(frames[k].astype(np.float32))
             slices.append(job.slice)
