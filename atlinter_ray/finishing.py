@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Slices of level 0 read per step (an even number: level 1 halves it).
 SLAB = 16
+#: Task reductions read per batch (concurrently on object stores).
+READ_BATCH = 16
 
 
 class UnreadableSlicesError(Exception):
@@ -229,9 +231,12 @@ def _reductions(
     n = arr.shape[arr.ndim - 3 + ds.axis_index]
     ranges = sorted((min(s["slice"] for s in r["slices"]), max(s["slice"] for s in r["slices"]),
                      task_id) for task_id, r in records.items() if r["slices"])
-    blobs = store.read_reductions(identity, [task_id for *_, task_id in ranges])
     made = 0
-    for lo, hi, task_id in ranges:
+    blobs: dict[str, bytes] = {}
+    for number, (lo, hi, task_id) in enumerate(ranges):
+        if number % READ_BATCH == 0:  # a few at a time: memory stays flat in the slices
+            batch = ranges[number : number + READ_BATCH]
+            blobs = store.read_reductions(identity, [task for *_, task in batch])
         if made < lo:
             yield from _reduce_level0(arr, ds, made, lo)
         reduction = _stored_reduction(blobs.get(task_id), lo, hi)

@@ -187,6 +187,7 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     cfg = _local(tmp_path, [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72], axis)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finishing, "_read_slab", counted)
+        mp.setattr(finishing, "READ_BATCH", 5)  # 12 tasks: read in three batches
         assert run(cfg).ok
         assert reads == []
         store = VolumeStore(cfg.output.root)
