@@ -18,7 +18,8 @@ are compressed with Zstandard (``output.zstd_level``, default 1: see
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
 side is at most ``output.pyramid_min``), written once per dataset by its finishing
-job (a single writer), in cubic chunks of :data:`PYRAMID_CHUNK` = 128: for a
+job (a single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
+:mod:`atlinter_ray.finishing`), in cubic chunks of :data:`PYRAMID_CHUNK` = 128: for a
 528 x 320 x 456 RGB volume, 16 objects above level 0 instead of 75 with 64-voxel
 chunks (requests on an object store); writing them took the same time on local disk
 (0.85-0.87 s for the whole finishing pass either way, ``benchmarks/bench_scale.py``).

@@ -11,7 +11,8 @@ job as a user runs it (manifest, finishing with pyramid, quick-look and montage)
 * **s3:// against local** (``--s3-genes 2``): the same full-size genes read from and
   written to moto's S3 server on loopback (started in this parent process, so its
   CPU is on the same 2 cores), against the same genes on local disk. Target: >= 80 % of
-  local slices/s;
+  local slices/s. One gene then runs again through the fault proxy (no fault set),
+  which counts its requests by kind (level 0, pyramid, input, markers, reductions...);
 * **12 full-size genes** (``--genes 12``; 528 x 320 x 456 RGB uint8, a section every 8
   slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
   predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
@@ -40,6 +41,7 @@ import json
 import logging
 import os
 import pstats
+import re
 import resource
 import shutil
 import subprocess
@@ -245,6 +247,24 @@ def profile_writes(folder: Path, slices: int = 64) -> None:
               "per slice")
 
 
+#: Which part of a job a request serves, by its path (first match).
+REQUEST_KINDS = {
+    "level 0 slices": r"\.ome\.zarr/0/c/", "pyramid": r"\.ome\.zarr/[1-9]\d*/c/",
+    "input": r"^/atlas-in/", "markers": r"/_progress/.*\.json", "reductions": r"\.sums",
+    "listings": r"\?list-type", "": r"",
+}
+
+
+def request_kinds(seen: list[tuple[str, str]]) -> dict[str, int]:
+    """``{"<kind> <METHOD>": count}`` of the requests a proxy saw (``""``: everything else)."""
+    counts: dict[str, int] = {"total": len(seen)}
+    for method, path in seen:
+        kind = next(k for k, pattern in REQUEST_KINDS.items() if re.search(pattern, path))
+        key = f"{kind or 'other'} {method}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def report(results: dict[str, dict]) -> None:
     """Print the table of every measurement and its ratios."""
     print(f"{'run':<22}{'datasets':>9}{'wall s':>9}{'slices/s':>10}{'s/dataset':>10}"
@@ -291,6 +311,7 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
     started = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, dict] = {}
+    requests: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp_name, S3Server() as s3:
         tmp = Path(tmp_name)
         genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
@@ -314,7 +335,13 @@ def main() -> None:
                                                     "atlas-in/genes"))
             results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers,
                                     s3.direct, args.tasks_per_batch)
+            s3.proxy.seen.clear()  # one gene again, through the proxy, which counts requests
+            measure("pipeline", manifest(tmp / "s3-one.txt", on_s3.read_text().split()[:1]),
+                    "s3://atlas-out/requests", args.workers, s3.options, args.tasks_per_batch)
+            requests = request_kinds(s3.proxy.seen)
     report(results)
+    if requests:
+        print("S3 requests of one gene:", ", ".join(f"{k} {v}" for k, v in requests.items()))
     ratios, targets = {}, {}
     small = [k for k in results if k.startswith("small-")]
     if len(small) > 1:
@@ -339,7 +366,8 @@ def main() -> None:
             json.dumps({"date": started, "command": " ".join(sys.argv),
                         "reference": REFERENCE, "spacing": SPACING, "model": "linear",
                         "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
-                        "ratios": ratios, "targets_met": targets}, indent=2) + "\n")
+                        "s3_requests_per_gene": requests, "ratios": ratios,
+                        "targets_met": targets}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
