@@ -257,3 +257,14 @@ def test_truth_is_checked_before_anything_is_written(tmp_path: Path, case: str, 
     np.savez(truth, volume=np.zeros(SHAPE, np.uint8))  # the right shape: the run scores
     cfg.data.truth = {"gene": str(truth)}
     assert "gene" in run(cfg).scores
+
+
+def test_a_npy_cut_short_after_validation_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A file shortened while the job runs (rewritten by hand) must not give planes of zeros."""
+    images = np.arange(4 * 6 * 5, dtype=np.uint8).reshape(4, 6, 5)
+    path = write_dataset(tmp_path, "g", images, [0, 8, 16, 24])
+    ds = load_dataset(str(path), (32, 6, 5), {})
+    np.testing.assert_array_equal(read_sections(ds, [8, 16])[:, 0], images[1:3])
+    path.write_bytes(path.read_bytes()[:-20])  # the last plane is cut short
+    with pytest.raises(DatasetError, match=r"g\.npy: planes 2\.\.3 end past the end of the file"):
+        read_sections(ds, [16, 24])
