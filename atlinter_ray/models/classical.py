@@ -104,8 +104,8 @@ class FarnebackFlow(OpenCVFlow):
         args = (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, 0)
 
         def calc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            # cv2's stub makes ``flow`` required; None: OpenCV allocates it (flags=0).
-            flow: np.ndarray = cv2.calcOpticalFlowFarneback(x, y, None, *args)  # type: ignore[call-overload]
+            # None for ``flow``: OpenCV allocates it (flags=0).
+            flow: np.ndarray = cv2.calcOpticalFlowFarneback(x, y, None, *args)
             return flow
 
         super().__init__(calc)
