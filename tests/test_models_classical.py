@@ -7,8 +7,7 @@ import pytest
 
 from atlinter_ray.engine import build_interpolator, predict
 from atlinter_ray.errors import ConfigError
-from atlinter_ray.models import available_models, build_model
-from atlinter_ray.models import base
+from atlinter_ray.models import available_models, base, build_model
 from atlinter_ray.models.base import PairInterpolator, register_model
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.testing.datasets import real_volume
