@@ -233,6 +233,7 @@ def run(cfg: Config) -> RunSummary:
     log.info("%d datasets validated and fingerprinted in %.1f s", len(datasets),
              time.perf_counter() - began)
     check_truths(cfg.data, inputs)
+    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
     # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)
@@ -252,7 +253,6 @@ def run(cfg: Config) -> RunSummary:
     }
     for tasks in tasks_by_ds.values():
         check_reachable(model, tasks)
-    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
     run_info = {
         **provenance,
         "params": dict(cfg.model.params),
