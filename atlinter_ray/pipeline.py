@@ -306,6 +306,15 @@ def run(cfg: Config) -> RunSummary:
         lease.check()
         scores = _scores(store, datasets, tracker.complete, cfg)
         rows = outcome.rows
+        if not outcome.stopped:  # a store that failed is not asked again
+            try:
+                rows = committed_rows(store, tracker.identities, rows)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                log.warning("could not list the committed tasks (%s: %s); failed tasks are "
+                            "counted as reported", type(exc).__name__, exc)
+            tracker.settle(rows)
         failed = [r for r in rows if not r.done]
         written = sum(r.slices for r in rows if r.done)
         wall = time.perf_counter() - start
@@ -480,6 +489,15 @@ class _Tracker:
             self.failed[ds] = f"finishing failed: {result.error}"
         return []
 
+    def settle(self, rows: Sequence[TaskResult]) -> None:
+        """Forget the failures of datasets whose tasks the store shows all committed."""
+        for row in rows:
+            if row.done:
+                self.pending[row.dataset_id].discard(row.task_id)
+        for ds in [ds for ds in self.failed if ds not in self.complete]:
+            if self.failed[ds].startswith("task ") and not self.pending[ds]:
+                del self.failed[ds]
+
     def incomplete(self) -> dict[str, str]:
         """Datasets not verified complete, with the reason."""
         out = {}
@@ -517,6 +535,8 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
             for result in stream:
                 if isinstance(result, TaskResult):
                     bar.update(result.slices)
+                    if tracker.results.get(result.task_id) is not result:
+                        tracker.follow_up(result)  # failed by the pool: no worker reported it
                     if not result.done:
                         log.error("task %s failed: %s", result.task_id, result.error)
                 elif not result.done:
@@ -541,8 +561,28 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
     rows = list(tracker.results.values())
     for ids in tracker.pending.values():  # never reported: the run stopped early
         for task_id in sorted(ids - set(tracker.results)):
-            rows.append(failed_result(tracker.by_id[task_id], f"not run: {stopped}"))
+            rows.append(failed_result(tracker.by_id[task_id],
+                                      f"not run: {stopped or 'the run ended before a worker took it'}"))
     return _Outcome(rows, stats, stopped)
+
+
+def committed_rows(
+    store: VolumeStore, identities: Mapping[str, ImageIdentity], rows: Sequence[TaskResult]
+) -> list[TaskResult]:
+    """``rows`` with the failed tasks the store holds markers for turned done.
+
+    A worker can commit a task and die before its result comes back (its node lost):
+    the pool then reports the task failed, though its slices and marker are stored.
+    One marker listing per dataset with failures makes the counts match the store.
+    """
+    failing = sorted({r.dataset_id for r in rows if not r.done})
+    if not failing:
+        return list(rows)
+    with ThreadPoolExecutor(max_workers=min(THREADS, len(failing))) as pool:
+        listed = pool.map(lambda ds: store.done_task_ids(ds, identities[ds]), failing)
+        stored = dict(zip(failing, listed))
+    return [dataclasses.replace(r, status="done", error="", storage_error=False)
+            if not r.done and r.task_id in stored[r.dataset_id] else r for r in rows]
 
 
 def _scores(

@@ -16,11 +16,11 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.execution import run_on_ray, run_serial
-from atlinter_ray.pipeline import run
+from atlinter_ray.pipeline import committed_rows, run
 from atlinter_ray.planning import plan_dataset
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
-from atlinter_ray.worker import WorkerSpec
+from atlinter_ray.worker import WorkerSpec, failed_result
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 
@@ -183,3 +183,37 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     good = dataclasses.replace(spec, datasets={ds.id: ds})
     assert all(r.done for r in run_serial(tasks, good, tasks_per_batch=4))
     assert len(store.done_records(ds.id, identity)) == len(tasks)
+
+
+@pytest.mark.ray
+def test_a_run_no_worker_can_start_says_why_for_every_task(ray_cluster, tmp_path: Path) -> None:
+    """Every failed task names the cause, and the counts match the store's markers."""
+    cfg = _config(tmp_path, min_workers=1, max_workers=1, gpus_per_worker=3, start_timeout_s=3.0)
+    cfg.model.name, cfg.model.params = "linear", {}
+    summary = run(cfg)
+    assert not summary.ok and summary.tasks_failed == summary.tasks_total > 0
+    assert summary.tasks_done == 0 and len(summary.failures) == summary.tasks_total
+    for failure in summary.failures:
+        assert "no worker started in 3 s" in failure["error"], failure
+    text = summary.to_text()
+    assert "not run: \n" not in text + "\n" and "no worker started" in text
+    written = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert all(f["error"].strip().endswith(")") for f in written["failures"])
+
+
+def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
+    """A task reported failed whose marker the store holds (its node died after the commit)."""
+    cfg = _config(tmp_path)
+    ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
+    store = VolumeStore(cfg.output.root)
+    identity = prepare_image(store, ds).identity
+    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
+    spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
+                      images={ds.id: identity})
+    committed = tasks[: len(tasks) // 2]
+    assert all(r.done for r in run_serial(committed, spec))
+    lost = [failed_result(t, "ActorDiedError: the node was lost") for t in tasks]
+    rows = committed_rows(store, {ds.id: identity}, lost)
+    assert {r.task_id for r in rows if r.done} == {t.task_id for t in committed}
+    assert {r.task_id for r in rows if not r.done} == {t.task_id for t in tasks[len(committed):]}
+    assert all(r.error == "ActorDiedError: the node was lost" for r in rows if not r.done)
