@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atlinter_ray.config import Config
 from atlinter_ray.errors import AtlinterRayError, ConfigError
+from atlinter_ray.quiet import quiet_failures
 from atlinter_ray.secrets import override_secrets, redacted_output, secret_values
 
 log = logging.getLogger("atlinter_ray")
@@ -101,6 +102,7 @@ def guarded(
     def task(cfg: DictConfig) -> None:
         known.update(secret_values(OmegaConf.to_container(cfg, resolve=False)))
         debug = bool(OmegaConf.select(cfg, "run.debug", default=False))
+        quiet_failures(debug)
         try:
             config = OmegaConf.to_object(cfg)
         except Exception as exc:  # noqa: BLE001 - a value the schema rejects
