@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import socket
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -566,21 +567,44 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
     return _Outcome(rows, stats, stopped)
 
 
+#: Seconds the end-of-run marker listing may take before failures are kept as reported.
+LISTING_TIMEOUT_S = 60.0
+
+
 def committed_rows(
-    store: VolumeStore, identities: Mapping[str, ImageIdentity], rows: Sequence[TaskResult]
+    store: VolumeStore,
+    identities: Mapping[str, ImageIdentity],
+    rows: Sequence[TaskResult],
+    timeout_s: float = LISTING_TIMEOUT_S,
 ) -> list[TaskResult]:
     """``rows`` with the failed tasks the store holds markers for turned done.
 
     A worker can commit a task and die before its result comes back (its node lost):
     the pool then reports the task failed, though its slices and marker are stored.
-    One marker listing per dataset with failures makes the counts match the store.
+    One marker listing per dataset with failures makes the counts match the store. The
+    listings run in a daemon thread given ``timeout_s``: a hung store raises
+    ``TimeoutError`` here instead of holding the run (and the process's exit) forever.
     """
     failing = sorted({r.dataset_id for r in rows if not r.done})
     if not failing:
         return list(rows)
-    with ThreadPoolExecutor(max_workers=min(THREADS, len(failing))) as pool:
-        listed = pool.map(lambda ds: store.done_task_ids(ds, identities[ds]), failing)
-        stored = dict(zip(failing, listed))
+    stored: dict[str, set[str]] = {}
+    errors: list[BaseException] = []
+
+    def listing() -> None:
+        try:
+            for ds in failing:
+                stored[ds] = store.done_task_ids(ds, identities[ds])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=listing, name="committed-rows", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if thread.is_alive():
+        raise TimeoutError(f"listing the done markers took over {timeout_s:.0f} s")
     return [dataclasses.replace(r, status="done", error="", storage_error=False)
             if not r.done and r.task_id in stored[r.dataset_id] else r for r in rows]
 
