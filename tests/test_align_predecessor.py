@@ -56,16 +56,19 @@ def test_default_settings_give_the_predecessors_transform_and_sections(axis: str
     assert np.abs(mine.astype(int) - theirs).max() <= 1
 
 
-@pytest.mark.parametrize("rgb", [False, True], ids=["grey", "rgb"])
+@pytest.mark.parametrize(("axis", "numbers", "dtype", "peak", "rgb"), [
+    ("coronal", [45, 60], "uint8", 130, False),
+    ("coronal", [45, 60], "uint8", 130, True),
+    ("sagittal", [30, 38], "uint16", 3000, False),
+], ids=["coronal-uint8-grey", "coronal-uint8-rgb", "sagittal-uint16-grey"])
 def test_the_job_matches_the_predecessor_on_a_nissl_darker_than_its_dtype(
-        tmp_path: Path, rgb: bool) -> None:
-    """A uint8 Nissl peaking at 130: both divide it by its own maximum, not by 255."""
+        tmp_path: Path, axis: str, numbers: list[int], dtype: str, peak: int, rgb: bool) -> None:
+    """A Nissl peaking below its dtype's maximum: both divide it by its own maximum."""
     volume = reference_volume()
-    dim = np.rint(volume.astype(np.float64) * (130 / 255)).astype(np.uint8)
-    assert dim.max() == 130
+    dim = np.rint(volume.astype(np.float64) * (peak / 255)).astype(dtype)
+    assert dim.max() == peak
     np.save(tmp_path / "nissl.npy", dim)
-    numbers = [45, 60]
-    write_misaligned(tmp_path, "gene", volume, "coronal", numbers, rgb=rgb, seed=4)
+    write_misaligned(tmp_path, "gene", volume, axis, numbers, rgb=rgb, seed=4)
     cfg = AlignConfig(
         data=DataConfig(root=str(tmp_path), genes=["gene"]),
         reference=str(tmp_path / "nissl.npy"),
@@ -82,8 +85,9 @@ def test_the_job_matches_the_predecessor_on_a_nissl_darker_than_its_dtype(
     nissl = dim / dim.max()  # what align.py does to the Nissl volume
     gene = np.load(tmp_path / "gene.npy")
     for k, number in enumerate(numbers):
+        plane = nissl[number] if axis == "coronal" else nissl[:, :, number]
         section = gene[k][None] if not rgb else np.moveaxis(gene[k], -1, 0)
-        their_field = align.register(nissl[number], registration_image(section, 255.0, Contrast.auto))
+        their_field = align.register(plane, registration_image(section, 255.0, Contrast.auto))
         np.testing.assert_allclose(ours[k], their_field[:, :, 0, 0, :], atol=1e-5)
-        theirs = np.asarray(align.single_registration(nissl[number], gene[k]))
+        theirs = np.asarray(align.single_registration(plane, gene[k]))
         assert np.abs(mine[k].astype(int) - theirs).max() <= 1
