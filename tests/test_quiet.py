@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +104,34 @@ def test_worker_tracebacks_reach_stderr_only_with_debug(ray_cluster, tmp_path: P
         assert named and "vanished.npy" in named[0]
         path = Path(named[0].rsplit("(traceback in ", 1)[1].rstrip(")"))
         assert "Traceback (most recent call last)" in path.read_text()
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["quiet", "debug"])
+def test_an_outage_prints_one_line_per_failure_and_a_traceback_file_only_with_debug(
+        faulty_s3, tmp_path: Path, debug: bool) -> None:
+    """The command line, serial: a store that refuses every slice write (exit 1)."""
+    volume = real_volume()
+    write_dataset(tmp_path / "in", "g", sections_of(volume, SECTIONS, "coronal"), SECTIONS,
+                  reference_shape=list(volume.shape))
+    name = f"outage-{'debug' if debug else 'quiet'}"
+    faulty_s3.proxy.add("503", method="PUT", path=rf"/atlas-out/{name}/g\.ome\.zarr/0/c/")
+    opts = [f"+output.storage_options.{k}={v}" for k, v in faulty_s3.options.items()]
+    args = ["data=allen", f"data.root={tmp_path / 'in'}", "data.genes=[g]", "model=linear",
+            "run.serial=true", "run.progress=false", f"run.debug={str(debug).lower()}", *opts,
+            f"output.root=s3://atlas-out/{name}", "resources.max_storage_errors=2",
+            "+output.storage_options.config_kwargs.retries.max_attempts=1"]
+    job = subprocess.run([sys.executable, "-m", "atlinter_ray", *args], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert job.returncode == 1, job.stderr
+    printed = job.stdout + job.stderr
+    assert "storage failures in a row" in printed
+    failures = [ln for ln in printed.splitlines() if "failed" in ln and "task" in ln]
+    assert failures
+    if not debug:
+        assert "Traceback" not in printed and "(traceback in " not in printed
+        return
+    named = [ln for ln in printed.splitlines() if "(traceback in " in ln]
+    assert named and "Traceback" not in "\n".join(named)
+    path = Path(named[0].rsplit("(traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in path.read_text()
