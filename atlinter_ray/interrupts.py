@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -66,6 +67,9 @@ def stop_on_signals() -> Iterator[None]:
 @contextlib.contextmanager
 def keep_handlers() -> Iterator[None]:
     """Restore the SIGINT/SIGTERM handlers that the block (``ray.init``) replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers belong to the main thread; ray.init sets none elsewhere
+        return
     saved = {s: signal.getsignal(s) for s in SIGNALS}
     try:
         yield

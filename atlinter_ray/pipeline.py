@@ -50,6 +50,7 @@ from atlinter_ray.execution import (
     WorkItem,
     WorkResult,
     batches,
+    check_local_capacity,
     check_resources,
     connect,
     run_work,
@@ -226,6 +227,8 @@ def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
     check_resources(cfg.resources)
+    if not cfg.run.serial:
+        check_local_capacity(cfg.resources)  # before any data is read or written
     layout = layout_of(cfg)
     began = time.perf_counter()
     inputs = load_inputs(cfg.data)
