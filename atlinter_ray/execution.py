@@ -75,11 +75,13 @@ def machine_resources() -> dict[str, float]:
     from ray._private.accelerators import get_accelerator_manager_for_resource
     from ray._private.utils import get_num_cpus
 
+    cpus = float(get_num_cpus())
     gpus = get_accelerator_manager_for_resource("GPU")
+    if gpus is None:
+        return {"CPU": cpus, "GPU": 0.0}
     visible = gpus.get_current_process_visible_accelerator_ids()
     count = gpus.get_current_node_num_accelerators()
-    return {"CPU": float(get_num_cpus()),
-            "GPU": float(count if visible is None else min(count, len(visible)))}
+    return {"CPU": cpus, "GPU": float(count if visible is None else min(count, len(visible)))}
 
 
 def local_capacity(resources: ResourcesConfig) -> dict[str, float] | None:
