@@ -13,9 +13,10 @@ as skipped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -48,6 +49,7 @@ def dataset_urls(data: DataConfig) -> list[str]:
                 "data.genes is set but data.root is not: set data.root to the folder or "
                 "URL holding <gene>.npy and <gene>.json"
             )
+        check_root(data.root, data.storage_options)
         urls += [f"{data.root.rstrip('/')}/{g}" for g in data.genes]
     if data.manifest:
         try:
@@ -65,6 +67,24 @@ def dataset_urls(data: DataConfig) -> list[str]:
             "data.manifest, or use the bundled sample with data=sample"
         )
     return urls
+
+
+def check_root(root: str, storage_options: Mapping[str, Any]) -> None:
+    """Refuse a ``data.root`` folder that does not exist (rather than every file in it).
+
+    A store that cannot be asked (credentials, network) is left to the dataset reads,
+    whose errors name the file.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **dict(storage_options))
+        exists = fs.exists(path)
+    except Exception:  # noqa: BLE001 - reported by the reads that follow, naming the file
+        return
+    if not exists:
+        raise DatasetNotFoundError(
+            f"data.root={root}: no such folder. Fix: give the folder (or URL) that holds "
+            "<experiment>.npy + <experiment>.json (atlinter-ray-download writes data/allen)"
+        )
 
 
 def _shape3(shape: list[int]) -> tuple[int, int, int]:

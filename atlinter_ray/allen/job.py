@@ -495,9 +495,10 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
 def run_download(config: DownloadConfig) -> DownloadSummary:
     """Plan, skip complete experiments, download the rest; raise DownloadError on failures."""
     client = allen_client(config)
-    fs, root = open_store(config.output, config.storage_options)
     try:
         experiments, empty = plan(client, config)
+        # created only once the API answered: an offline run leaves no empty folder
+        fs, root = open_store(config.output, config.storage_options)
         nissl = download_nissl(client, fs, root, config.nissl_url) if config.nissl else None
     finally:
         client.close()
