@@ -152,7 +152,8 @@ def guarded(
 
     def task(cfg: DictConfig) -> None:
         known.update(secret_values(OmegaConf.to_container(cfg, resolve=False)))
-        debug = bool(OmegaConf.select(cfg, "run.debug", default=False))
+        key = debug_key(cfg)
+        debug = bool(OmegaConf.select(cfg, key, default=False))
         try:
             config = OmegaConf.to_object(cfg)
         except Exception as exc:  # noqa: BLE001 - a value the schema rejects
@@ -168,11 +169,16 @@ def guarded(
                 traceback.print_exc()
             fail(f"the run failed: {type(exc).__name__}: {exc}. Work already done is kept: "
                  "rerun the same command to finish. If it fails again the same way, rerun "
-                 "with run.debug=true for the traceback and report it.", EXIT_FAILED)
+                 f"with {key}=true for the traceback and report it.", EXIT_FAILED)
         if status:
             sys.exit(status)
 
     return task
+
+
+def debug_key(cfg: DictConfig) -> str:
+    """The job's traceback switch: ``run.debug``, or ``debug`` for jobs without a run section."""
+    return "run.debug" if OmegaConf.select(cfg, "run") is not None else "debug"
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,7 @@ def test_version_and_verbose_version(monkeypatch, capsys) -> None:
     assert {"python", "torch", "ray", "zarr"} <= names
 
 
+@pytest.mark.slow
 def test_every_entry_point_answers_help_and_version(tmp_path: Path) -> None:
     """The real commands, from a folder with no conf/: the package's configs are used."""
     for argv, first in (
@@ -145,6 +146,7 @@ def test_only_a_cluster_the_job_starts_itself_is_judged(monkeypatch) -> None:
     assert local_capacity(ResourcesConfig()) is None
 
 
+@pytest.mark.slow
 def test_gpu_cluster_on_a_gpu_less_local_cluster_exits_2_before_any_work(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
@@ -220,3 +222,24 @@ def test_s3_without_credentials_names_the_environment_variables(s3_server, tmp_p
         pipeline.run(cfg)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(MAINS))
+def test_the_traceback_switch_a_failure_names_is_a_key_of_the_job(capsys, name: str) -> None:
+    from atlinter_ray.overrides import check_overrides
+
+    def boom(config: object) -> int:
+        raise RuntimeError("disk on fire")
+
+    cfg = cli.compose_config(cli.conf_dir(), name, [])
+    with pytest.raises(SystemExit) as info:
+        cli.guarded(boom)(cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "disk on fire" in err and "Traceback" not in err
+    switch = re.search(r"rerun with (\S+)=true for the traceback", err).group(1)
+    job = cli.job_help(name)
+    check_overrides([f"{switch}=true"], job.schema, cli.job_groups(cli.conf_dir(), name)[0],
+                    job.command)  # accepted, not "unknown key"
+    with pytest.raises(SystemExit):
+        cli.guarded(boom)(cli.compose_config(cli.conf_dir(), name, [f"{switch}=true"]))
+    assert "Traceback" in capsys.readouterr().err
