@@ -259,8 +259,8 @@ def run_app(job_help: JobHelp, job: Callable[[Any], int]) -> None:
             configure_logging()
             guarded(job, secrets)(cfg)
         except KeyboardInterrupt as exc:
-            print(f"atlinter_ray: {signal_name(exc)} received, stopped: {job_help.kept}; "
-                  "rerun the same command to resume.", file=sys.stderr, flush=True)
+            print(f"atlinter_ray: {signal_name(exc)} received, stopped: {job_help.kept}.",
+                  file=sys.stderr, flush=True)
             sys.exit(exit_status(exc))
 
 
@@ -337,7 +337,7 @@ def job_help(config_name: str) -> JobHelp:
               "resources=gpu_cluster storage=s3 output.root=s3://bucket/volumes",
               "RIFE on a GPU cluster (RAY_ADDRESS), volumes on S3")),
             "every task already finished is kept in output.root (a task is marked done "
-            "only after its slices are written)",
+            "only after its slices are written); rerun the same command to resume",
         )
     if config_name == "evaluate":
         return JobHelp(
@@ -349,7 +349,7 @@ def job_help(config_name: str) -> JobHelp:
               "three models, gaps of 2, 3 and 4 sections"),
              ("atlinter-ray-evaluate data=allen data.root=data/allen data.genes=[100048576] "
               "holdout=leave_one_out", "each interior section predicted from its neighbours")),
-            "reports already written are kept in output_root",
+            "the report is written only at the end; rerun the same command to evaluate again",
         )
     if config_name == "download":
         return JobHelp(
@@ -362,7 +362,8 @@ def job_help(config_name: str) -> JobHelp:
               "two genes, both planes, onto S3 (credentials from AWS_* or AWS_PROFILE)"),
              ("atlinter-ray-download genes=[Pvalb] nissl=true",
               "also the Nissl volume the align job needs")),
-            "experiments already complete in output are kept and skipped",
+            "every experiment already complete in output is kept; rerun the same command "
+            "to resume",
         )
     return JobHelp(
         "atlinter-ray-align", config_name, schema,
@@ -377,7 +378,8 @@ def job_help(config_name: str) -> JobHelp:
          ("atlinter-ray-align data.root=data/allen data.manifest=genes.txt "
           "reference=data/allen/ara_nissl_25.nrrd resources.max_workers=8",
           "many experiments on eight workers")),
-        "experiments already aligned are kept in output.root",
+        "every experiment already aligned is kept in output.root; rerun the same command "
+        "to resume",
         ("needs the align extra (ANTsPy): pip install 'atlinter_ray[align]'",),
     )
 

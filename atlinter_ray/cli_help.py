@@ -45,7 +45,7 @@ class JobHelp:
     summary: str
     #: ``(command line, what it does)``, real commands users can paste.
     examples: tuple[tuple[str, str], ...]
-    #: What an interrupted run keeps (the interrupt line names it).
+    #: What an interrupted run keeps and how to go on (the interrupt line says it).
     kept: str
     #: Extra lines (an optional extra the job needs).
     notes: tuple[str, ...] = ()
