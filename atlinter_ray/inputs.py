@@ -124,13 +124,17 @@ def load_inputs(
     good: list[tuple[Dataset, InputFingerprint | None]] = []
     bad: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=min(THREADS, len(urls))) as pool:
-        for url, future in [(u, pool.submit(check, u)) for u in urls]:
+        futures = [(u, pool.submit(check, u)) for u in urls]
+        for url, future in futures:
             try:
                 good.append(future.result())
             except DatasetError as exc:
                 bad[url] = str(exc)
             except OSError as exc:  # unreadable: a permission, a network failure
                 bad[url] = f"{url}: cannot be read ({type(exc).__name__}: {exc})"
+            except BaseException:  # Ctrl-C (or a bug): stop now, not after every dataset is read
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             if progress is not None:
                 progress(1)
     for url, reason in bad.items() if data.skip_invalid else ():
