@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -56,6 +57,7 @@ def dataset_urls(data: DataConfig) -> list[str]:
                 "data.genes is set but data.root is not: set data.root to the folder or "
                 "URL holding <gene>.npy and <gene>.json"
             )
+        check_root(data.root, data.storage_options)
         urls += [f"{data.root.rstrip('/')}/{g}" for g in data.genes]
     if data.manifest:
         try:
@@ -73,6 +75,24 @@ def dataset_urls(data: DataConfig) -> list[str]:
             "data.manifest, or use the bundled sample with data=sample"
         )
     return urls
+
+
+def check_root(root: str, storage_options: Mapping[str, Any]) -> None:
+    """Refuse a ``data.root`` folder that does not exist (rather than every file in it).
+
+    A store that cannot be asked (credentials, network) is left to the dataset reads,
+    whose errors name the file.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **dict(storage_options))
+        exists = fs.exists(path)
+    except Exception:  # noqa: BLE001 - reported by the reads that follow, naming the file
+        return
+    if not exists:
+        raise DatasetNotFoundError(
+            f"data.root={root}: no such folder. Fix: give the folder (or URL) that holds "
+            "<experiment>.npy + <experiment>.json (atlinter-ray-download writes data/allen)"
+        )
 
 
 def _shape3(shape: list[int]) -> tuple[int, int, int]:
@@ -115,15 +135,18 @@ def load_inputs(
     bad: dict[str, str] = {}
     unread: dict[str, BaseException] = {}
     with ThreadPoolExecutor(max_workers=min(THREADS, len(urls))) as pool:
-        for url, future in [(u, pool.submit(check, u)) for u in urls]:
+        futures = [(u, pool.submit(check, u)) for u in urls]
+        for url, future in futures:
             try:
                 good.append(future.result())
             except DatasetError as exc:
                 bad[url] = str(exc)
-            except Exception as exc:
-                if not is_storage_error(exc):
+            except BaseException as exc:
+                if isinstance(exc, Exception) and is_storage_error(exc):
+                    unread[url] = exc
+                else:  # Ctrl-C or a bug: stop now, not after every dataset is read
+                    pool.shutdown(wait=False, cancel_futures=True)
                     raise
-                unread[url] = exc
             if progress is not None:
                 progress(1)
     if unread:

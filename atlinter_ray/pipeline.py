@@ -51,6 +51,7 @@ from atlinter_ray.execution import (
     WorkItem,
     WorkResult,
     batches,
+    check_local_capacity,
     check_resources,
     connect,
     run_work,
@@ -66,6 +67,7 @@ from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
 from atlinter_ray.pool import PoolStats
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
+from atlinter_ray.storage_hints import store_fix
 from atlinter_ray.store import ImageState, VolumeStore
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 from atlinter_ray.worker import TaskResult, WorkerSpec, failed_result
@@ -227,6 +229,8 @@ def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
     check_resources(cfg.resources)
+    if not cfg.run.serial:
+        check_local_capacity(cfg.resources)  # before any data is read or written
     layout = layout_of(cfg)
     began = time.perf_counter()
     inputs = load_inputs(cfg.data)
@@ -363,10 +367,8 @@ def _usable(root: str) -> Iterator[None]:
         if not is_storage_error(exc):
             raise
         raise OutputRootError(
-            f"output.root={root} cannot be used ({type(exc).__name__}: {exc}). Fix: check "
-            "that the folder or bucket exists and is not a file, that these credentials "
-            "(output.storage_options, or the environment) may write there, and that it has "
-            "space; or choose another output.root."
+            f"output.root={root} cannot be used ({type(exc).__name__}: {exc}): "
+            f"{store_fix(root, exc, 'output.root', 'output.storage_options')}."
         ) from exc
 
 

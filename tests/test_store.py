@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -182,22 +182,27 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_free(tmp_path: Path)
 
 def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_server) -> None:
     store = VolumeStore("s3://atlas-out/lease-test", s3_server)
-    first = store.lease(ttl_s=1.5)
+    ttl = 60.0  # generous: a loaded machine never misses a renewal by this much
+    first = store.lease(ttl_s=ttl)
     first.acquire()
     try:
         with pytest.raises(OutputBusyError, match="last heartbeat"):
-            store.lease(ttl_s=1.5).acquire()
-        # the first driver freezes (its heartbeat stops); its lease expires and is taken
+            store.lease(ttl_s=ttl).acquire()
+        # the first driver freezes (its heartbeat stops) for longer than the TTL: its
+        # record's last heartbeat is set that far back instead of sleeping that long
         first._stop.set()
-        time.sleep(2.0)
-        second = store.lease(ttl_s=1.5)
+        path = "atlas-out/lease-test/_lease.json"
+        record = json.loads(store.fs.cat_file(path))
+        record["heartbeat"] -= 2 * ttl
+        store.fs.pipe_file(path, json.dumps(record).encode())
+        second = store.lease(ttl_s=ttl)
         second.acquire()
         first._stop.clear()
         assert not first._renew()  # what its heartbeat finds when it wakes up
         with pytest.raises(IncompleteOutputError, match="lost its lease"):
             first.check()
         second.release()
-        assert not store.fs.exists("atlas-out/lease-test/_lease.json")
+        assert not store.fs.exists(path)
     finally:
         first._stop.set()
 

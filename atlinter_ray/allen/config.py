@@ -58,6 +58,8 @@ class DownloadConfig:
     nissl: bool = False
     #: Where the Nissl volume is (Allen's 25 µm ``ara_nissl_25.nrrd``; a mirror, another URL).
     nissl_url: str = DEFAULT_NISSL_URL
+    #: Print the traceback of an unexpected failure (secret values still removed).
+    debug: bool = False
 
     def __post_init__(self) -> None:
         """Normalise sequences and check every value."""
