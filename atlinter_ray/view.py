@@ -104,7 +104,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
         super().end_headers()
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         """Files; the client's event stream is held open and silent (no Python backend)."""
         if urllib.parse.urlsplit(self.path).path.startswith(EVENTS_PREFIX):
             self.send_response(200)
@@ -116,13 +116,13 @@ class _Handler(SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
-    def do_OPTIONS(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_OPTIONS(self) -> None:
         """Answer CORS preflight requests."""
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
         self.end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+    def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: viewers make thousands of requests."""
 
 

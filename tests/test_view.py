@@ -71,7 +71,8 @@ def test_links_name_every_image_and_the_napari_plugin(tmp_path: Path) -> None:
         ("b", "zarr3://http://127.0.0.1:8000/data/b.ome.zarr/")]
     assert neuroglancer_state([])["layers"] == []
     # the builtin reader loses the voxel size: the command must name the plugin
-    assert napari_command(Path("out dir/x.ome.zarr")) == "napari --plugin napari-ome-zarr 'out dir/x.ome.zarr'"
+    expected = "napari --plugin napari-ome-zarr 'out dir/x.ome.zarr'"
+    assert napari_command(Path("out dir/x.ome.zarr")) == expected
 
 
 def test_find_images_refuses_what_holds_no_image(tmp_path: Path) -> None:
