@@ -16,12 +16,12 @@ millimetres and carries a scale bar::
 :func:`montage_png` draws one gap as a row of slices: a measured section, every
 predicted slice after it, the next measured section, each under a bar of its status
 colour, read from the provenance in the image's attributes. Given the true volume it
-adds the true slices and the absolute error, on a fixed colour scale (0 to a quarter
+adds the true slices and the absolute error, on a fixed colour scale (0 to half
 of full intensity, stated on its colour bar)::
 
     prediction [ measured 41 ][ predicted 42 t=0.25 ][ ... ][ measured 45 ]
     truth      [ 41 ][ 42 ][ ... ][ 45 ]
-    |error|    [ 0  ][ .. ][ ... ][ 0  ]    colour bar 0 .. peak/4
+    |error|    [ 0  ][ .. ][ ... ][ 0  ]    colour bar 0 .. peak/2
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from atlinter_ray.store import VolumeStore
 STATUS_COLOURS = {MEASURED: (0, 200, 0), PREDICTED: (200, 0, 200), EDGE: (128, 128, 128)}
 #: The montage's error scale: black at 0, the brightest colour at this share of full
 #: intensity and above (fixed, so montages of different runs compare).
-ERROR_SCALE = 0.25
+ERROR_SCALE = 0.5
 _STRIP = 6
 _GAP = 8
 _NAMES = ("AP", "DV", "LR")

@@ -14,7 +14,7 @@ from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.pipeline import run
 from atlinter_ray.planning import MEASURED, PREDICTED
-from atlinter_ray.quicklook import STATUS_COLOURS, montage_gaps, montage_png
+from atlinter_ray.quicklook import ERROR_SCALE, STATUS_COLOURS, montage_gaps, montage_png
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 
@@ -119,7 +119,7 @@ def test_montage_with_truth_adds_the_true_slices_and_the_error(tmp_path: Path) -
     measured = img[error_top + 40 : error_top + tile_h, 8 * step : 8 * step + tile_w]
     assert (measured == zero).all()
     predicted = store.read_volume(name)[44].astype(float)
-    level = np.clip(np.abs(predicted - volume[44]) * 255 / (0.25 * 255), 0, 255).astype(np.uint8)
+    level = np.clip(np.abs(predicted - volume[44]) * 255 / (ERROR_SCALE * 255), 0, 255).astype(np.uint8)
     expected = cv2.applyColorMap(level, cv2.COLORMAP_INFERNO).repeat(3, 0).repeat(3, 1)
     np.testing.assert_array_equal(img[error_top + 40 : error_top + tile_h, 4 * step : 4 * step + tile_w],
                                   expected[40:])
