@@ -154,3 +154,19 @@ def test_neuroglancer_in_chromium_shows_the_output_at_its_voxel_size(
         assert pixels > 3000 and levels > 100, (pixels, levels)
     finally:
         browser.quit()
+
+
+def test_napari_ome_zarr_reads_our_scale_and_units(output: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """napari's OME-Zarr plugin (the reader `napari --plugin napari-ome-zarr` uses; no Qt needed)."""
+    from napari_ome_zarr import napari_get_reader
+
+    image = str(output / "gene.ome.zarr")
+    reader = napari_get_reader(image)
+    assert reader is not None
+    ((data, kwargs, kind),) = reader(image)
+    assert kind == "image" and [level.shape for level in data] == [(91, 79, 77), (46, 40, 39)]
+    assert list(kwargs["scale"]) == [2000.0, 2000.0, 2000.0]
+    assert tuple(kwargs["units"]) == ("micrometer",) * 3 and tuple(kwargs["axis_labels"]) == ("z", "y", "x")
+    # the plugin prints the root attributes: the provenance stays out of them (sidecar)
+    printed = capfd.readouterr().out
+    assert "micrometer" in printed and '"status"' not in printed and "'status'" not in printed
