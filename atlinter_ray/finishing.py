@@ -155,7 +155,8 @@ def _finish(
         for s in provenance:
             status[s["slice"]] = s["status"]
         outputs["quicklook"] = store.write_bytes(f"{ds.id}.quicklook.png",
-                                                 quicklook_png(ds, planes, status))
+                                                 quicklook_png(ds, planes, status,
+                                                               str(meta.get("run", {}).get("model", ""))))
         if montage_gaps(provenance):
             outputs["montage"] = store.write_bytes(
                 f"{ds.id}.montage.png", montage_png(store, ds, provenance=provenance))

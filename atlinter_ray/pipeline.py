@@ -65,6 +65,7 @@ from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
 from atlinter_ray.pool import PoolStats
+from atlinter_ray.quicklook import montage_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
 from atlinter_ray.storage_hints import store_fix
@@ -73,6 +74,13 @@ from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 from atlinter_ray.worker import TaskResult, WorkerSpec, failed_result
 
 log = logging.getLogger(__name__)
+
+
+def gap_text(gaps: Sequence[int]) -> str:
+    """The gaps a score was measured at, as a reader needs them: ``gap 4``, ``gaps 3 to 8``."""
+    if not gaps:
+        return "no gap"
+    return f"gap {gaps[0]}" if len(gaps) == 1 else f"gaps {min(gaps)} to {max(gaps)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,8 @@ class RunSummary:
     nodes: list[str]
     gpus: list[str]
     outputs: dict[str, str]
+    #: Files this run wrote beside the images (pictures, the summary), by what they are.
+    files: dict[str, str] = field(default_factory=dict)
     #: Tasks run per worker device and precision (``"cuda:0 (NVIDIA H100) bf16": 812``).
     devices: dict[str, int] = field(default_factory=dict)
     #: Model items recomputed in float32 because their low-precision output was not finite.
@@ -130,6 +140,7 @@ class RunSummary:
             + (f"  fp32 reruns: {self.fp32_reruns}" if self.fp32_reruns else ""),
         ]
         lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
+        lines += [f"wrote {k}: {v}" for k, v in self.files.items()]
         lines += [
             f"tuned {k}: {'+'.join(r['members'])} curved={r['curved']} in {r['seconds']:.1f} s"
             f"{' (cached)' if r['cached'] else ''}"
@@ -139,7 +150,8 @@ class RunSummary:
             for who, sc in by_model.items():
                 lines.append(
                     f"{ds_id} vs held-out truth, {who:>6}: PSNR {sc['psnr']:.2f} dB  "
-                    f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices)"
+                    f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices, "
+                    f"{gap_text(sc.get('gaps', []))})"
                 )
         lines += [f"SKIPPED {url}: {why}" for url, why in self.skipped_datasets.items()]
         lines += [f"FAILED {f['task_id']}: {f['error']}" for f in self.failures[:20]]
@@ -340,6 +352,7 @@ def run(cfg: Config) -> RunSummary:
             fp32_reruns=sum(r.fp32_reruns for r in rows),
             failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
             scores=scores,
+            files=dict(sorted(tracker.files.items())),
             config=redact(asdict(cfg)),
             tuning=tuning,
             complete=sorted(tracker.complete),
@@ -350,7 +363,7 @@ def run(cfg: Config) -> RunSummary:
         )
         secrets = secret_values(asdict(cfg)) | env_secrets()
         text = scrub(json.dumps(asdict(summary), indent=2), secrets)
-        store.write_bytes("run_summary.json", text.encode())
+        summary.files["run summary"] = store.write_bytes("run_summary.json", text.encode())
     finally:
         lease.release()
     return summary
@@ -455,6 +468,8 @@ class _Tracker:
         self.failed: dict[str, str] = {}
         self.redone: set[str] = set()
         self.results: dict[str, TaskResult] = {}
+        #: Files each dataset's finishing wrote beside its image (quick-look, montage).
+        self.files: dict[str, str] = {}
 
     def initial(self) -> list[WorkItem]:
         """The tasks to run, then the finishing of datasets whose tasks are all done."""
@@ -481,6 +496,8 @@ class _Tracker:
         ds = result.dataset_id
         if result.done:
             self.complete.add(ds)
+            self.files.update({f"{ds} {kind}": url for kind, url in result.outputs.items()
+                               if kind != "image"})
         elif result.status == "redo" and ds not in self.redone:
             self.redone.add(ds)
             self.pending[ds] = set(result.redo)
@@ -620,8 +637,11 @@ def _scores(
         return {}
     from atlinter_ray.scoring import load_truth, score_run  # imports scikit-image
 
-    return {
-        ds.id: score_run(store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),
-                         cfg.interpolation.placement)
-        for ds in wanted
-    }
+    scores = {}
+    for ds in wanted:
+        truth = load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options)
+        scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        if cfg.output.quicklook and scores[ds.id]["model"]["gaps"]:
+            # the montage again, now with the true slices and the error beside the predicted
+            store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds, truth=truth))
+    return scores

@@ -66,6 +66,17 @@ def _join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
+#: Parts of an image's ``atlinter_ray`` record kept out of its OME metadata (which every
+#: viewer parses, and napari-ome-zarr prints), in a sidecar beside the image
+#: (:func:`sidecar_name`): the per-slice provenance and the object inventory.
+SIDECAR_KEYS = ("provenance", "objects")
+
+
+def sidecar_name(dataset_id: str) -> str:
+    """The sidecar of an image, under the output root: ``<experiment>.provenance.json``."""
+    return f"{dataset_id}.provenance.json"
+
+
 @dataclass(frozen=True, slots=True)
 class ImageState:
     """An image ready for tasks: its identity, and whether a run already finished it."""
@@ -188,7 +199,9 @@ class VolumeStore:
             meta = json.loads(blob)["attributes"]["atlinter_ray"]
         except (ValueError, KeyError, TypeError):
             return None  # not ours, or torn: made again
-        return meta if isinstance(meta, dict) and "generation" in meta else None
+        if not isinstance(meta, dict) or "generation" not in meta:
+            return None
+        return self._with_sidecar(dataset_id, meta) if meta.get("complete") else meta
 
     def create_image(
         self,
@@ -312,14 +325,40 @@ class VolumeStore:
                 if key not in stored or (size is not None and stored[key] != size)}
 
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
-        """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""
+        """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
+        record's provenance and object inventory read back from its sidecar."""
         url = self.image_url(dataset_id)
-        return dict(zarr.open_group(url, mode="r", storage_options=self.zarr_options(url)).attrs)
+        attrs = dict(zarr.open_group(url, mode="r", storage_options=self.zarr_options(url)).attrs)
+        ours = attrs.get("atlinter_ray")
+        if isinstance(ours, dict):
+            attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
+        return attrs
 
     def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
-        """Replace top-level attributes of the image group (one metadata write)."""
+        """Replace top-level attributes of the image group (one metadata write).
+
+        The bulky parts of the ``atlinter_ray`` record (:data:`SIDECAR_KEYS`) go to the
+        image's sidecar, written first, so the OME metadata that viewers parse stays lean.
+        """
+        attrs = dict(attrs)
+        ours = attrs.get("atlinter_ray")
+        if isinstance(ours, Mapping) and any(k in ours for k in SIDECAR_KEYS):
+            side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
+            self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
+            attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
         url = self.image_url(dataset_id)
-        zarr.open_group(url, mode="r+", storage_options=self.zarr_options(url)).attrs.update(dict(attrs))
+        zarr.open_group(url, mode="r+", storage_options=self.zarr_options(url)).attrs.update(attrs)
+
+    def _with_sidecar(self, dataset_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta`` with its sidecar's records merged in, when they are of its generation."""
+        blob = self.read_bytes(sidecar_name(dataset_id))
+        try:
+            side = json.loads(blob) if blob is not None else {}
+        except ValueError:
+            return meta  # torn: as if absent (finishing writes it again)
+        if not isinstance(side, dict) or side.get("generation") != meta.get("generation"):
+            return meta
+        return {**meta, **{k: side[k] for k in SIDECAR_KEYS if k in side}}
 
     def read_volume(self, dataset_id: str, level: str = "0") -> np.ndarray:
         """The whole image ``([C,] Z, Y, X)``; for small volumes, tests and evaluation."""

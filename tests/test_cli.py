@@ -67,6 +67,13 @@ def test_default_job_on_the_sample_scores_against_truth(tmp_path: Path) -> None:
     assert len(lines) == 2
     psnr = {ln.split(",")[1].split(":")[0].strip(): float(ln.split("PSNR")[1].split("dB")[0]) for ln in lines}
     assert psnr["model"] > psnr["linear"] > 15
+    assert all(ln.endswith("(66 slices, gap 4)") for ln in lines), lines  # a score says its gap
+    vol = tmp_path / "vol"
+    for what, path in (("mni152_t1 quicklook", "mni152_t1.quicklook.png"),
+                       ("mni152_t1 montage", "mni152_t1.montage.png"),
+                       ("run summary", "run_summary.json")):  # every file written is named
+        assert f"wrote {what}: {vol / path}" in done.stdout
+        assert (vol / path).is_file()
     summary = (tmp_path / "vol" / "run_summary.json").read_text()
     assert secret not in summary and secret not in done.stdout + done.stderr
     assert json.loads(summary)["config"]["output"]["storage_options"]["secret"] == "***"

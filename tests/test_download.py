@@ -234,6 +234,10 @@ def test_two_genes_both_planes(server, tmp_path):
         assert ds.axis == EXPERIMENTS[eid][1] and ds.channels == 3
     assert server.count("query.json") > 1 + 2 * 2 + 4  # paging asked for more than one page
     assert not list(tmp_path.glob(".*tmp*"))
+    wrote = [ln for ln in summary.describe().splitlines() if ln.startswith("wrote ")]
+    assert len(wrote) == len(EXPERIMENTS)  # the job names every file it wrote
+    for eid in EXPERIMENTS:
+        assert any(ln.endswith(f"{tmp_path}/{eid}.npy + .json") for ln in wrote), wrote
 
 
 def test_rerun_skips_complete_experiments(server, tmp_path):

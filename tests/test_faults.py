@@ -51,7 +51,8 @@ def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal"
 
 
 def content(fs, root: str) -> dict[str, str]:
-    """sha256 of every output object, the image's generation id and the lease left out."""
+    """sha256 of every output object, the image's generation id (in its metadata and its
+    sidecar) and the lease left out."""
     out = {}
     for path in sorted(fs.find(root)):
         rel = path[len(root.rstrip("/")) + 1:]
@@ -64,6 +65,10 @@ def content(fs, root: str) -> dict[str, str]:
             meta["attributes"]["atlinter_ray"].pop("generation")
             meta["attributes"]["atlinter_ray"].pop("complete")
             blob = json.dumps(meta, sort_keys=True).encode()
+        elif rel.endswith(".provenance.json"):  # the image's sidecar names its generation too
+            side = json.loads(blob)
+            side.pop("generation")
+            blob = json.dumps(side, sort_keys=True).encode()
         out[rel] = hashlib.sha256(blob).hexdigest()
     return out
 

@@ -53,6 +53,12 @@ def test_the_wheel_carries_the_configs_the_sample_and_the_type_marker(wheel: Pat
         p.parent.relative_to(REPO).as_posix() for p in (REPO / "atlinter_ray").rglob("__init__.py")
     }
     assert on_disk <= packages, f"subpackages missing from the wheel: {on_disk - packages}"
+    # the licence and the attributions travel with the wheel, and its metadata says which
+    info = next(n.rsplit("/", 1)[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert {f"{info}/licenses/LICENSE", f"{info}/licenses/NOTICE"} <= names
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Project-URL: " in metadata and "Classifier: " in metadata
 
 
 @pytest.mark.slow

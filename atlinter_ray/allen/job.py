@@ -127,6 +127,8 @@ class DownloadSummary:
     genes_without_experiments: tuple[tuple[str, str], ...]
     #: The Nissl volume's record (``file``, ``sha256``, ``shape``, ``status``), if asked for.
     nissl: Mapping[str, Any] | None = None
+    #: Where the experiments were written (the job's ``output``).
+    output: str = ""
 
     def describe(self) -> str:
         """A few human-readable lines."""
@@ -144,6 +146,9 @@ class DownloadSummary:
             for gene, plane in self.genes_without_experiments
         ]
         lines += [f"  failed {r.experiment_id} ({r.gene}, {r.plane}): {r.error}" for r in failed]
+        if self.output:
+            lines += [f"wrote {r.experiment_id} ({r.gene}, {r.plane}): "
+                      f"{self.output.rstrip('/')}/{r.experiment_id}.npy + .json" for r in done]
         return "\n".join(lines)
 
 
@@ -530,6 +535,7 @@ def run_download(config: DownloadConfig) -> DownloadSummary:
         results=tuple(results),
         genes_without_experiments=tuple(empty),
         nissl=nissl,
+        output=config.output,
     )
     failures = {r.experiment_id: r.error for r in results if r.status != "done"}
     if failures:
