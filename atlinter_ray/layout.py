@@ -36,6 +36,7 @@ from typing import Any
 import google_crc32c
 import numcodecs
 import numpy as np
+from zarr.core.indexing import morton_order_iter
 
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import ConfigError
@@ -251,8 +252,9 @@ class ShardEncoder:
 
     Only for the layout this package creates (inner chunks: bytes codec then Zstandard;
     index: bytes codec then CRC32C, at the end of the shard); :func:`shard_encoder`
-    refuses anything else. Every inner chunk is stored, zeros included, in C order of the
-    chunk grid; the index lists ``(offset, size)`` per inner chunk, little-endian uint64.
+    refuses anything else. Every inner chunk is stored, zeros included, in zarr's order
+    (Morton order of the chunk grid); the index lists ``(offset, size)`` per inner chunk
+    in C order, little-endian uint64, followed by its CRC32C.
     """
 
     def __init__(self, shards: tuple[int, ...], chunks: tuple[int, ...],
@@ -271,7 +273,7 @@ class ShardEncoder:
         parts: list[bytes] = []
         index = np.empty((*self.grid, 2), dtype="<u8")
         offset = 0
-        for cell in np.ndindex(*self.grid):
+        for cell in morton_order_iter(self.grid):
             where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
             blob = bytes(self.codec.encode(np.ascontiguousarray(block[where], dtype=self.dtype)))
             index[cell] = (offset, len(blob))

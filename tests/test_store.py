@@ -1,4 +1,4 @@
-"""The output store: zarr's bytes without zarr's cost, images bound to their runs, leases."""
+"""The output store: zarr's shard bytes without zarr's cost, images bound to their runs, leases."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 import zarr
 
 from atlinter_ray.dataset import load_dataset
-from atlinter_ray.errors import IncompleteOutputError, OutputBusyError, StoreError
+from atlinter_ray.config import Config
+from atlinter_ray.errors import ConfigError, IncompleteOutputError, OutputBusyError, StoreError
 from atlinter_ray.identity import fingerprint
 from atlinter_ray.layout import Layout, array_spec
+from atlinter_ray.pipeline import layout_of
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 
@@ -38,60 +40,65 @@ def _fp(ds):
 
 
 @pytest.mark.parametrize("axis", ["coronal", "sagittal"])
-@pytest.mark.parametrize("rgb, dtype, chunks", [
-    (False, "uint8", None), (True, "uint8", None), (False, "uint16", (32, 40)),
-    (True, "float32", (50, 30)),
+@pytest.mark.parametrize("rgb, dtype, chunks, slab", [
+    (False, "uint8", None, 8), (True, "uint8", (32, 32), 8), (False, "uint16", (32, 40), 5),
+    (True, "float32", (50, 30), 16),
 ])
-def test_direct_chunk_writes_are_the_bytes_zarr_writes(
-    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None
+def test_shard_writes_are_the_bytes_zarr_writes(
+    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None, slab: int
 ) -> None:
     ds = _dataset(tmp_path, axis=axis, rgb=rgb, dtype=dtype)
     store = VolumeStore(str(tmp_path / "out"))
-    layout = Layout(chunks=chunks, zstd_level=3)
+    layout = Layout(slab=slab, chunks=chunks, zstd_level=3)
     store.prepare_image(ds, dtype, {"model": "linear"}, _fp(ds), layout)
     rng = np.random.default_rng(0)
     h, w = ds.image_shape
-    frames = (rng.random((5, ds.channels, h, w)) * 200).astype(dtype)
-    frames[2] = 0  # an all-zero slice is stored too: a missing object is a lost one
-    objects = store.write_slices(ds, 7, frames)
+    n = ds.n_slices
+    last = (n - 1) // slab * slab  # the last slab is short: the shard is padded with zeros
+    frames = (rng.random((2 * slab + n - last, ds.channels, h, w)) * 200).astype(dtype)
+    frames[slab] = 0  # an all-zero slice is stored too: a missing object is a lost one
+    objects = store.write_slices(ds, slab, frames[: 2 * slab])
+    objects |= store.write_slices(ds, last, frames[2 * slab:])
     # the same slices written by zarr itself into a twin array
     spec = array_spec(ds, layout)
     twin = zarr.create_array(str(tmp_path / "twin"), shape=spec.shape, chunks=spec.chunks,
-                             dtype=dtype, fill_value=0, compressors=zarr.codecs.ZstdCodec(level=3),
+                             shards=spec.shards, dtype=dtype, fill_value=0,
+                             compressors=zarr.codecs.ZstdCodec(level=3),
                              config={"write_empty_chunks": True})
     axis_index = twin.ndim - 3 + ds.axis_index
-    index = [slice(None)] * twin.ndim
-    index[axis_index] = slice(7, 12)
-    twin[tuple(index)] = np.moveaxis(frames if rgb else frames[:, 0], 0, axis_index)
+    for first, block in ((slab, frames[: 2 * slab]), (last, frames[2 * slab:])):
+        index = [slice(None)] * twin.ndim
+        index[axis_index] = slice(first, first + len(block))
+        twin[tuple(index)] = np.moveaxis(block if rgb else block[:, 0], 0, axis_index)
     ours = tmp_path / "out" / "g.ome.zarr" / "0"
     twins = sorted(p.relative_to(tmp_path / "twin").as_posix()
                    for p in (tmp_path / "twin" / "c").rglob("*") if p.is_file())
-    assert sorted(objects) == twins and len(twins) == 5 * (1 if chunks is None else
-                                                           len(list(_grid(ds, chunks))))
+    lead = "0/" if rgb else ""
+    grid = ["1", "2", str(last // slab)] if axis == "coronal" else ["0/0/1", "0/0/2",
+                                                                     f"0/0/{last // slab}"]
+    expected = sorted(f"c/{lead}{g}" + ("/0/0" if axis == "coronal" else "") for g in grid)
+    assert sorted(objects) == twins == expected  # one object per slab
     for key in twins:
         assert (ours / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
         assert objects[key] == (ours / key).stat().st_size
-    np.testing.assert_array_equal(store.read_volume(ds.id)[tuple(index)], twin[tuple(index)])
+    np.testing.assert_array_equal(store.read_volume(ds.id), twin[...])
 
 
-def _grid(ds, chunks):
-    h, w = ds.image_shape
-    return [(i, j) for i in range(-(-h // chunks[0])) for j in range(-(-w // chunks[1]))]
-
-
-def test_sharded_layout_stores_one_object_per_slice(tmp_path: Path) -> None:
-    ds = _dataset(tmp_path, rgb=True)
+def test_writes_must_cover_whole_slabs_and_old_settings_are_refused(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
-    layout = Layout(chunks=(32, 32), shards=True)
-    store.prepare_image(ds, "uint8", {"model": "linear"}, _fp(ds), layout)
-    frames = np.random.default_rng(1).integers(0, 255, (3, 3, *ds.image_shape), dtype=np.uint8)
-    objects = store.write_slices(ds, 20, frames)
-    assert sorted(objects) == ["c/0/20/0/0", "c/0/21/0/0", "c/0/22/0/0"]  # one shard per slice
-    assert set(store.stored_objects(ds.id)) == set(objects)
-    assert all(v is None for v in objects.values())  # zarr wrote them: sizes unknown
-    np.testing.assert_array_equal(store.read_volume(ds.id)[:, 20:23], np.moveaxis(frames, 0, 1))
-    with pytest.raises(Exception, match="output.shards=true needs output.chunks"):
-        Layout(shards=True).check()
+    store.prepare_image(ds, "uint8", {"model": "linear"}, _fp(ds), Layout(slab=8))
+    frames = np.ones((8, 1, *ds.image_shape), np.uint8)
+    with pytest.raises(ValueError, match="not whole slabs of 8"):
+        store.write_slices(ds, 4, frames)  # two writers would share slabs 0 and 1
+    with pytest.raises(ValueError, match="not whole slabs of 8"):
+        store.write_slices(ds, 8, frames[:5])
+    with pytest.raises(ConfigError, match="output.slab=0"):
+        Layout(slab=0).check()
+    cfg = Config()
+    cfg.output.shards = True
+    with pytest.raises(ConfigError, match="output.shards=True is no longer a setting.*output.slab"):
+        layout_of(cfg)
 
 
 def test_markers_count_only_for_their_image_generation(tmp_path: Path) -> None:
@@ -121,7 +128,7 @@ def test_a_half_made_image_is_made_again(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
     state = prepare_image(store, ds)
-    store.write_slices(ds, 0, np.ones((2, 1, *ds.image_shape), np.uint8))
+    store.write_slices(ds, 0, np.ones((8, 1, *ds.image_shape), np.uint8))
     (tmp_path / "out" / "g.ome.zarr" / "zarr.json").unlink()  # killed before the metadata
     again = prepare_image(store, ds)
     assert again.created and again.identity.generation != state.identity.generation
