@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from atlinter_ray.dataset import load_dataset
 from atlinter_ray.config import Config
+from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, IncompleteOutputError, OutputBusyError, StoreError
 from atlinter_ray.identity import fingerprint
 from atlinter_ray.layout import Layout, array_spec
