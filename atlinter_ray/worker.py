@@ -338,20 +338,43 @@ class TaskWorker:
                 made.append((predict_gap(model, own, part, chunk.peak).frames[0],
                              len(part.predicted)))
         elif gaps:
-            keys = sorted({(p.dataset_id, s) for _, p in gaps for s in p.pair})
-            slot = {k: i for i, k in enumerate(keys)}
-            stack = np.stack([sections[k] for k in keys])
-            known = self.runtime.upload(stack).float() if self.runtime else stack
-            pick = _picker(known)
-            a = pick([slot[p.dataset_id, p.pair[0]] for _, p in gaps])
-            b = pick([slot[p.dataset_id, p.pair[1]] for _, p in gaps])
-            result = predict_pairs(self.model, a, b, [p.positions for _, p in gaps], chunk.peak,
-                                   self.canvas)
-            made = list(zip(result.frames, result.model_calls))
+            made = self._predict_pairs([part for _, part in gaps], sections, chunk.peak)
         for (task_id, _), (part_frames, n) in zip(gaps, made):
             frames[task_id].extend(part_frames[i] for i in range(len(part_frames)))
             calls[task_id] += n
         return self._blocks(tasks, sections, frames, calls)
+
+    def _predict_pairs(
+        self, parts: Sequence[GapTask], sections: Mapping[tuple[str, int], np.ndarray],
+        peak: float,
+    ) -> list[tuple[Any, int]]:
+        """Frames and model calls of each gap part, every gap of the chunk predicted once.
+
+        Parts of one gap (the slab tasks on both sides of a slab boundary, in one chunk)
+        share their pair: its flow or bisection nodes are computed once, for the union of
+        their positions, and the calls are counted on the gap's first part.
+        """
+        wanted: dict[tuple[str, int, int], set[float]] = {}
+        for part in parts:
+            wanted.setdefault((part.dataset_id, *part.pair), set()).update(part.positions)
+        gaps = list(wanted)
+        positions = [tuple(sorted(wanted[g])) for g in gaps]
+        keys = sorted({(d, s) for d, left, right in gaps for s in (left, right)})
+        slot = {k: i for i, k in enumerate(keys)}
+        stack = np.stack([sections[k] for k in keys])
+        known = self.runtime.upload(stack).float() if self.runtime else stack
+        pick = _picker(known)
+        a = pick([slot[d, left] for d, left, _ in gaps])
+        b = pick([slot[d, right] for d, _, right in gaps])
+        result = predict_pairs(self.model, a, b, positions, peak, self.canvas)
+        index = {g: i for i, g in enumerate(gaps)}
+        made, counted = [], set()
+        for part in parts:
+            i = index[part.dataset_id, *part.pair]
+            rows = [positions[i].index(t) for t in part.positions]
+            made.append((result.frames[i][rows], 0 if i in counted else result.model_calls[i]))
+            counted.add(i)
+        return made
 
     def _blocks(
         self,

@@ -312,6 +312,23 @@ def test_device_path_gives_the_host_paths_bytes(tmp_path, name, rgb, placement):
         np.testing.assert_array_equal(got, frame if rgb else frame[0], err_msg=f"slice {s}")
 
 
+def test_slab_tasks_in_one_chunk_predict_a_shared_gap_once(tmp_path):
+    """Both slab tasks beside a boundary ask for the gap between; one chunk computes it once."""
+    ds = _dataset(tmp_path)  # a section every 8 slices from 2: every gap crosses a slab
+    gaps = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "atlinter", "copy")
+    tasks = plan_slabs(gaps, ds.n_slices, 8)
+    assert sum(len(t.parts) for t in tasks) > len(gaps)
+    worker, store = _worker(tmp_path, ds, "test_midpoint", {"device": "cpu", "batch_size": 64})
+    rows = worker.run(tasks)
+    assert all(r.done for r in rows)
+    once = sum(len(n) for g in gaps if g.predicted for n in bisection_nodes(g.positions))
+    assert sum(r.model_calls for r in rows) == once  # no node computed twice
+    expected = _host_reference(worker.model, ds, gaps, "uint8")
+    volume = store.read_volume(ds.id)
+    for s, frame in expected.items():
+        np.testing.assert_array_equal(volume[s], frame[0], err_msg=f"slice {s}")
+
+
 def test_device_warp_equals_opencv_remap():
     rng = np.random.default_rng(3)
     images = (rng.random((2, 3, 41, 57)) * 255).astype(np.float32)
