@@ -16,8 +16,10 @@ On an object store, a 528-slice volume is 66 objects at level 0 instead of 528.
 The shard's index (offset and size of every inner chunk, little-endian uint64) carries
 a CRC32C checksum of itself (zarr's default ``index_codecs``: bytes then ``crc32c``); the
 inner chunks carry none. Chunks are compressed with Zstandard (``output.zstd_level``,
-default 1). :class:`ShardEncoder` builds each shard in one pass, byte for byte a shard
-zarr reads (a test checks it against zarr), and hands back its size for the task's marker.
+default 1). :class:`ShardEncoder` builds each shard in one pass, the shard zarr writes
+(same inner chunks in the same order, same index; a test checks it against zarr), and
+hands back its size for the task's marker. It compresses with one reused ``zstandard`` compressor per thread: creating a
+context per chunk, as zarr's codec does, cost about a third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
 side is at most ``output.pyramid_min``), sharded the same way (slabs of K along the
@@ -29,13 +31,14 @@ single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c
-import numcodecs
 import numpy as np
+import zstandard
 from zarr.core.indexing import morton_order_iter
 
 from atlinter_ray.dataset import Dataset
@@ -248,7 +251,7 @@ def key_slab(key: str, axis_index: int) -> int:
 
 
 class ShardEncoder:
-    """Encodes whole shards exactly as zarr's ``sharding_indexed`` codec stores them.
+    """Encodes whole shards as zarr's ``sharding_indexed`` codec stores them.
 
     Only for the layout this package creates (inner chunks: bytes codec then Zstandard;
     index: bytes codec then CRC32C, at the end of the shard); :func:`shard_encoder`
@@ -262,7 +265,17 @@ class ShardEncoder:
         self.shards, self.chunks = shards, chunks
         self.grid = tuple(s // c for s, c in zip(shards, chunks))
         self.dtype = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
-        self.codec = numcodecs.Zstd(level=level, checksum=checksum)
+        self.level, self.checksum = level, checksum
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """This thread's compressor (one is reused: creating one per chunk costs more
+        than compressing a 32 x 32 tile; they are not thread-safe)."""
+        if not hasattr(self._local, "zstd"):
+            self._local.zstd = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=self.checksum, write_content_size=True)
+        compressor: zstandard.ZstdCompressor = self._local.zstd
+        return compressor
 
     def encode(self, block: np.ndarray) -> bytes:
         """Bytes of the shard holding ``block`` (its origin at the shard's; zeros beyond)."""
@@ -273,9 +286,10 @@ class ShardEncoder:
         parts: list[bytes] = []
         index = np.empty((*self.grid, 2), dtype="<u8")
         offset = 0
+        compress = self._compressor().compress
         for cell in morton_order_iter(self.grid):
             where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
-            blob = bytes(self.codec.encode(np.ascontiguousarray(block[where], dtype=self.dtype)))
+            blob = compress(np.ascontiguousarray(block[where], dtype=self.dtype).data)
             index[cell] = (offset, len(blob))
             offset += len(blob)
             parts.append(blob)
