@@ -18,8 +18,9 @@ a CRC32C checksum of itself (zarr's default ``index_codecs``: bytes then ``crc32
 inner chunks carry none. Chunks are compressed with Zstandard (``output.zstd_level``,
 default 1). :class:`ShardEncoder` builds each shard in one pass, the shard zarr writes
 (same inner chunks in the same order, same index; a test checks it against zarr), and
-hands back its size for the task's marker. It compresses with one reused ``zstandard`` compressor per thread: creating a
-context per chunk, as zarr's codec does, cost about a third more CPU on 32 x 32 tiles.
+hands back its size for the task's marker. It compresses with one reused ``zstandard``
+compressor per thread: creating a context per chunk, as zarr's codec does, cost about a
+third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
 side is at most ``output.pyramid_min``), sharded the same way (slabs of K along the
