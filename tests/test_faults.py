@@ -419,7 +419,7 @@ def test_a_killed_driver_is_finished_by_rerunning_the_command(faulty_s3, s3_inpu
               for k, v in faulty_s3.direct.items() if k != "endpoint_url"],
             f"+data.storage_options.endpoint_url={faulty_s3.direct['endpoint_url']}",
             f"+output.storage_options.endpoint_url={faulty_s3.proxy.endpoint_url}"]
-    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/driver-killed/_progress/.*45-52")
+    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/driver-killed/_progress/.*40-47")
     ray_tmp = tempfile.mkdtemp(prefix="i9k", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen([sys.executable, "-m", "atlinter_ray", *args], env=env,
