@@ -298,6 +298,33 @@ class ShardEncoder:
         parts += [table, np.uint32(google_crc32c.value(table)).tobytes()]
         return b"".join(parts)
 
+    def decode(self, blob: bytes) -> np.ndarray:
+        """The shard's ``shards``-shaped block; ValueError when the bytes are not one.
+
+        Inner chunks the index marks empty read as zeros (the fill value).
+        """
+        cells = int(np.prod(self.grid))
+        if len(blob) < 16 * cells + 4:
+            raise ValueError(f"a shard of {len(blob)} bytes cannot hold its index")
+        table = blob[-4 - 16 * cells : -4]
+        if np.uint32(google_crc32c.value(table)).tobytes() != blob[-4:]:
+            raise ValueError("the shard's index fails its CRC32C")
+        index = np.frombuffer(table, dtype="<u8").reshape(*self.grid, 2)
+        block = np.zeros(self.shards, dtype=self.dtype)
+        unzstd = zstandard.ZstdDecompressor()
+        size = int(np.prod(self.chunks)) * self.dtype.itemsize
+        for cell in np.ndindex(*self.grid):
+            offset, nbytes = (int(v) for v in index[cell])
+            if offset == nbytes == 2**64 - 1:
+                continue
+            raw = unzstd.decompress(blob[offset : offset + nbytes], max_output_size=size)
+            where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
+            try:
+                block[where] = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+            except ValueError as exc:
+                raise ValueError(f"inner chunk {cell} holds {len(raw)} bytes: {exc}") from exc
+        return block
+
 
 def shard_encoder(metadata: Any) -> ShardEncoder:
     """A :class:`ShardEncoder` for a zarr v3 array's metadata; ValueError if not our layout."""

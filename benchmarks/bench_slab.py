@@ -24,6 +24,8 @@ Two measurements (issue 19), each ratio from one run:
   that counts bytes and requests: a sagittal, an axial and a coronal plane against all
   of level 0, and the same for the one-slice-deep layout of the previous version
   (one whole-slice chunk per object, written by zarr). Target: <= 1/8 of level 0.
+  Also the whole level read by zarr against :meth:`VolumeStore.read_volume` (which
+  decodes the shards itself).
 
 Usage::
 
@@ -163,6 +165,9 @@ def viewer_reads(folder: Path) -> dict[str, Any]:
         frames = volume[first : first + _layout().slab, None]
         objects |= store.write_slices(ds, first, frames)
     slab_write = time.perf_counter() - start
+    start = time.perf_counter()
+    assert (store.read_volume(ds.id) == volume).all()
+    our_read = time.perf_counter() - start
     before = zarr.create_array(str(folder / "one-slice"), shape=SHAPE,
                                chunks=(1, *SHAPE[1:]), dtype="uint8", fill_value=0,
                                compressors=zarr.codecs.ZstdCodec(level=1))
@@ -174,6 +179,7 @@ def viewer_reads(folder: Path) -> dict[str, Any]:
                     "raw_bytes": int(volume.nbytes)},
         "slab layout": {"objects": len(objects), "stored_bytes": sum(objects.values()),
                         "write_seconds": slab_write, "layout": _layout().to_json(),
+                        "whole level read by VolumeStore.read_volume, seconds": our_read,
                         "reads": plane_reads(folder / "slab" / "g.ome.zarr" / "0")},
         "one-slice layout (before)": {"objects": SHAPE[0], "write_seconds (zarr)": one_slice_write,
                                       "reads": plane_reads(folder / "one-slice")},
@@ -202,6 +208,8 @@ def main() -> None:
               + "   " + " ".join(f"{at4[k]:.1%}" for k in at4))
     with tempfile.TemporaryDirectory() as tmp:
         reads = viewer_reads(Path(tmp))
+    print(f"whole level 0 by VolumeStore.read_volume (our shard decoder): "
+          f"{reads['slab layout']['whole level read by VolumeStore.read_volume, seconds']:.2f} s")
     for layout in ("slab layout", "one-slice layout (before)"):
         print(layout)
         for name, r in reads[layout]["reads"].items():

@@ -18,7 +18,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, IncompleteOutputError, OutputBusyError, StoreError
 from atlinter_ray.identity import fingerprint
-from atlinter_ray.layout import Layout, array_spec
+from atlinter_ray.layout import Layout, array_spec, shard_encoder
 from atlinter_ray.pipeline import layout_of
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
@@ -80,6 +80,7 @@ def test_shard_writes_are_the_shards_zarr_writes(
     expected = sorted(f"c/{lead}{g}" + ("/0/0" if axis == "coronal" else "") for g in grid)
     assert sorted(objects) == twins == expected  # one object per slab
     cells = int(np.prod([s // c for s, c in zip(spec.shards, spec.chunks)]))
+    decoder = shard_encoder(twin.metadata)
     for key in twins:
         mine, theirs = (ours / key).read_bytes(), (tmp_path / "twin" / key).read_bytes()
         assert objects[key] == len(mine)
@@ -90,8 +91,14 @@ def test_shard_writes_are_the_shards_zarr_writes(
         for (a, n), (b, m) in zip(mine_at, theirs_at):
             assert _unzstd(mine[a : a + n]) == _unzstd(theirs[b : b + m]), key
         assert (mine_at.sum(axis=1)).max() == len(mine) - 16 * cells - 4  # then the index
-    # zarr reads our shards (and checks each index's CRC32C) as its own
+        # our reader decodes zarr's shards as ours
+        np.testing.assert_array_equal(decoder.decode(theirs), decoder.decode(mine))
+    # zarr reads our shards (and checks each index's CRC32C) as its own, and our reader
+    # reads them as zarr does
+    np.testing.assert_array_equal(np.asarray(store.open_array(ds.id)[...]), twin[...])
     np.testing.assert_array_equal(store.read_volume(ds.id), twin[...])
+    with pytest.raises(ValueError, match="CRC32C"):
+        decoder.decode(mine[:-5] + b"x" + mine[-4:])  # a torn index
 
 
 def _shard_index(shard: bytes, cells: int) -> np.ndarray:
@@ -101,6 +108,19 @@ def _shard_index(shard: bytes, cells: int) -> np.ndarray:
 
 def _unzstd(blob: bytes) -> bytes:
     return bytes(numcodecs.Zstd().decode(blob))
+
+
+def test_a_shard_with_empty_inner_chunks_reads_as_zeros_there(tmp_path: Path) -> None:
+    """zarr leaves inner chunks of only the fill value out of a shard; they read as zeros."""
+    twin = zarr.create_array(str(tmp_path / "twin"), shape=(8, 64, 64), chunks=(8, 32, 32),
+                             shards=(8, 64, 64), dtype="uint16", fill_value=0,
+                             compressors=zarr.codecs.ZstdCodec(level=1))
+    block = np.zeros((8, 64, 64), np.uint16)
+    block[:, 40:, 3:9] = 1234  # one inner chunk of four holds data
+    twin[...] = block
+    blob = (tmp_path / "twin" / "c" / "0" / "0" / "0").read_bytes()
+    assert (_shard_index(blob, 4) == 2**64 - 1).sum() == 6  # three are left out
+    np.testing.assert_array_equal(shard_encoder(twin.metadata).decode(blob), block)
 
 
 def test_writes_must_cover_whole_slabs_and_old_settings_are_refused(tmp_path: Path) -> None:
