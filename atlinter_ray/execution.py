@@ -1,4 +1,4 @@
-"""Run gap tasks: in-process (serial) or on an autoscaling Ray actor pool.
+"""Run slab tasks: in-process (serial) or on an autoscaling Ray actor pool.
 
 Both paths drive the same :class:`~atlinter_ray.worker.TaskWorker` and yield one result
 per task as tasks finish (and one per finishing job: :func:`run_work`), so the driver's
@@ -20,12 +20,12 @@ from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.finishing import FinishJob, FinishResult
 from atlinter_ray.interrupts import keep_handlers
-from atlinter_ray.planning import GapTask
+from atlinter_ray.planning import SlabTask
 from atlinter_ray.pool import PoolSpec, PoolStats, map_unordered
 from atlinter_ray.worker import TaskResult, TaskWorker, WorkerSpec, failed_result
 
-#: What a worker is handed: a batch of gap tasks, or the finishing of one dataset.
-WorkItem = list[GapTask] | FinishJob
+#: What a worker is handed: a batch of slab tasks, or the finishing of one dataset.
+WorkItem = list[SlabTask] | FinishJob
 #: What comes back: one result per task, one per finishing job.
 WorkResult = TaskResult | FinishResult
 
@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 
 def run_serial(
-    tasks: list[GapTask], spec: WorkerSpec, tasks_per_batch: int = 1
+    tasks: list[SlabTask], spec: WorkerSpec, tasks_per_batch: int = 1
 ) -> Iterator[TaskResult]:
     """Run every task in this process (no Ray): for debugging and small data."""
     worker = TaskWorker(spec)
@@ -163,7 +163,7 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
 
 
 def run_on_ray(
-    tasks: list[GapTask], spec: WorkerSpec, resources: ResourcesConfig
+    tasks: list[SlabTask], spec: WorkerSpec, resources: ResourcesConfig
 ) -> Iterator[TaskResult]:
     """Run ``tasks`` on an autoscaling actor pool; yield results as they finish."""
     yield from map_batches(tasks, TaskWorker, spec, resources, failed_result)

@@ -59,11 +59,11 @@ from atlinter_ray.execution import (
 from atlinter_ray.finishing import FinishJob
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.inputs import THREADS, Inputs, load_inputs
-from atlinter_ray.layout import Layout, key_slice
+from atlinter_ray.layout import DEFAULT_SLAB, Layout, key_slab
 from atlinter_ray.lease import OutputLease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
-from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
+from atlinter_ray.planning import EdgePolicy, SlabTask, plan_dataset, plan_slabs
 from atlinter_ray.pool import PoolStats
 from atlinter_ray.quicklook import montage_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
@@ -226,10 +226,17 @@ def _configured_device(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def layout_of(cfg: Config) -> Layout:
     """The image layout ``output.*`` asks for, checked."""
+    if cfg.output.shards is not None:
+        raise ConfigError(
+            f"output.shards={cfg.output.shards} is no longer a setting: every level-0 object "
+            f"is now a shard output.slab slices deep (default {DEFAULT_SLAB}), with "
+            "output.chunks=[h, w] inner chunks. Fix: remove output.shards (and set "
+            "output.slab to choose the depth)"
+        )
     chunks = cfg.output.chunks
     layout = Layout(
+        slab=cfg.output.slab,
         chunks=None if chunks is None else tuple(chunks),  # type: ignore[arg-type]
-        shards=cfg.output.shards,
         zstd_level=cfg.output.zstd_level,
         pyramid_min=cfg.output.pyramid_min,
     )
@@ -262,14 +269,16 @@ def run(cfg: Config) -> RunSummary:
     reference = check_reference(cfg, model, datasets)
     if reference is not None:
         provenance = {**provenance, **reference_provenance(reference.url)}
-    tasks_by_ds = {
+    gaps_by_ds = {
         ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
                             cfg.interpolation.placement, cfg.interpolation.edge,
                             model_context(model))
         for ds in datasets
     }
-    for tasks in tasks_by_ds.values():
-        check_reachable(model, tasks)
+    for gaps in gaps_by_ds.values():
+        check_reachable(model, gaps)
+    tasks_by_ds = {ds.id: plan_slabs(gaps_by_ds[ds.id], ds.n_slices, layout.slab)
+                   for ds in datasets}
     run_info = {
         **provenance,
         "params": dict(cfg.model.params),
@@ -284,7 +293,7 @@ def run(cfg: Config) -> RunSummary:
         with _usable(cfg.output.root):
             states = _prepare(store, inputs, dtypes, run_info, layout, cfg.output.overwrite)
             states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
-                                                      tasks_by_ds[ds.id]), datasets)
+                                                      tasks_by_ds[ds.id], layout.slab), datasets)
             done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
                                 datasets)
         todo = [t for ds in datasets for t in tasks_by_ds[ds.id] if t.task_id not in done[ds.id]]
@@ -428,7 +437,7 @@ def _prepare(
 
 
 def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
-             tasks: Sequence[GapTask]) -> ImageState:
+             tasks: Sequence[SlabTask], slab: int) -> ImageState:
     """Reopen a complete image whose objects went missing since (a lifecycle rule, an rm).
 
     One listing against the objects verified at completion; the tasks owning lost
@@ -439,8 +448,8 @@ def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
     lost = store.lost_objects(ds.id, state.objects)
     if not lost:
         return state
-    slices = {key_slice(key, ds.axis_index) for key in lost}
-    redo = [t.task_id for t in tasks if any(j.slice in slices for j in t.jobs)]
+    slabs = {key_slab(key, ds.axis_index) for key in lost}
+    redo = [t.task_id for t in tasks if t.first // slab in slabs]
     log.warning("%s: %d stored object(s) went missing since it was completed; redoing %d "
                 "task(s)", ds.id, len(lost), len(redo))
     store.drop_markers(state.identity, redo)
@@ -452,8 +461,8 @@ class _Tracker:
 
     def __init__(
         self,
-        tasks_by_ds: Mapping[str, list[GapTask]],
-        todo: Sequence[GapTask],
+        tasks_by_ds: Mapping[str, list[SlabTask]],
+        todo: Sequence[SlabTask],
         states: Mapping[str, ImageState],
         cfg: Config,
     ) -> None:
