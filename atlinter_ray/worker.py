@@ -12,8 +12,9 @@ Pairs of different tasks, datasets and positions share one chunk (for midpoint-o
 models, one bisection depth at a time), so the model sees full batches of fixed shapes.
 A chunk holds enough tasks for about two model batches. Frames travel to the device
 in their stored dtype and come back in the output dtype; bisection levels and flow
-warps never leave the device. With a reference volume each slice is instead its
-nearest known section moved along the reference's flow (per task, on the host).
+warps never leave the device. With a reference volume each slice is instead made from
+the known sections moved along the reference's flow (per task, on the host; see
+:mod:`atlinter_ray.models.reference_guided`).
 
 Every task is reported, success or failure, so one bad task never hides the rest of
 the run; a task counts as done only once its slices and marker are written. A CUDA
@@ -53,9 +54,9 @@ from atlinter_ray.finishing import FinishJob, FinishResult, finish_dataset
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.models.base import ContextInterpolator, FlowEstimator, PairInterpolator
 from atlinter_ray.models.reference_guided import (
-    nearest_known,
-    predict_from_reference,
+    predict_gap_from_reference,
     reference_estimator,
+    reference_known,
 )
 from atlinter_ray.planning import GapTask, Placement
 from atlinter_ray.reference import ReferenceVolume, read_reference_slices, reference_provenance
@@ -413,21 +414,16 @@ class TaskWorker:
         sections: Mapping[tuple[str, int], np.ndarray],
         reference: ReferenceVolume,
     ) -> np.ndarray:
-        """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
+        """Frames ``(K, C, H, W)``: the task's known sections moved along the reference flow."""
         ds = self.datasets[task.dataset_id]
         targets = [j.slice for j in task.predicted]
-        # Inside a gap, or outside the known range (edge=reference): the nearest known
-        # section is one of the task's bounds.
-        nearest = [nearest_known(s, task.bounds) for s in targets]
-        wanted = sorted(set(targets) | set(nearest))
+        wanted = sorted(set(targets) | set(task.bounds) | set(task.context))
         ref = dict(zip(wanted, read_reference_slices(reference, ds.axis_index, wanted)))
         assert self.estimator is not None  # set with the reference in __init__
-        return predict_from_reference(
-            self.estimator,
-            np.stack([ref[s] for s in targets]),
-            np.stack([ref[k] for k in nearest]),
-            np.stack([sections[task.dataset_id, k] for k in nearest]),
-            reference.peak,
+        return predict_gap_from_reference(
+            self.model_for(task.dataset_id), self.estimator,
+            {s: sections[task.dataset_id, s] for s in task.sources}, ref, targets,
+            task.bounds, task.context, ds.peak, reference.peak,
             atlinter=self.placement == Placement.atlinter,
         )
 
@@ -442,7 +438,8 @@ class TaskWorker:
                 record.update(left=task.left, right=task.right, t=job.t,
                               **slice_provenance(self.model, job.t, self.provenance))
                 if self.reference is not None:
-                    record["known"] = nearest_known(job.slice, task.bounds)
+                    record["known"] = reference_known(
+                        job.slice, task.bounds, self.placement == Placement.atlinter)
                 if task.context:
                     record["context"] = list(task.context)
                 tuned = self.tuning.get(task.dataset_id)
