@@ -22,7 +22,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, DatasetError, DatasetNotFoundError, StoreError
 from atlinter_ray.models.base import build_model
-from atlinter_ray.models.reference_guided import nearest_known, predict_from_reference
+from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 from atlinter_ray.pipeline import run
 from atlinter_ray.reference import load_reference, read_reference_slices
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
@@ -57,17 +57,17 @@ def _chw(volume: np.ndarray, s: int, axis: str) -> np.ndarray:
 
 def _expected(gene: np.ndarray, reference: np.ndarray, sections: list[int], axis: str,
               peak: float) -> dict[int, np.ndarray]:
-    """Every predicted slice computed directly from in-memory volumes, uint8 ``(C, H, W)``."""
+    """Every predicted slice computed directly from in-memory volumes (both bounds moved
+    along the reference's flows), uint8 ``(C, H, W)``."""
     estimator = build_model("dis", preset="medium")
     out = {}
     for left, right in zip(sections, sections[1:]):
         for s in range(left + 1, right):
-            k = nearest_known(s, sections)
-            frame = predict_from_reference(
-                estimator, _chw(reference, s, axis)[None], _chw(reference, k, axis)[None],
-                _chw(gene, k, axis)[None], peak,
-            )[0]
-            out[s] = to_dtype(frame, "uint8")
+            guide = GuideSlices(_chw(reference, s, axis)[None], _chw(reference, left, axis),
+                                _chw(reference, right, axis), peak)
+            frame = predict_two_sided(estimator, guide, _chw(gene, left, axis),
+                                      _chw(gene, right, axis), [(s - left) / (right - left)])
+            out[s] = to_dtype(frame[0][0], "uint8")
     return out
 
 
@@ -97,10 +97,10 @@ def test_true_reference_beats_linear_and_fingerprints_the_run(tmp_path: Path) ->
     by_slice = {p["slice"]: p for p in provenance}
     assert by_slice[6] | {"software": ""} == {
         "slice": 6, "status": "predicted", "left": 2, "right": 10, "t": 0.5,
-        "known": 2, "model": "dis", "checkpoint_sha256": None, "software": "",
+        "known": [2, 10], "model": "dis", "checkpoint_sha256": None, "software": "",
         "mode": "reference-guided", "reference": cfg.interpolation.reference,
     }
-    assert by_slice[7]["known"] == 10 and "mode" not in by_slice[10]
+    assert by_slice[7]["known"] == [2, 10] and "mode" not in by_slice[10]
     # Resuming needs the same reference; another one is refused, naming the field.
     assert run(cfg).tasks_skipped == summary.tasks_total
     other = tmp_path / "other.npy"
@@ -192,7 +192,7 @@ def _bad_reference(tmp_path: Path, cfg: Config, kind: str) -> None:
         ("not npy", DatasetError, r"nissl\.npz: field 'interpolation\.reference': not a \.npy"),
         ("nan", DatasetError, r"'interpolation\.reference': slice 50 along axis 0 contains NaN"),
         ("pair model", ConfigError, r"interpolation\.reference is set but model 'linear' is "
-                                    r"a pair interpolator.*Fix: choose a flow model"),
+                                    r"a pair interpolator.*Fix: choose model=fusion"),
         ("edge without reference", ConfigError, r"interpolation\.edge=reference predicts "
                                                 r".*Fix: set interpolation\.reference"),
     ],
