@@ -39,7 +39,7 @@ given, each gap learns ``lambda`` from its own known sections: each bound is pre
 from the section beyond it and the other bound (twice the gap, straight trajectories),
 with the reference and without, and the trust in ``TRUST_CANDIDATES`` with the best
 PSNR is kept, if it beats no reference (``lambda = 0``, the members alone, bit for bit)
-by ``TUNE_MARGIN_DB``. A gap with no section beyond either bound (a stack of two)
+by ``TRUST_MARGIN_DB``. A gap with no section beyond either bound (a stack of two)
 has nothing to learn from and trusts the reference at ``lambda = 1``.
 
 **Stack-adaptive tuning** (:meth:`FusionInterpolator.tune`): the known sections of a
@@ -76,6 +76,10 @@ from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 TUNE_MARGIN_DB = 0.1
 #: The reference member's weight scales a gap chooses from (0: the reference unused).
 TRUST_CANDIDATES = (0.0, 0.25, 1.0, 4.0, 16.0)
+#: Extra PSNR (dB, at twice the gap) the reference must bring to be used at all. At
+#: twice the gap any extra member helps by smoothing: a reference of pure noise gained
+#: up to 0.74 dB there (the bundled volume, gap 8), a true one 5-9 dB.
+TRUST_MARGIN_DB = 1.0
 
 
 def curvature_shift(
@@ -311,7 +315,7 @@ class FusionInterpolator(ContextInterpolator):
         if trust == 0:
             return np.stack([self._fused(flows, a, b, float(tk), peak) for tk in ts]).astype(np.float32)
         ref_frames, ref_errors = predict_two_sided(
-            self._reference, guide, a, b, ts, self.floor, self.window)
+            self._reference, guide, a, b, ts, peak, self.floor, self.window)
         return np.stack([
             self._fused(flows, a, b, float(tk), peak, (ref_frames[k], ref_errors[k], trust))
             for k, tk in enumerate(ts)
@@ -352,7 +356,7 @@ class FusionInterpolator(ContextInterpolator):
             ref_frame, ref_error = predict_two_sided(
                 self._reference,
                 GuideSlices(ref_truth[None], ref_p, ref_q, guide.peak),
-                p, q, [t], self.floor, self.window,
+                p, q, [t], peak, self.floor, self.window,
             )
             for lam in TRUST_CANDIDATES:
                 use = parts + [(ref_frame[0], ref_error[0])] if lam > 0 else parts
@@ -361,7 +365,7 @@ class FusionInterpolator(ContextInterpolator):
                 scores[lam].append(psnr(np.clip(frame, 0, peak), truth, data_range=peak))
         mean = {lam: float(np.mean(v)) for lam, v in scores.items()}
         best = max(mean, key=lambda lam: mean[lam])
-        chosen = best if mean[best] >= mean[0.0] + TUNE_MARGIN_DB else 0.0
+        chosen = best if mean[best] >= mean[0.0] + TRUST_MARGIN_DB else 0.0
         return {"trust": chosen, "scores": {str(k): round(v, 3) for k, v in mean.items()}}
 
     def settings(self) -> dict[str, Any]:

@@ -16,9 +16,11 @@ slice; the gene is known only at its sections. The flow between the reference's 
 reference's own residual after the warp (where the flow failed to match the reference,
 a fraction of its full intensity) and ``fb_l = |F_sl(x) + F_ls(x + F_sl(x))|`` the
 forward-backward inconsistency in pixels (occlusions, flow errors), both pooled over
-``window`` pixels. At a known section (``t = 0``) this is the nearest-only prediction;
-the disagreement of the two warped sections is returned with the frame, the confidence
-that :class:`~atlinter_ray.models.context.FusionInterpolator` blends it by.
+``window`` pixels. At a known section (``t = 0``) this is the nearest-only prediction.
+The frame comes with an error estimate, the disagreement of the two warped sections and
+the blended reference residual in quadrature, by which
+:class:`~atlinter_ray.models.context.FusionInterpolator` weighs it against its own
+members: where the reference's flow cannot explain the reference, it is not used.
 
 **Nearest-only** (:func:`predict_from_reference`; ``interpolation.placement=atlinter``
 and edge slices): the nearest known section alone. This is atlinter 0.2.3's
@@ -193,13 +195,14 @@ def _pooled(x: np.ndarray, window: float) -> np.ndarray:
 def _trust(
     flow: np.ndarray, back: np.ndarray, target: np.ndarray, source: np.ndarray,
     peak: float, floor: float, window: float,
-) -> np.ndarray:
-    """``1 / ((floor^2 + res^2) (1 + fb^2))`` ``(H, W)`` of one warp of the reference."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``1 / ((floor^2 + res^2) (1 + fb^2))`` ``(H, W)`` of one warp of the reference, and
+    its pooled residual ``res`` (a fraction of the reference's full intensity)."""
     res = np.abs(target - warp(source, flow)).mean(axis=0) / peak
+    res2 = _pooled(res * res, window)
     fb = flow + warp(back, flow)
-    fb2 = fb[0] ** 2 + fb[1] ** 2
-    trust: np.ndarray = 1.0 / ((floor**2 + _pooled(res * res, window)) * (1.0 + _pooled(fb2, window)))
-    return trust
+    trust: np.ndarray = 1.0 / ((floor**2 + res2) * (1.0 + _pooled(fb[0] ** 2 + fb[1] ** 2, window)))
+    return trust, res2
 
 
 def predict_two_sided(
@@ -208,6 +211,7 @@ def predict_two_sided(
     left: np.ndarray,
     right: np.ndarray,
     t: Sequence[float] | np.ndarray,
+    peak: float = 1.0,
     floor: float = FLOOR,
     window: float = WINDOW,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,10 +222,13 @@ def predict_two_sided(
         guide: the reference at the targets and at both bounds.
         left, right: ``(C, H, W)`` gene sections at the bounds.
         t: position of each target in the gap (0 at ``left``, 1 at ``right``).
+        peak: the gene's full intensity.
 
     Returns:
-        ``(K, C, H, W)`` float32 frames and ``(K, H, W)`` disagreement of the two warped
-        sections, in the gene's units (see the module docstring for the weights).
+        ``(K, C, H, W)`` float32 frames and their ``(K, H, W)`` error estimate in the
+        gene's units: the disagreement of the two warped sections and the reference's
+        own residual (as a fraction of ``peak``) in quadrature (see the module docstring
+        for the weights).
     """
     ts = np.asarray(t, dtype=np.float64).reshape(-1)
     targets = guide.targets.astype(np.float32, copy=False)
@@ -242,10 +249,13 @@ def predict_two_sided(
     frames, errors = [], []
     for i, tk in enumerate(ts):
         from_l, from_r = warp(left, f_sl[i]), warp(right, f_sr[i])
-        w_l = (1.0 - tk) * _trust(f_sl[i], f_ls[i], targets[i], ref_l, guide.peak, floor, window)
-        w_r = tk * _trust(f_sr[i], f_rs[i], targets[i], ref_r, guide.peak, floor, window)
-        frames.append((w_l[None] * from_l + w_r[None] * from_r) / (w_l + w_r)[None])
-        errors.append(np.abs(from_l - from_r).mean(axis=0))
+        trust_l, res_l = _trust(f_sl[i], f_ls[i], targets[i], ref_l, guide.peak, floor, window)
+        trust_r, res_r = _trust(f_sr[i], f_rs[i], targets[i], ref_r, guide.peak, floor, window)
+        w_l, w_r = (1.0 - tk) * trust_l, tk * trust_r
+        total = w_l + w_r
+        frames.append((w_l[None] * from_l + w_r[None] * from_r) / total[None])
+        res2 = (w_l * res_l + w_r * res_r) / total
+        errors.append(np.sqrt(np.abs(from_l - from_r).mean(axis=0) ** 2 + peak**2 * res2))
     return np.stack(frames).astype(np.float32), np.stack(errors).astype(np.float32)
 
 
@@ -296,7 +306,7 @@ def predict_gap_from_reference(
             None if after is None else Neighbour(sections[after], (hi - lo) / (after - hi)),
             guide,
         )
-    return predict_two_sided(estimator, guide, sections[lo], sections[hi], ts)[0]
+    return predict_two_sided(estimator, guide, sections[lo], sections[hi], ts, peak)[0]
 
 
 def reference_known(slice_number: int, bounds: Sequence[int], atlinter: bool) -> int | list[int]:
