@@ -9,8 +9,9 @@ stack, three genes share its space:
   cut into ``LABELS`` intensity classes (a label map of the real anatomy), each class
   given its own level, times a smooth multiplicative field: the same anatomy in another
   contrast, as a gene against the Nissl;
-- ``mismatch``: the same recipe on the volume reversed along the stack axis: a gene
-  whose anatomy does not follow the reference (its guidance is wrong).
+- ``mismatch``: the same recipe on the volume rolled by ``MISMATCH_SHIFT`` slices along
+  the stack axis: a gene whose anatomy does not follow the reference (slice ``s`` of
+  the gene is the anatomy at ``s + 12``: the reference's guidance is wrong).
 
 Known sections every ``--gap`` slices (8); every slice between two known sections is
 predicted and scored (PSNR in dB, uint8, mean over slices, and by distance to the
@@ -50,6 +51,8 @@ from atlinter_ray.sample import sample_truth
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Intensity classes of the label map a ``contrast`` gene is painted on.
 LABELS = 6
+#: Slices by which a ``mismatch`` gene's anatomy is offset from the reference's.
+MISMATCH_SHIFT = 12
 
 
 def label_gene(volume: np.ndarray, seed: int) -> np.ndarray:
@@ -80,7 +83,7 @@ def genes(reference: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "control": reference,
         "contrast": label_gene(reference, seed=1),
-        "mismatch": label_gene(reference[::-1], seed=1),
+        "mismatch": label_gene(np.roll(reference, -MISMATCH_SHIFT, axis=0), seed=1),
     }
 
 

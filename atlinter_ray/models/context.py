@@ -74,8 +74,9 @@ from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 
 #: Extra PSNR (dB, at twice the gap) a tuned configuration needs to replace the default.
 TUNE_MARGIN_DB = 0.1
-#: The reference member's weight scales a gap chooses from (0: the reference unused).
-TRUST_CANDIDATES = (0.0, 0.25, 1.0, 4.0, 16.0)
+#: The reference member's weight scales a gap chooses from (0: the reference unused;
+#: inf: the reference-guided frame alone).
+TRUST_CANDIDATES = (0.0, 0.25, 1.0, 4.0, 16.0, 64.0, float("inf"))
 #: Extra PSNR (dB, at twice the gap) the reference must bring to be used at all. At
 #: twice the gap any extra member helps by smoothing: a reference of pure noise gained
 #: up to 0.74 dB there (the bundled volume, gap 8), a true one 5-9 dB.
@@ -230,7 +231,7 @@ class FusionInterpolator(ContextInterpolator):
         self.floor = float(floor)
         self.window = float(window)
         self.tune_enabled = bool(tune)
-        if trust is not None and trust < 0:
+        if trust is not None and not trust >= 0:
             raise ConfigError(
                 f"model.params.trust={trust}: give a weight scale >= 0 for the reference "
                 "(0 ignores it), or null to learn it per gap"
@@ -282,6 +283,8 @@ class FusionInterpolator(ContextInterpolator):
         its disagreement and trust)."""
         parts = [f.frame(a, b, t, self.curved) for f in flows]
         scales = [1.0] * len(parts)
+        if guided is not None and guided[2] == np.inf:
+            return guided[0]
         if guided is not None and guided[2] > 0:
             parts.append((guided[0], guided[1]))
             scales.append(guided[2])
@@ -360,8 +363,9 @@ class FusionInterpolator(ContextInterpolator):
             )
             for lam in TRUST_CANDIDATES:
                 use = parts + [(ref_frame[0], ref_error[0])] if lam > 0 else parts
-                frame = fuse([u[0] for u in use], [u[1] for u in use], self.floor * peak,
-                             self.window, [1.0] * len(parts) + [lam])
+                frame = ref_frame[0] if lam == np.inf else fuse(
+                    [u[0] for u in use], [u[1] for u in use], self.floor * peak,
+                    self.window, [1.0] * len(parts) + [lam])
                 scores[lam].append(psnr(np.clip(frame, 0, peak), truth, data_range=peak))
         mean = {lam: float(np.mean(v)) for lam, v in scores.items()}
         best = max(mean, key=lambda lam: mean[lam])
