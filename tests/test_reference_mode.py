@@ -224,3 +224,27 @@ def test_the_job_takes_the_reference_as_an_override(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "interpolation.reference" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fusion_takes_an_nrrd_reference_end_to_end(tmp_path: Path) -> None:
+    import nrrd
+
+    truth = real_volume()
+    cfg = _setup(tmp_path, truth, CORONAL, "coronal", truth)
+    nrrd.write(str(tmp_path / "nissl.nrrd"), truth)
+    cfg.interpolation.reference = str(tmp_path / "nissl.nrrd")
+    cfg.model.name, cfg.model.params = "fusion", {"members": ["dis"]}
+    np.savez(tmp_path / "truth.npz", volume=truth)
+    cfg.data.truth = {"gene": str(tmp_path / "truth.npz")}
+    cfg.run.serial = True
+    summary = run(cfg)
+    assert summary.ok, summary.failures
+    scores = summary.scores["gene"]
+    assert scores["model"]["psnr"] > scores["linear"]["psnr"] + 2, scores
+    _, provenance = _output(tmp_path, "coronal")
+    by_slice = {p["slice"]: p for p in provenance}
+    assert by_slice[13]["known"] == [10, 18] and by_slice[13]["context"] == [2, 26]
+    assert by_slice[13]["reference"] == cfg.interpolation.reference
+    assert by_slice[13]["model"] == "fusion"
+    assert len(list((tmp_path / "out" / "_reference").glob("nissl-*.npy"))) == 1
+    assert run(cfg).tasks_skipped == summary.tasks_total  # resumes beside the cache
