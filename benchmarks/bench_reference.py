@@ -9,9 +9,10 @@ stack, three genes share its space:
   cut into ``LABELS`` intensity classes (a label map of the real anatomy), each class
   given its own level, times a smooth multiplicative field: the same anatomy in another
   contrast, as a gene against the Nissl;
-- ``mismatch``: the same recipe on the volume rolled by ``MISMATCH_SHIFT`` slices along
-  the stack axis: a gene whose anatomy does not follow the reference (slice ``s`` of
-  the gene is the anatomy at ``s + 12``: the reference's guidance is wrong).
+- ``mismatch``: the same recipe on the volume deformed in-plane by a smooth random
+  displacement (up to ``MISMATCH_PX`` pixels) that changes along the stack axis every
+  ``MISMATCH_PERIOD`` slices: a gene whose anatomy moves from slice to slice otherwise
+  than the reference's (the reference's guidance is wrong by a few pixels per gap).
 
 Known sections every ``--gap`` slices (8); every slice between two known sections is
 predicted and scored (PSNR in dB, uint8, mean over slices, and by distance to the
@@ -51,8 +52,10 @@ from atlinter_ray.sample import sample_truth
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Intensity classes of the label map a ``contrast`` gene is painted on.
 LABELS = 6
-#: Slices by which a ``mismatch`` gene's anatomy is offset from the reference's.
-MISMATCH_SHIFT = 12
+#: Largest in-plane displacement (pixels) of a ``mismatch`` gene's anatomy.
+MISMATCH_PX = 6.0
+#: Slices over which that displacement changes (its coarse grid along the stack).
+MISMATCH_PERIOD = 12
 
 
 def label_gene(volume: np.ndarray, seed: int) -> np.ndarray:
@@ -71,6 +74,20 @@ def label_gene(volume: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
+def deformed(volume: np.ndarray, seed: int) -> np.ndarray:
+    """``volume`` moved in-plane by a smooth random displacement varying along axis 0."""
+    rng = np.random.default_rng(seed)
+    coarse = (max(2, volume.shape[0] // MISMATCH_PERIOD), 3, 3)
+    grid = np.mgrid[tuple(slice(0, n) for n in volume.shape)].astype(np.float32)
+    for axis in (1, 2):
+        field = ndimage.zoom(rng.uniform(-1, 1, coarse),
+                             [n / c for n, c in zip(volume.shape, coarse)], order=3)
+        grid[axis] += MISMATCH_PX * np.clip(field, -1, 1)
+    out: np.ndarray = ndimage.map_coordinates(volume.astype(np.float32), grid, order=1,
+                                              mode="nearest")
+    return out
+
+
 def stacks() -> dict[str, np.ndarray]:
     """The real volume stacked along each axis (axis 0 first)."""
     volume = sample_truth()
@@ -83,7 +100,7 @@ def genes(reference: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "control": reference,
         "contrast": label_gene(reference, seed=1),
-        "mismatch": label_gene(np.roll(reference, -MISMATCH_SHIFT, axis=0), seed=1),
+        "mismatch": label_gene(deformed(reference, seed=2), seed=1),
     }
 
 
