@@ -130,3 +130,32 @@ def test_two_sided_blends_both_sections_symmetrically_at_mid_gap() -> None:
     assert disagreement.shape == (1, 96, 128) and disagreement[0][inner].mean() < 2.0
     # at the border each side replicates a different edge: the blend is not the mean there
     assert np.abs(frame[0, 0] - (sides[0] + sides[1]) / 2).max() > 1.0
+
+
+@pytest.mark.parametrize("name", ["deepflow", "tvl1"])
+def test_two_sided_runs_on_any_classical_estimator(name: str) -> None:
+    ref_l, ref_m, ref_r, gene_l, truth, gene_r = _gap(SHIFT)
+    guide = GuideSlices(ref_m[None, None], ref_l[None], ref_r[None], peak=255.0)
+    frame, _ = predict_two_sided(build_model(name), guide, gene_l[None], gene_r[None], [0.5])
+    inner = (slice(16, -16), slice(16, -16))
+    error = np.abs(frame[0, 0] - truth)[inner].mean()
+    assert error < 0.1 * np.abs(gene_l - truth)[inner].mean(), error
+
+
+def test_a_learned_estimator_guides_fusion_on_the_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from atlinter_ray.models.base import Neighbour
+    from atlinter_ray.testing.predecessor import predecessor_raft
+
+    checkpoint = tmp_path / "raft-small.pth"
+    torch.save(predecessor_raft(True).state_dict(), checkpoint)
+    fusion = build_model("fusion", members=["dis"], reference_flow="raft_small",
+                         reference_params={"checkpoint": str(checkpoint)}, trust=1.0)
+    assert fusion.reference_estimator().name == "raft_small"  # type: ignore[union-attr]
+    ref_l, ref_m, ref_r, gene_l, truth, gene_r = _gap(SHIFT)
+    guide = GuideSlices(ref_m[None, None], ref_l[None], ref_r[None], 255.0)
+    frames = fusion.interpolate_reference(  # type: ignore[union-attr]
+        gene_l[None], gene_r[None], np.array([0.5], np.float32), 255.0,
+        Neighbour(gene_l[None]), None, guide)
+    assert frames.shape == (1, 1, 96, 128) and np.isfinite(frames).all()
