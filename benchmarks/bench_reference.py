@@ -9,7 +9,10 @@ stack, three genes share its space:
   cut into ``LABELS`` intensity classes (a label map of the real anatomy), each class
   given its own level, times a smooth multiplicative field: the same anatomy in another
   contrast, as a gene against the Nissl;
-- ``mismatch``: the same recipe on the volume deformed in-plane by a smooth random
+- ``reversed``: the same recipe on the volume reversed along the stack axis: other
+  anatomy at every slice, the reference's guidance wrong (on the left-right stack,
+  axis 2, the mirrored hemispheres nearly match: there it is not a mismatch);
+- ``deformed``: the same recipe on the volume deformed in-plane by a smooth random
   displacement (up to ``MISMATCH_PX`` pixels) that changes along the stack axis every
   ``MISMATCH_PERIOD`` slices: a gene whose anatomy moves from slice to slice otherwise
   than the reference's (the reference's guidance is wrong by a few pixels per gap).
@@ -25,6 +28,7 @@ Usage (from the repository root; writes ``benchmarks/results/reference.json``)::
 
     python benchmarks/bench_reference.py                       # DIS+DeepFlow+TV-L1 fusion
     python benchmarks/bench_reference.py --members dis --out reference-dis.json
+    python benchmarks/bench_reference.py --stacks 0 --genes reversed --out reference-rev.json
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from atlinter_ray.sample import sample_truth
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Intensity classes of the label map a ``contrast`` gene is painted on.
 LABELS = 6
-#: Largest in-plane displacement (pixels) of a ``mismatch`` gene's anatomy.
+#: Largest in-plane displacement (pixels) of a ``deformed`` gene's anatomy.
 MISMATCH_PX = 6.0
 #: Slices over which that displacement changes (its coarse grid along the stack).
 MISMATCH_PERIOD = 12
@@ -100,7 +104,8 @@ def genes(reference: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "control": reference,
         "contrast": label_gene(reference, seed=1),
-        "mismatch": label_gene(deformed(reference, seed=2), seed=1),
+        "reversed": label_gene(reference[::-1], seed=1),
+        "deformed": label_gene(deformed(reference, seed=2), seed=1),
     }
 
 
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--members", default="dis,deepflow,tvl1")
     parser.add_argument("--estimator", default="dis")
     parser.add_argument("--stacks", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--genes", nargs="*", default=["control", "contrast", "reversed",
+                                                          "deformed"])
     parser.add_argument("--out", default="reference.json")
     args = parser.parse_args()
     cv2.setNumThreads(1)
@@ -174,6 +181,8 @@ def main() -> None:
             continue
         known = list(range(0, reference.shape[0], args.gap))
         for gene_name, gene in genes(reference).items():
+            if gene_name not in args.genes:
+                continue
             row: dict[str, Any] = {"stack": name, "gene": gene_name}
             for config in ("fusion", "fusion+reference", "two-sided", "nearest"):
                 start = time.perf_counter()
