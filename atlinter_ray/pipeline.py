@@ -66,7 +66,7 @@ from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import EdgePolicy, SlabTask, plan_dataset, plan_slabs
 from atlinter_ray.pool import PoolStats
 from atlinter_ray.quicklook import montage_png
-from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
+from atlinter_ray.reference import ReferenceVolume, prepare_reference, reference_provenance
 from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
 from atlinter_ray.storage_hints import store_fix
 from atlinter_ray.store import ImageState, VolumeStore
@@ -194,11 +194,14 @@ def check_reference(
             raise ConfigError(
                 "interpolation.edge=reference predicts edge slices from a reference volume, "
                 "but interpolation.reference is not set. Fix: set interpolation.reference "
-                "to the reference .npy, or use interpolation.edge=copy or empty"
+                "to the reference volume (.npy, .nrrd or OME-Zarr), or use "
+                "interpolation.edge=copy or empty"
             )
         return None
     reference_estimator(model, cfg.model.name)  # a pair interpolator cannot be guided
-    return load_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options)
+    return prepare_reference(cfg.interpolation.reference, datasets, cfg.data.storage_options,
+                             f"{cfg.output.root.rstrip('/')}/_reference",
+                             cfg.output.storage_options)
 
 
 def check_worker_device(cfg: Config) -> None:

@@ -13,8 +13,9 @@ tasks, datasets and positions share one chunk (for midpoint-only
 models, one bisection depth at a time), so the model sees full batches of fixed shapes.
 A chunk holds enough tasks for about two model batches. Frames travel to the device
 in their stored dtype and come back in the output dtype; bisection levels and flow
-warps never leave the device. With a reference volume each slice is instead its
-nearest known section moved along the reference's flow (per task, on the host).
+warps never leave the device. With a reference volume each slice is instead made from
+the known sections moved along the reference's flow (per task, on the host; see
+:mod:`atlinter_ray.models.reference_guided`).
 
 Every task is reported, success or failure, so one bad task never hides the rest of
 the run; a task counts as done only once its slices and marker are written. A CUDA
@@ -54,9 +55,9 @@ from atlinter_ray.finishing import FinishJob, FinishResult, finish_dataset
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.models.base import ContextInterpolator, FlowEstimator, PairInterpolator
 from atlinter_ray.models.reference_guided import (
-    nearest_known,
-    predict_from_reference,
+    predict_gap_from_reference,
     reference_estimator,
+    reference_known,
 )
 from atlinter_ray.planning import GapTask, Placement, SlabTask
 from atlinter_ray.reference import ReferenceVolume, read_reference_slices, reference_provenance
@@ -444,21 +445,16 @@ class TaskWorker:
         sections: Mapping[tuple[str, int], np.ndarray],
         reference: ReferenceVolume,
     ) -> np.ndarray:
-        """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
+        """Frames ``(K, C, H, W)``: the part's known sections moved along the reference flow."""
         ds = self.datasets[part.dataset_id]
         targets = [j.slice for j in part.predicted]
-        # Inside a gap, or outside the known range (edge=reference): the nearest known
-        # section is one of the part's bounds.
-        nearest = [nearest_known(s, part.bounds) for s in targets]
-        wanted = sorted(set(targets) | set(nearest))
+        wanted = sorted(set(targets) | set(part.bounds) | set(part.context))
         ref = dict(zip(wanted, read_reference_slices(reference, ds.axis_index, wanted)))
         assert self.estimator is not None  # set with the reference in __init__
-        return predict_from_reference(
-            self.estimator,
-            np.stack([ref[s] for s in targets]),
-            np.stack([ref[k] for k in nearest]),
-            np.stack([sections[part.dataset_id, k] for k in nearest]),
-            reference.peak,
+        return predict_gap_from_reference(
+            self.model_for(part.dataset_id), self.estimator,
+            {s: sections[part.dataset_id, s] for s in part.sources}, ref, targets,
+            part.bounds, part.context, ds.peak, reference.peak,
             atlinter=self.placement == Placement.atlinter,
         )
 
@@ -475,7 +471,8 @@ class TaskWorker:
                     record.update(left=part.left, right=part.right, t=job.t,
                                   **slice_provenance(self.model, job.t, self.provenance))
                     if self.reference is not None:
-                        record["known"] = nearest_known(job.slice, part.bounds)
+                        record["known"] = reference_known(
+                            job.slice, part.bounds, self.placement == Placement.atlinter)
                     if part.context:
                         record["context"] = list(part.context)
                     tuned = self.tuning.get(task.dataset_id)

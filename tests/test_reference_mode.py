@@ -22,7 +22,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, DatasetError, DatasetNotFoundError, StoreError
 from atlinter_ray.models.base import build_model
-from atlinter_ray.models.reference_guided import nearest_known, predict_from_reference
+from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 from atlinter_ray.pipeline import run
 from atlinter_ray.reference import load_reference, read_reference_slices
 from atlinter_ray.store import VolumeStore
@@ -58,17 +58,17 @@ def _chw(volume: np.ndarray, s: int, axis: str) -> np.ndarray:
 
 def _expected(gene: np.ndarray, reference: np.ndarray, sections: list[int], axis: str,
               peak: float) -> dict[int, np.ndarray]:
-    """Every predicted slice computed directly from in-memory volumes, uint8 ``(C, H, W)``."""
+    """Every predicted slice computed directly from in-memory volumes (both bounds moved
+    along the reference's flows), uint8 ``(C, H, W)``."""
     estimator = build_model("dis", preset="medium")
     out = {}
     for left, right in zip(sections, sections[1:]):
         for s in range(left + 1, right):
-            k = nearest_known(s, sections)
-            frame = predict_from_reference(
-                estimator, _chw(reference, s, axis)[None], _chw(reference, k, axis)[None],
-                _chw(gene, k, axis)[None], peak,
-            )[0]
-            out[s] = to_dtype(frame, "uint8")
+            guide = GuideSlices(_chw(reference, s, axis)[None], _chw(reference, left, axis),
+                                _chw(reference, right, axis), peak)
+            frame = predict_two_sided(estimator, guide, _chw(gene, left, axis),
+                                      _chw(gene, right, axis), [(s - left) / (right - left)])
+            out[s] = to_dtype(frame[0][0], "uint8")
     return out
 
 
@@ -98,10 +98,10 @@ def test_true_reference_beats_linear_and_fingerprints_the_run(tmp_path: Path) ->
     by_slice = {p["slice"]: p for p in provenance}
     assert by_slice[6] | {"software": ""} == {
         "slice": 6, "status": "predicted", "left": 2, "right": 10, "t": 0.5,
-        "known": 2, "model": "dis", "checkpoint_sha256": None, "software": "",
+        "known": [2, 10], "model": "dis", "checkpoint_sha256": None, "software": "",
         "mode": "reference-guided", "reference": cfg.interpolation.reference,
     }
-    assert by_slice[7]["known"] == 10 and "mode" not in by_slice[10]
+    assert by_slice[7]["known"] == [2, 10] and "mode" not in by_slice[10]
     # Resuming needs the same reference; another one is refused, naming the field.
     assert run(cfg).tasks_skipped == summary.tasks_total
     other = tmp_path / "other.npy"
@@ -193,7 +193,7 @@ def _bad_reference(tmp_path: Path, cfg: Config, kind: str) -> None:
         ("not npy", DatasetError, r"nissl\.npz: field 'interpolation\.reference': not a \.npy"),
         ("nan", DatasetError, r"'interpolation\.reference': slice 50 along axis 0 contains NaN"),
         ("pair model", ConfigError, r"interpolation\.reference is set but model 'linear' is "
-                                    r"a pair interpolator.*Fix: choose a flow model"),
+                                    r"a pair interpolator.*Fix: choose model=fusion"),
         ("edge without reference", ConfigError, r"interpolation\.edge=reference predicts "
                                                 r".*Fix: set interpolation\.reference"),
     ],
@@ -225,3 +225,27 @@ def test_the_job_takes_the_reference_as_an_override(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "interpolation.reference" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fusion_takes_an_nrrd_reference_end_to_end(tmp_path: Path) -> None:
+    import nrrd
+
+    truth = real_volume()
+    cfg = _setup(tmp_path, truth, CORONAL, "coronal", truth)
+    nrrd.write(str(tmp_path / "nissl.nrrd"), truth)
+    cfg.interpolation.reference = str(tmp_path / "nissl.nrrd")
+    cfg.model.name, cfg.model.params = "fusion", {"members": ["dis"]}
+    np.savez(tmp_path / "truth.npz", volume=truth)
+    cfg.data.truth = {"gene": str(tmp_path / "truth.npz")}
+    cfg.run.serial = True
+    summary = run(cfg)
+    assert summary.ok, summary.failures
+    scores = summary.scores["gene"]
+    assert scores["model"]["psnr"] > scores["linear"]["psnr"] + 2, scores
+    _, provenance = _output(tmp_path, "coronal")
+    by_slice = {p["slice"]: p for p in provenance}
+    assert by_slice[13]["known"] == [10, 18] and by_slice[13]["context"] == [2, 26]
+    assert by_slice[13]["reference"] == cfg.interpolation.reference
+    assert by_slice[13]["model"] == "fusion"
+    assert len(list((tmp_path / "out" / "_reference").glob("nissl-*.npy"))) == 1
+    assert run(cfg).tasks_skipped == summary.tasks_total  # resumes beside the cache

@@ -45,13 +45,13 @@ from atlinter_ray.align.worker import (
     settings_digest,
 )
 from atlinter_ray.config import ResourcesConfig
-from atlinter_ray.dataset import Dataset, field_error, read_planes
+from atlinter_ray.dataset import Dataset, field_error
 from atlinter_ray.errors import DatasetNotFoundError, StoreError
 from atlinter_ray.execution import map_batches
 from atlinter_ray.files import file_sha256, write_atomic
 from atlinter_ray.inputs import load_datasets
 from atlinter_ray.nrrd_volume import nrrd_to_npy, read_nrrd_info
-from atlinter_ray.reference import STREAM_BLOCK_BYTES, ReferenceVolume, load_reference
+from atlinter_ray.reference import ReferenceVolume, iter_plane_blocks, load_reference
 from atlinter_ray.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,7 @@ def volume_peak(ref: ReferenceVolume) -> float:
     """
     if np.dtype(ref.dtype).kind != "u":
         return ref.peak
-    per_plane = ref.channels * ref.shape[1] * ref.shape[2] * np.dtype(ref.dtype).itemsize
-    step = max(1, STREAM_BLOCK_BYTES // per_plane)
-    top = 0
-    for start in range(0, ref.shape[0], step):
-        planes = range(start, min(start + step, ref.shape[0]))
-        top = max(top, int(read_planes(ref.url, ref.storage_options, ref.layout, planes).max()))
+    top = max(int(block.max()) for block in iter_plane_blocks(ref))
     return float(top) if top > 0 else 1.0
 
 

@@ -30,6 +30,23 @@ Measured on real volumes at gap 8 (``benchmarks/bench_context.py``; the table is
 docs/benchmarks/context-models.md): curved trajectories add 0.05-0.2 dB PSNR to their flow; fusion of DIS,
 DeepFlow and TV-L1 with curved trajectories adds 0.4-0.8 dB over the best member.
 
+**With a reference** (``interpolation.reference``, :meth:`FusionInterpolator.interpolate_reference`).
+The two-sided reference-guided prediction
+(:func:`~atlinter_ray.models.reference_guided.predict_two_sided`: both bounds moved
+along the reference's flows) joins the members, its confidence the disagreement of its
+two warped sections and the reference's own residual, its weight scaled by a trust
+``lambda``. Unless ``trust`` is given, each gap learns ``lambda`` from its own known
+sections: each bound is predicted from the section beyond it and the other bound (twice
+the gap, straight trajectories) with the reference member at every weight of
+``TRUST_CANDIDATES``, and, as a control, with the same member (same error estimate)
+but no motion (a cross-fade of the two sections) in its place. The best weight is kept
+if it beats both no reference (``lambda = 0``, the members alone, bit for bit) and the
+control at that weight by ``TRUST_MARGIN_DB``, and if the reference's flows predict the
+reference itself better than its cross-fade by ``REFERENCE_MARGIN_DB`` (a reference of
+noise does not); otherwise the reference is not used in that gap. A gap with no section
+beyond either bound (a stack of two) has nothing to learn from and trusts the reference
+at ``lambda = 1``.
+
 **Stack-adaptive tuning** (:meth:`FusionInterpolator.tune`): the known sections of a
 stack supervise the choice of members and trajectory. Each interior known section is
 predicted from its two neighbours (twice the real gap), every subset of the members,
@@ -58,9 +75,23 @@ from atlinter_ray.models.base import (
     register_model,
 )
 from atlinter_ray.models.flow import warp
+from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 
 #: Extra PSNR (dB, at twice the gap) a tuned configuration needs to replace the default.
 TUNE_MARGIN_DB = 0.1
+#: The reference member's weight scales a gap chooses from (0: the reference unused;
+#: inf: the reference-guided frame alone).
+TRUST_CANDIDATES = (0.0, 0.25, 1.0, 4.0, 16.0, 64.0, float("inf"))
+#: Extra PSNR (dB, at twice the gap) the reference must bring over the members alone
+#: and over the same member without motion (a cross-fade) to be used at all: at twice
+#: the gap any extra member helps by smoothing (a reference of pure noise gained up to
+#: 1 dB over that control on the bundled volume at gap 8; one with the gene's anatomy
+#: in another contrast 1.1-7 dB, one with other anatomy -1.5-0.5 dB).
+TRUST_MARGIN_DB = 0.5
+#: PSNR (dB, at twice the gap) by which the reference's flows must predict the
+#: reference itself better than a cross-fade (measured on the bundled volume at gap 8:
+#: pure noise 0.8-1.1 dB, since its own residual steers the blend; real anatomy 4.4-10.7).
+REFERENCE_MARGIN_DB = 2.0
 
 
 def curvature_shift(
@@ -131,13 +162,18 @@ def pair_flows(
 
 
 def fuse(
-    frames: Sequence[np.ndarray], errors: Sequence[np.ndarray], floor: float, window: float
+    frames: Sequence[np.ndarray],
+    errors: Sequence[np.ndarray],
+    floor: float,
+    window: float,
+    scales: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Blend ``frames`` ``(C, H, W)`` per pixel by ``1 / (floor^2 + smoothed error^2)``."""
+    """Blend ``frames`` ``(C, H, W)`` per pixel by ``scale / (floor^2 + smoothed error^2)``."""
     if len(frames) == 1:
         return frames[0]
     weights = [
-        1.0 / (floor**2 + cv2.GaussianBlur(e * e, (0, 0), window)) for e in errors
+        s / (floor**2 + cv2.GaussianBlur(e * e, (0, 0), window))
+        for e, s in zip(errors, scales or [1.0] * len(frames))
     ]
     total = np.sum(weights, axis=0)
     fused: np.ndarray = np.sum([w[None] * f for w, f in zip(weights, frames)], axis=0)
@@ -155,7 +191,10 @@ class FusionInterpolator(ContextInterpolator):
     ``floor``: the disagreement (fraction of full intensity) under which members count
     as agreeing (default 0.02); ``window``: Gaussian sigma in pixels over which the
     disagreement is pooled (default 2.0); ``tune``: choose members and trajectory per
-    stack from its known sections (a job stage; default false).
+    stack from its known sections (a job stage; default false). With
+    ``interpolation.reference``: ``reference_flow``, the flow model run on the reference
+    (default: the first member), with ``reference_params``; ``trust``, the reference
+    member's weight scale (default: learned per gap from the known sections).
     """
 
     arbitrary_t = True
@@ -168,6 +207,9 @@ class FusionInterpolator(ContextInterpolator):
         floor: float = 0.02,
         window: float = 2.0,
         tune: bool = False,
+        reference_flow: str | None = None,
+        reference_params: Mapping[str, Any] | None = None,
+        trust: float | None = None,
     ) -> None:
         members = list(members)
         if not members or len(set(members)) != len(members):
@@ -200,6 +242,24 @@ class FusionInterpolator(ContextInterpolator):
         self.floor = float(floor)
         self.window = float(window)
         self.tune_enabled = bool(tune)
+        if trust is not None and not trust >= 0:
+            raise ConfigError(
+                f"model.params.trust={trust}: give a weight scale >= 0 for the reference "
+                "(0 ignores it), or null to learn it per gap"
+            )
+        self.trust = None if trust is None else float(trust)
+        self.reference_flow = reference_flow or members[0]
+        if reference_flow is None or (reference_flow in members and not reference_params):
+            self._reference = self.estimators[self.reference_flow]
+        else:
+            ref = build_model(reference_flow, **dict(reference_params or {}))
+            if not isinstance(ref, FlowEstimator):
+                raise ConfigError(
+                    f"model.params.reference_flow={reference_flow!r} is not a flow model; "
+                    "choose one of dis, deepflow, tvl1, farneback, raft, raft_small, "
+                    "maskflownet"
+                )
+            self._reference = ref
 
     def interpolate_context(
         self,
@@ -222,17 +282,132 @@ class FusionInterpolator(ContextInterpolator):
         ).astype(np.float32)
 
     def _fused(
-        self, flows: Sequence[_Flows], a: np.ndarray, b: np.ndarray, t: float, peak: float
+        self,
+        flows: Sequence[_Flows],
+        a: np.ndarray,
+        b: np.ndarray,
+        t: float,
+        peak: float,
+        guided: tuple[np.ndarray, np.ndarray, float] | None = None,
     ) -> np.ndarray:
-        """One fused frame at ``t`` from every member's flows."""
+        """One fused frame at ``t`` from every member's flows (and a reference frame,
+        its disagreement and trust)."""
         parts = [f.frame(a, b, t, self.curved) for f in flows]
+        scales = [1.0] * len(parts)
+        if guided is not None and guided[2] == np.inf:
+            return guided[0]
+        if guided is not None and guided[2] > 0:
+            parts.append((guided[0], guided[1]))
+            scales.append(guided[2])
         return fuse([p[0] for p in parts], [p[1] for p in parts],
-                    self.floor * peak, self.window)
+                    self.floor * peak, self.window, scales)
+
+    def reference_estimator(self) -> FlowEstimator:
+        """The flow estimator run on the reference (``reference_flow``)."""
+        return self._reference
+
+    def interpolate_reference(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        t: np.ndarray,
+        peak: float,
+        before: Neighbour | None,
+        after: Neighbour | None,
+        guide: GuideSlices,
+    ) -> np.ndarray:
+        """Frames ``(K, C, H, W)``: the members and the reference-guided frame, fused."""
+        a = a.astype(np.float32, copy=False)
+        b = b.astype(np.float32, copy=False)
+        ts = np.ravel(t)
+        trust = self.trust if self.trust is not None else self.learn_trust(
+            a, b, peak, before, after, guide)["trust"]
+        flows = [
+            _Flows.of(pair_flows(self.estimators[m], a, b, peak, before, after), before, after)
+            for m in self.members
+        ]
+        if trust == 0:
+            return np.stack([self._fused(flows, a, b, float(tk), peak) for tk in ts]).astype(np.float32)
+        ref_frames, ref_errors = predict_two_sided(
+            self._reference, guide, a, b, ts, peak, self.floor, self.window)
+        return np.stack([
+            self._fused(flows, a, b, float(tk), peak, (ref_frames[k], ref_errors[k], trust))
+            for k, tk in enumerate(ts)
+        ]).astype(np.float32)
+
+    def learn_trust(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        peak: float,
+        before: Neighbour | None,
+        after: Neighbour | None,
+        guide: GuideSlices,
+    ) -> dict[str, Any]:
+        """The reference's trust for one gap, from its known sections (see the module).
+
+        Returns the chosen ``trust`` and each candidate's mean PSNR (dB) over the bounds
+        predicted at twice the gap.
+        """
+        from atlinter_ray.metrics import psnr  # scikit-image: only where it runs
+
+        checks = []  # (truth, p, q, t, reference at truth, p, q)
+        if before is not None and guide.before is not None:
+            checks.append((a, before.image, b, 1.0 / (1.0 + before.ratio),
+                           guide.left, guide.before, guide.right))
+        if after is not None and guide.after is not None:
+            checks.append((b, a, after.image, after.ratio / (1.0 + after.ratio),
+                           guide.right, guide.left, guide.after))
+        if not checks:
+            return {"trust": 1.0, "scores": {}}
+        scores: dict[float, list[float]] = {lam: [] for lam in TRUST_CANDIDATES}
+        placebo: dict[float, list[float]] = {lam: [] for lam in TRUST_CANDIDATES}
+        explained: list[float] = []
+        for truth, p, q, t, ref_truth, ref_p, ref_q in checks:
+            p, q = p.astype(np.float32, copy=False), q.astype(np.float32, copy=False)
+            parts = []
+            for est in self.estimators.values():
+                f = est.flow(np.stack([p, q]), np.stack([q, p]), peak=peak)
+                parts.append(_Flows(f[0], f[1]).frame(p, q, t, False))
+            ref_frame, ref_error = predict_two_sided(
+                self._reference,
+                GuideSlices(ref_truth[None], ref_p, ref_q, guide.peak),
+                p, q, [t], peak, self.floor, self.window,
+            )
+            # the control: the same member, same weights, with no motion (a cross-fade)
+            fade = ((1.0 - t) * p + t * q, ref_error[0])
+            # the reference's flows must first explain the reference itself
+            own = predict_two_sided(
+                self._reference, GuideSlices(ref_truth[None], ref_p, ref_q, guide.peak),
+                ref_p, ref_q, [t], guide.peak, self.floor, self.window,
+            )[0][0]
+            ref_fade = (1.0 - t) * ref_p + t * ref_q
+            truth_r = ref_truth.astype(np.float32, copy=False)
+            explained.append(
+                psnr(np.clip(own, 0, guide.peak), truth_r, data_range=guide.peak)
+                - psnr(np.clip(ref_fade, 0, guide.peak), truth_r, data_range=guide.peak))
+            for lam in TRUST_CANDIDATES:
+                for extra, out in (((ref_frame[0], ref_error[0]), scores), (fade, placebo)):
+                    use = parts + [extra] if lam > 0 else parts
+                    frame = extra[0] if lam == np.inf else fuse(
+                        [u[0] for u in use], [u[1] for u in use], self.floor * peak,
+                        self.window, [1.0] * len(parts) + [lam])
+                    out[lam].append(psnr(np.clip(frame, 0, peak), truth, data_range=peak))
+        mean = {lam: float(np.mean(v)) for lam, v in scores.items()}
+        control = {lam: max(mean[0.0], float(np.mean(v))) for lam, v in placebo.items()}
+        coherent = float(np.mean(explained)) >= REFERENCE_MARGIN_DB
+        useful = [lam for lam in TRUST_CANDIDATES
+                  if coherent and lam > 0 and mean[lam] >= control[lam] + TRUST_MARGIN_DB]
+        chosen = max(useful, key=lambda lam: mean[lam]) if useful else 0.0
+        return {"trust": chosen, "scores": {str(k): round(v, 3) for k, v in mean.items()},
+                "control": {str(k): round(v, 3) for k, v in control.items()},
+                "reference_explained_db": round(float(np.mean(explained)), 3)}
 
     def settings(self) -> dict[str, Any]:
         """The settings that define this model's output (provenance, tuning cache key)."""
         return {"members": list(self.members), "curved": self.curved,
-                "floor": self.floor, "window": self.window}
+                "floor": self.floor, "window": self.window,
+                "reference_flow": self.reference_flow, "trust": self.trust}
 
     def provenance(self) -> dict[str, Any]:
         """Name and settings; members are classical or record their own checkpoints."""
@@ -317,9 +492,11 @@ class FusionInterpolator(ContextInterpolator):
 class CurvedFlow(FusionInterpolator):
     """One flow estimator on curved trajectories through four sections.
 
-    ``flow``: the registry name of the flow estimator (default ``dis``); any other
-    keyword is passed to it (e.g. ``preset=fast`` for DIS, ``checkpoint=`` for RAFT).
+    ``flow``: the registry name of the flow estimator (default ``dis``, also run on the
+    reference); ``trust``: as fusion's; any other keyword is passed to it (e.g.
+    ``preset=fast`` for DIS, ``checkpoint=`` for RAFT).
     """
 
-    def __init__(self, flow: str = "dis", **flow_params: Any) -> None:
-        super().__init__(members=[flow], member_params={flow: flow_params}, curved=True)
+    def __init__(self, flow: str = "dis", trust: float | None = None, **flow_params: Any) -> None:
+        super().__init__(members=[flow], member_params={flow: flow_params}, curved=True,
+                         trust=trust)
