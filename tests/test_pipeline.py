@@ -212,7 +212,7 @@ def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
     identity = prepare_image(store, ds).identity
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
     committed = tasks[: len(tasks) // 2]
