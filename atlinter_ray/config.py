@@ -23,13 +23,18 @@ class DataConfig:
     path or URL per line (``#`` starts a comment). All three may be combined.
     """
 
+    #: Folder or URL holding the experiments named in ``genes``.
     root: str | None = None
+    #: Experiment ids: file names under ``root`` without ``.npy``.
     genes: list[str] = field(default_factory=list)
+    #: Full paths or URLs of datasets' ``.npy`` files (each with its ``.json`` beside it).
     datasets: list[str] = field(default_factory=list)
+    #: Text file with one dataset path or URL per line (``#`` starts a comment).
     manifest: str | None = None
     #: The reference volume (AP, DV, LR); default: the 25 µm CCF. A dataset's json may
     #: give its own ``reference_shape``.
     reference_shape: list[int] = field(default_factory=lambda: list(CCF_25UM_SHAPE))
+    #: fsspec options for reading the inputs (and the reference volume), e.g. ``endpoint_url``.
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Optional ground truth per dataset id: ``.npz`` files holding ``volume``
     #: (reference orientation, channels last), to score the predicted slices.
@@ -43,11 +48,15 @@ class DataConfig:
 class OutputConfig:
     """Where and how the reconstructed volumes are written."""
 
+    #: Folder or URL (``s3://``, ...) the volumes, pictures and summary are written to.
     root: str = "outputs/volumes"
+    #: fsspec options for writing the output (e.g. ``endpoint_url`` of an S3-protocol server).
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Output dtype; default: the input's.
     dtype: str | None = None
+    #: Replace an image made with other settings instead of refusing it.
     overwrite: bool = False
+    #: Write the quick-look and montage pictures beside each image.
     quicklook: bool = True
     #: Zstandard level of the chunks (1..22; higher: smaller files, slower writes). 1
     #: writes a 320x456 RGB slice 2.7x (dense images) to 4.7x (sparse) faster than zstd's
@@ -75,8 +84,11 @@ class OutputConfig:
 class ModelConfig:
     """The model: a registry name, an optional checkpoint, model-specific params."""
 
+    #: Registry name of the model (set by the ``model=`` group).
     name: str = "dis"
+    #: Weights file (or folder, for ``rife_hd``) of a learned model, a path or URL.
     checkpoint: str | None = None
+    #: Settings passed to the model (``model.params.NAME``; new names with a leading ``+``).
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,8 +101,11 @@ class FallbackConfig:
     positions (t = 1/3, ...) come from this model. ``name`` None: no fallback.
     """
 
+    #: Registry name of a model with any t (``dis``, ``rife_v4``, ``raft``, ...); null: none.
     name: str | None = None
+    #: Weights file of the fallback model, when it is a learned one.
     checkpoint: str | None = None
+    #: Settings passed to the fallback model.
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,12 +116,15 @@ class InterpolationConfig:
     #: ``exact``: each slice at its true position; ``atlinter``: the predecessor's
     #: nearest-of-2^k bisection frame.
     placement: Placement = Placement.exact
+    #: Model with any t for the slices a midpoint-only model cannot reach with ``exact``.
     exact_fallback: FallbackConfig = field(default_factory=FallbackConfig)
     #: ``copy``: slices outside the known sections repeat the nearest one (as the
-    #: predecessor); ``empty``: left at 0.
+    #: predecessor); ``empty``: left at 0; ``reference`` (with ``reference``): moved along
+    #: the reference's flow from the nearest known section.
     edge: EdgePolicy = EdgePolicy.copy
-    #: Reference volume ``.npy`` (e.g. the Nissl; shape ``reference_shape``, or with a
-    #: trailing 3 for RGB) for the reference-guided mode; read with data.storage_options.
+    #: Reference volume ``.nrrd``, ``.npy`` or OME-Zarr (e.g. the Nissl; shape
+    #: ``reference_shape``, or with a trailing 3 for RGB) for the reference-guided mode;
+    #: read with data.storage_options. With ``model=fusion`` or ``curved`` it joins the gene's flows.
     reference: str | None = None
 
 
@@ -120,13 +138,16 @@ class ResourcesConfig:
     #: queue is empty, idle actors above ``min_workers`` are released early (their GPU
     #: nodes can then leave), the rest at the end of the run.
     min_workers: int = 1
+    #: The most worker actors the pool grows to.
     max_workers: int = 2
+    #: GPUs each worker actor asks Ray for (0: CPU workers).
     gpus_per_worker: float = 0.0
+    #: CPUs each worker actor asks Ray for.
     cpus_per_worker: float = 1.0
     #: Seconds to wait for the first worker to be placed and started (GPU nodes of an
     #: autoscaling cluster take minutes) before the run gives up with the fix; None: wait.
     start_timeout_s: float | None = 900.0
-    #: Gap tasks handed to a worker per call.
+    #: Slab tasks handed to a worker per call (tasks of one batch share a gap's work).
     tasks_per_batch: int = 1
     #: Seconds one task may run before its worker is ended and the task rerun (a store
     #: that stops answering); None: no limit. A call of ``tasks_per_batch`` tasks gets
@@ -138,9 +159,11 @@ class ResourcesConfig:
     max_storage_errors: int = 5
     #: Threads each worker's model may use (OpenCV, torch on CPU).
     threads_per_worker: int = 1
+    #: Bytes of Ray's object store for a local cluster started by the job (None: Ray's default).
     object_store_memory: int | None = None
-    #: CPUs / GPUs of a local cluster started by the job (None: what the machine has).
+    #: CPUs of a local cluster started by the job (None: what the machine has).
     local_cpus: int | None = None
+    #: GPUs of a local cluster started by the job (None: what the machine has).
     local_gpus: int | None = None
 
 
@@ -150,9 +173,12 @@ class RunConfig:
 
     #: Run every task in this process without Ray (debugging, small data).
     serial: bool = False
+    #: Show the progress bar.
     progress: bool = True
+    #: Level of the job's log messages (``DEBUG``, ``INFO``, ``WARNING``, ...).
     log_level: str = "INFO"
-    #: Print the traceback of an unexpected failure (secret values still removed).
+    #: Print tracebacks of failures (secret values still removed); each worker also appends
+    #: them to ``<temp dir>/atlinter_ray/tracebacks-<host>-<pid>.log``.
     debug: bool = False
 
 

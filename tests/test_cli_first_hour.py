@@ -141,16 +141,16 @@ def test_only_a_cluster_the_job_starts_itself_is_judged(monkeypatch) -> None:
     import ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # as in a fresh job process (another test of this session may have started Ray here)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    capacity = local_capacity(ResourcesConfig(local_cpus=3, local_gpus=0))
-    assert capacity == {"CPU": 3.0, "GPU": 0.0}
-    assert local_capacity(ResourcesConfig(address="ray://head:10001")) is None
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # may autoscale: the wait stays
-    assert local_capacity(ResourcesConfig()) is None
-    monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # someone else's, may grow
-    assert local_capacity(ResourcesConfig(local_cpus=3)) is None
+    with monkeypatch.context() as m:  # as in a fresh job process (a test may have started Ray)
+        m.setattr(ray, "is_initialized", lambda: False)
+        capacity = local_capacity(ResourcesConfig(local_cpus=3, local_gpus=0))
+        assert capacity == {"CPU": 3.0, "GPU": 0.0}
+        assert local_capacity(ResourcesConfig(address="ray://head:10001")) is None
+        m.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # may autoscale: the wait stays
+        assert local_capacity(ResourcesConfig()) is None
+    with monkeypatch.context() as m:  # Ray already running here: someone else's, may grow
+        m.setattr(ray, "is_initialized", lambda: True)
+        assert local_capacity(ResourcesConfig(local_cpus=3)) is None
 
 
 @pytest.mark.slow
