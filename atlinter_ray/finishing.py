@@ -302,17 +302,17 @@ def _pyramid(
             half: list[Any] = [slice(None)] * arr.ndim
             half[axis] = slice(start // 2, start // 2 + -(-sums.shape[axis] // 2))
             level[tuple(half)] = mean_of_eight(pair_sums(sums, (axis,)), arr.dtype)
-    url = store.image_url(ds.id)
     for number, shape in enumerate(shapes, start=1):
         assert level is not None
         if number > 1:
             level = downsample2(level)
         assert level.shape == shape
+        location, options = store.zarr_location(ds.id, str(number))
         out = zarr.create_array(
-            f"{url}/{number}", shape=shape, chunks=pyramid_chunks(shape), dtype=arr.dtype,
+            location, shape=shape, chunks=pyramid_chunks(shape), dtype=arr.dtype,
             fill_value=0, dimension_names=arr.metadata.dimension_names,
             compressors=ZstdCodec(level=zstd_level), zarr_format=3, overwrite=True,
-            storage_options=store.zarr_options(url),
+            storage_options=options,
         )
         out[...] = level
     return 1 + len(shapes), planes
