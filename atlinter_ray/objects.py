@@ -282,18 +282,22 @@ class S3Objects(Objects):
     """Objects in an S3 bucket (any S3-protocol server) through obstore."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
-        from obstore.store import S3Store
-
         self.url = url.rstrip("/")
         bucket, _, prefix = self.url.split("://", 1)[1].partition("/")
         if not bucket:
             raise ConfigError(f"{url}: no bucket named. Fix: write s3://BUCKET/folder.")
         config, client, retry = s3_settings(storage_options)
-        self.prefix = prefix.strip("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
         # the settings are checked names (s3_settings) in plain dicts: obstore's TypedDicts
-        settings: dict[str, Any] = {"config": config, "client_options": client or None,
-                                    "retry_config": retry or None}
-        self.store = S3Store(bucket, prefix=self.prefix or None, **settings)
+        self._settings: dict[str, Any] = {"config": config, "client_options": client or None,
+                                          "retry_config": retry or None}
+        self.store = self._store(self.prefix)
+
+    def _store(self, prefix: str) -> Any:
+        """An obstore ``S3Store`` on ``prefix`` of the bucket."""
+        from obstore.store import S3Store
+
+        return S3Store(self.bucket, prefix=prefix or None, **self._settings)
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:
@@ -386,10 +390,14 @@ class S3Objects(Objects):
         return found
 
     def zarr_location(self, key: str) -> tuple[Any, dict[str, Any] | None]:
-        """A ``zarr.storage.ObjectStore`` on the folder (no fsspec in between)."""
-        from zarr.storage import ObjectStore, StorePath
+        """A ``zarr.storage.ObjectStore`` rooted at the folder (no fsspec in between).
 
-        return StorePath(ObjectStore(self.store), key), None
+        Rooted there, not a path inside the root's store: zarr would write group
+        metadata into every parent folder of an array it creates.
+        """
+        from zarr.storage import ObjectStore
+
+        return ObjectStore(self._store(_join(self.prefix, key))), None
 
 
 def _s3_code(message: str) -> str:

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import psutil
 import pytest
@@ -76,7 +77,7 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     identity = ImageIdentity(meta["generation"], "")
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
-    for blob in store.fs.cat(paths).values() if paths else ():
+    for blob in store.objects.get_many(paths).values():
         for key, size in json.loads(blob)["objects"].items():
             assert key in stored and (size is None or stored[key] == size), key
 
@@ -84,12 +85,11 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
 def test_an_image_deleted_with_its_markers_kept_is_rebuilt(tmp_path: Path) -> None:
     cfg = _local(tmp_path)
     assert run(cfg).ok
-    store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     shutil.rmtree(tmp_path / "out" / "g.ome.zarr")  # a colleague's rm; the markers stay
     again = run(cfg)
     assert again.ok and again.tasks_done == TASKS and again.tasks_skipped == 0
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
     assert len(list((tmp_path / "out" / "_progress" / "g").iterdir())) == 1  # old ones gone
 
 
@@ -110,14 +110,13 @@ def test_an_overwrite_killed_between_removals_is_finished_by_its_rerun(tmp_path:
 def test_lost_objects_of_a_complete_image_are_found_and_redone(tmp_path: Path) -> None:
     cfg = _local(tmp_path)
     assert run(cfg).ok
-    store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     chunks = tmp_path / "out" / "g.ome.zarr" / "0" / "c"
     (chunks / "18" / "0" / "0").unlink()  # a lifecycle rule took two objects
     (chunks / "70" / "0" / "0").write_bytes(b"torn")  # and another was damaged
     again = run(cfg)
     assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 66-72
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
 class Killed(BaseException):
@@ -153,7 +152,7 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     cfg = _local(tmp_path)
     assert run(cfg).ok
     store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     shutil.rmtree(tmp_path / "out")
     owner, name, n, when = KILL_POINTS[point]
     with pytest.MonkeyPatch.context() as mp:
@@ -166,7 +165,7 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     again = run(cfg)
     assert again.ok, again.failures
     assert again.tasks_done + again.tasks_skipped == TASKS
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["complete"] == ["g"] and not summary["incomplete"]
 
@@ -190,11 +189,10 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
         mp.setattr(finishing, "READ_BATCH", 5)  # 12 tasks: read in three batches
         assert run(cfg).ok
         assert reads == []
-        store = VolumeStore(cfg.output.root)
         levels = [np.asarray(zarr.open_array(f"{cfg.output.root}/g.ome.zarr/{k}")[...])
                   for k in range(2)]
         np.testing.assert_array_equal(levels[1], downsample2(levels[0]))  # 91x79x77: odd sides
-        clean = content(store.fs, cfg.output.root)
+        clean = content(fsspec.filesystem("file"), cfg.output.root)
         shutil.rmtree(tmp_path / "out")
         with pytest.MonkeyPatch.context() as dying:
             dying.setattr(VolumeStore, "update_attrs", _die_on_call(1, VolumeStore.update_attrs))
@@ -209,7 +207,7 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     read = sorted(s for start, stop in reads for s in range(start, stop))
     n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
     assert read == [*range(10, 16), *range(72, n)]  # only the slices of those two tasks
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
 def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:
