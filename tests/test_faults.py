@@ -34,6 +34,7 @@ from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 TASKS = len(SECTIONS) + 1
@@ -292,12 +293,22 @@ def test_a_hung_store_call_times_out_and_its_task_is_rerun(faulty_s3, s3_input, 
     caplog.set_level("INFO", logger="atlinter_ray")
     hang = faulty_s3.proxy.add("hang", method="PUT", path=r"/atlas-out/hung/g\.ome\.zarr/0/c/0/30/",
                                times=1)
-    release = threading.Timer(20.0, faulty_s3.proxy.heal)  # free the hung connection later
+    ended = threading.Event()
+
+    def heal_later() -> None:
+        """Hold the hung call 20 s after it hangs, well past the task timeout, then free it."""
+        while hang.hits == 0 and not ended.is_set():
+            time.sleep(0.1)
+        ended.wait(20.0)
+        faulty_s3.proxy.heal()
+
+    release = threading.Thread(target=heal_later, daemon=True)
     release.start()
     try:
         summary = run(cfg)
     finally:
-        release.cancel()
+        ended.set()
+        release.join()
     assert hang.hits == 1
     assert summary.ok and summary.tasks_retried >= 1
     assert any("timed out after 8 s" in r.message for r in caplog.records)
@@ -364,7 +375,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.ray
 def test_failing_jobs_never_show_the_credentials_given_as_overrides(faulty_s3, s3_input):
-    key, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    key, secret = EXAMPLE_CREDENTIALS  # AWS's documentation example, known to both servers
     creds = [f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
              for k, v in (("key", key), ("secret", secret))]
     common = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",

@@ -162,6 +162,9 @@ class FaultyProxy:
 
 #: The S3-protocol servers :class:`S3Server` can run.
 BACKENDS = ("moto", "seaweedfs")
+#: AWS's documentation example credentials: a second identity of every server (moto
+#: takes any), for tests that check credentials given on a command line never show.
+EXAMPLE_CREDENTIALS = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
 
 
 class S3Server:
@@ -190,7 +193,8 @@ class S3Server:
         else:
             from atlinter_ray.testing.seaweed import SeaweedServer
 
-            self._server = SeaweedServer(key, secret)
+            self._server = SeaweedServer({key: secret, EXAMPLE_CREDENTIALS[0]:
+                                          EXAMPLE_CREDENTIALS[1]})
             endpoint = self._server.endpoint_url
         self.direct = {"endpoint_url": endpoint, "key": key, "secret": secret}
         self.proxy = FaultyProxy(endpoint)
@@ -224,6 +228,13 @@ class S3Server:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds the server has used: SeaweedFS's process; for moto, which runs in
+        threads here, this whole process's (the proxy's and the caller's included)."""
+        if self.backend == "moto":
+            return time.process_time()
+        return float(self._server.cpu_seconds())
 
     def stop(self) -> None:
         """Stop the proxy and the server."""

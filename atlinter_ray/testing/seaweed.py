@@ -41,11 +41,12 @@ def weed_binary() -> str:
 class SeaweedServer:
     """``weed server`` with the S3 gateway on 127.0.0.1; a context manager.
 
-    ``endpoint_url`` is the S3 endpoint; ``key`` / ``secret`` its one identity.
+    ``endpoint_url`` is the S3 endpoint; ``credentials`` its identities (``{key: secret}``),
+    each allowed everything.
     """
 
-    def __init__(self, key: str, secret: str) -> None:
-        self.key, self.secret = key, secret
+    def __init__(self, credentials: dict[str, str]) -> None:
+        self.credentials = dict(credentials)
         self.ports = free_ports(8)  # master, volume, filer, s3, then their gRPC ports
         self.endpoint_url = f"http://127.0.0.1:{self.ports[3]}"
         self._dir: Path | None = None
@@ -61,6 +62,7 @@ class SeaweedServer:
             f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}",
             f"-s3.config={folder / 's3.json'}",
+            "-s3.autoCreateBucket=false",  # as on AWS: a PUT into a missing bucket fails
             f"-filer.localSocket={folder / 'filer.sock'}",
             f"-s3.localSocket={folder / 's3.sock'}",
             f"-sftp.localSocket={folder / 'sftp.sock'}",
@@ -72,10 +74,10 @@ class SeaweedServer:
         self._dir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
         (self._dir / "data").mkdir()
         identities = {"identities": [{
-            "name": "tests",
-            "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+            "name": f"tests-{n}",
+            "credentials": [{"accessKey": key, "secretKey": secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}
+        } for n, (key, secret) in enumerate(self.credentials.items())]}
         (self._dir / "s3.json").write_text(json.dumps(identities))
         with open(self._dir / "weed.log", "wb") as log:  # the process keeps its own copy
             self._proc = subprocess.Popen(self.command(self._dir), stdout=log,
@@ -100,6 +102,14 @@ class SeaweedServer:
         tail = self.log_tail()
         self.stop()
         raise RuntimeError(f"SeaweedFS did not start in {START_TIMEOUT_S:.0f} s:\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far."""
+        import psutil
+
+        assert self._proc is not None, "the server is not running"
+        times = psutil.Process(self._proc.pid).cpu_times()
+        return float(times.user + times.system)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's log."""
