@@ -238,6 +238,20 @@ def test_a_wrong_secret_fails_clearly_naming_the_credentials(s3_servers) -> None
     assert VolumeStore("s3://atlas-out/creds", s3_servers.direct).read_bytes("_lease.json") is None
 
 
+@pytest.mark.parametrize("s3_servers", ["seaweedfs"], indirect=True)
+def test_credentials_from_the_environment_are_used_and_checked(s3_servers, monkeypatch) -> None:
+    """Without key/secret in storage_options the AWS_* variables sign the requests."""
+    options = {"endpoint_url": s3_servers.direct["endpoint_url"]}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_servers.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_servers.secret)
+    store = VolumeStore("s3://atlas-out/env-creds", options)
+    store.write_bytes("note.txt", b"signed with the environment's key")
+    assert store.read_bytes("note.txt") == b"signed with the environment's key"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret")
+    with pytest.raises(StorageCredentialsError, match="AWS_SECRET_ACCESS_KEY"):
+        VolumeStore("s3://atlas-out/env-creds", options).read_bytes("note.txt")
+
+
 def test_s3fs_style_options_become_obstore_settings() -> None:
     config, client, retry = s3_settings({
         "key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9000",

@@ -67,6 +67,9 @@ class SeaweedServer:
             f"-s3.localSocket={folder / 's3.sock'}",
             f"-sftp.localSocket={folder / 'sftp.sock'}",
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-volume.preStopSeconds=0",
+            # its other listeners have fixed default ports (two servers would clash) and
+            # nothing outside loopback is contacted
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
         ]
 
     def start(self) -> SeaweedServer:
