@@ -18,7 +18,8 @@ job as a user runs it (manifest, finishing with pyramid, quick-look and montage)
   one full-size gene's slices written with ``VolumeStore.write_slices`` in tasks of 8,
   each with its reduction and marker, to SeaweedFS (its own process, so this process's
   CPU is the client's alone), through s3fs (the client before issue 19) and through
-  obstore (:mod:`atlinter_ray.objects`), 3 rounds each, alternating;
+  obstore (:mod:`atlinter_ray.objects`), and to local disk (the floor: encoding and
+  files), 3 rounds each, alternating;
 * **12 full-size genes** (``--genes 12``; 528 x 320 x 456 RGB uint8, a section every 8
   slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
   predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
@@ -178,8 +179,10 @@ def measure(mode: str, manifest_path: Path, root: str, workers: int,
             "s3_server_cpu_s": (server.server_cpu_s() - cpu) if server else 0.0}
 
 
-def client_cpu(npy: Path, rounds: int = 3, task: int = 8) -> dict[str, dict[str, float]]:
-    """CPU and wall ms per slice of one gene's commits to SeaweedFS, s3fs against obstore."""
+def client_cpu(npy: Path, folder: Path, rounds: int = 3,
+               task: int = 8) -> dict[str, dict[str, float]]:
+    """CPU and wall ms per slice of one gene's commits: to SeaweedFS through s3fs and
+    through obstore, and to local disk."""
     from atlinter_ray.dataset import load_dataset
     from atlinter_ray.identity import fingerprint
     from atlinter_ray.objects import FsspecObjects
@@ -190,12 +193,13 @@ def client_cpu(npy: Path, rounds: int = 3, task: int = 8) -> dict[str, dict[str,
     sections = np.moveaxis(np.load(npy), -1, 1)  # (S, 3, H, W)
     n = REFERENCE[0]
     frames = sections[np.minimum(np.arange(n) // SPACING, len(sections) - 1)]
-    times: dict[str, list[tuple[float, float]]] = {"s3fs": [], "obstore": []}
+    times: dict[str, list[tuple[float, float]]] = {"s3fs": [], "obstore": [], "local": []}
     with S3Server(backend="seaweedfs") as s3:
         for r in range(rounds):
             for client in times:
-                url = f"s3://atlas-out/client-{client}-{r}"
-                store = VolumeStore(url, s3.direct)
+                url = (str(folder / f"client-{r}") if client == "local"
+                       else f"s3://atlas-out/client-{client}-{r}")
+                store = VolumeStore(url, None if client == "local" else s3.direct)
                 if client == "s3fs":
                     store.objects = FsspecObjects(url, s3.direct)
                 state = store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds))
@@ -368,7 +372,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name, S3Server(backend=args.s3_server) as s3:
         tmp = Path(tmp_name)
         genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
-                 for seed in range(max(args.genes, args.s3_genes))]
+                 for seed in range(max(args.genes, args.s3_genes, int(bool(args.client_cpu))))]
         if args.genes:
             results["predecessor"] = measure("predecessor",
                                              manifest(tmp / "one.txt", [str(genes[0])]),
@@ -395,7 +399,7 @@ def main() -> None:
             requests = request_kinds(s3.proxy.seen)
             requests_per_slice = requests["total"] / one["slices"]
         if args.client_cpu or (args.client_cpu is None and args.s3_genes):
-            clients = client_cpu(genes[0])
+            clients = client_cpu(genes[0], tmp)
     report(results)
     if requests:
         print("S3 requests of one gene:", ", ".join(f"{k} {v}" for k, v in requests.items()))
