@@ -6,8 +6,10 @@ whose marker exists has every object written, and a task without one is simply
 redone. Between the two goes the task's reduction (what finishing needs of its slices,
 :class:`~atlinter_ray.finishing.Reduction`), so finishing need not read them back.
 The marker is bound to the image generation and input fingerprint it was written for
-(``identity``) and names every object the task stored with its size, so finishing can
-prove the dataset complete from one listing of the store.
+(``identity``) and names every object the task stored with its size (a slab task owns
+whole shard objects: :mod:`atlinter_ray.layout`), and the slab's slices ``first`` and
+``count``, so finishing can prove the dataset complete from one listing of the store.
+The marker stays one record per task, so a checksum per object can join the sizes.
 """
 
 from __future__ import annotations
@@ -22,33 +24,32 @@ from atlinter_ray.errors import StorageError, is_storage_error
 from atlinter_ray.finishing import reduce_slab
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import as_slab
-from atlinter_ray.planning import GapTask
+from atlinter_ray.planning import SlabTask
 from atlinter_ray.store import VolumeStore
 
 
 def commit_task(
     store: VolumeStore,
     ds: Dataset,
-    task: GapTask,
+    task: SlabTask,
     block: np.ndarray,
     records: Sequence[Mapping[str, Any]],
     model_calls: int,
     identity: ImageIdentity,
 ) -> None:
-    """Write ``block`` (the task's slices ``(K, C, H, W)`` in the output dtype), then its marker.
+    """Write ``block`` (the task's whole slab ``(K, C, H, W)`` in the output dtype), then its marker.
 
     ``records`` is the per-slice provenance, in slice order, that the marker carries;
     ``identity`` the image generation and input fingerprint the task was planned for.
     A failing store raises :class:`~atlinter_ray.errors.StorageError` naming the task.
     """
     try:
-        # a task's slices are consecutive (planning.GapTask), so they go in one write
-        first = task.jobs[0].slice
-        objects = store.write_slices(ds, first, block)
-        reduction = reduce_slab(ds, as_slab(ds, block), first)
+        objects = store.write_slices(ds, task.first, block)
+        reduction = reduce_slab(ds, as_slab(ds, block), task.first)
         store.write_reduction(identity, task.task_id, reduction.to_bytes())
         store.mark_done(identity, task.task_id, {
             "slices": list(records), "model_calls": model_calls, "objects": objects,
+            "first": task.first, "count": task.stop - task.first,
         })
     except Exception as exc:
         if not is_storage_error(exc) or isinstance(exc, StorageError):

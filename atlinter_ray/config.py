@@ -54,11 +54,15 @@ class OutputConfig:
     #: default 3, at 16 % (dense) or 2 % (sparse) more bytes. Part of the image's
     #: identity, like the layout settings below.
     zstd_level: int = 1
-    #: In-plane chunk ``[h, w]`` of the full-resolution array; None: whole slices. Along
-    #: the section axis an object is always one slice (tasks own whole objects).
-    chunks: list[int] | None = None
-    #: Pack the in-plane chunks of each slice into one shard object (needs ``chunks``).
-    shards: bool = False
+    #: Slices per stored object (a zarr shard) along the section axis, at every level;
+    #: a task owns whole slabs of this many slices (atlinter_ray/layout.py).
+    slab: int = 8
+    #: In-plane inner chunk ``[h, w]`` inside each shard (what a viewer fetches by byte
+    #: range); None: the whole section plane.
+    chunks: list[int] | None = field(default_factory=lambda: [32, 32])
+    #: Removed (every object is now a shard ``slab`` slices deep): set, it is refused
+    #: with a message naming ``output.slab``.
+    shards: bool | None = None
     #: Pyramid levels (2x2x2 means) are added until the largest side is at most this;
     #: 0: no pyramid.
     pyramid_min: int = 64

@@ -159,7 +159,8 @@ def read_npy_header(url: str, storage_options: Mapping[str, Any]) -> NpyLayout:
             f"{url}: image file not found. Fix: check data.root / data.genes, or the "
             "dataset URL; images must be <experiment>.npy next to <experiment>.json."
         ) from exc
-    except (ValueError, EOFError, OSError) as exc:
+    except (ValueError, EOFError, IsADirectoryError) as exc:
+        # any other OSError is a failing store, not a bad file: it propagates
         raise DatasetError(
             f"{url}: unreadable .npy file ({exc}). Fix: re-save the array with "
             "numpy.save."

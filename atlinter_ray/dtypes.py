@@ -7,12 +7,18 @@ import numpy as np
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import ConfigError
 
+#: The fewest grey levels (full intensity of float data) an integer output may keep: 8 bits.
+MIN_LEVELS = 255.0
+
 
 def output_dtype(ds: Dataset, requested: str | None) -> str:
     """The output dtype: as configured, else the input's.
 
     A configured dtype must hold the dataset's whole range ``[0, full intensity]``, so
-    writing never clips a measured value (``int8`` for uint8 data would).
+    writing never clips a measured value (``int8`` for uint8 data would), and an integer
+    dtype must keep float data's grey levels: values are written as they are, rounded to
+    whole numbers, so float data whose full intensity is below :data:`MIN_LEVELS` (e.g.
+    images in [0, 1], which would become 0 or 1) is refused, never silently posterized.
     """
     if not requested:
         return ds.dtype
@@ -33,6 +39,15 @@ def output_dtype(ds: Dataset, requested: str | None) -> str:
             f"({ds.dtype}): {holds}, so values would be clipped. Fix: leave output.dtype "
             f"unset (the input's, {ds.dtype}) or choose one that holds 0..{ds.peak:g} "
             "(e.g. float32)"
+        )
+    if dt.kind in "iu" and np.dtype(ds.dtype).kind == "f" and ds.peak < MIN_LEVELS:
+        raise ConfigError(
+            f"output.dtype={requested!r} would round dataset {ds.id}'s {ds.dtype} values "
+            f"0..{ds.peak:g} to whole numbers, leaving {int(ds.peak) + 1} grey level(s); "
+            "values are written as they are, never rescaled. Fix: leave output.dtype unset "
+            f"(the input's, {ds.dtype}) or choose a float dtype (float32, float16); or give "
+            f"the images in {dt.name} units (e.g. multiplied by {np.iinfo(dt).max}) and "
+            "state that full intensity as 'intensity_max' in the dataset's json"
         )
     return dt.name
 

@@ -25,6 +25,7 @@ values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,30 @@ class ExactFallback(PairInterpolator):
         return {**self.midpoint.provenance(), "exact_fallback": self.fallback.provenance()}
 
 
+#: Python's own words when a call's arguments do not fit the callee's parameters.
+_BINDING = re.compile(
+    r"unexpected keyword argument|missing \d+ required|got multiple values for argument"
+    r"|takes (?:from )?\d+ (?:to \d+ )?positional argument"
+)
+
+
+def is_settings_mismatch(exc: TypeError) -> bool:
+    """True when ``exc`` says the given keywords do not fit a model's constructor.
+
+    Such an error is raised in the frame that makes the call, before the callee runs:
+    :func:`build_model` (the settings against the registered class) or a model's
+    ``__init__`` handing its ``**kwargs`` on (to its base class or a member model). Any
+    other ``TypeError`` (one raised inside a constructor's work) is a bug of ours.
+    """
+    tb = exc.__traceback__
+    if tb is None or not _BINDING.search(str(exc)):
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    caller = tb.tb_frame.f_code.co_name
+    return caller == build_model.__name__ or (caller == "__init__" and "__init__()" in str(exc))
+
+
 def _build(
     name: str, checkpoint: str | None, params: Mapping[str, Any] | None, key: str
 ) -> PairInterpolator:
@@ -96,6 +121,8 @@ def _build(
     try:
         model = build_model(name, **kwargs)
     except TypeError as exc:
+        if not is_settings_mismatch(exc):
+            raise  # a bug inside the constructor: ours, not the user's settings
         raise ConfigError(
             f"model {name!r} does not accept these settings ({exc}); check {key}.params "
             f"and {key}.checkpoint (classical models take no checkpoint)"

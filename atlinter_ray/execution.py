@@ -1,4 +1,4 @@
-"""Run gap tasks: in-process (serial) or on an autoscaling Ray actor pool.
+"""Run slab tasks: in-process (serial) or on an autoscaling Ray actor pool.
 
 Both paths drive the same :class:`~atlinter_ray.worker.TaskWorker` and yield one result
 per task as tasks finish (and one per finishing job: :func:`run_work`), so the driver's
@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 from atlinter_ray.config import ResourcesConfig
 from atlinter_ray.errors import ConfigError
 from atlinter_ray.finishing import FinishJob, FinishResult
-from atlinter_ray.planning import GapTask
+from atlinter_ray.interrupts import keep_handlers
+from atlinter_ray.planning import SlabTask
 from atlinter_ray.pool import PoolSpec, PoolStats, map_unordered
 from atlinter_ray.worker import TaskResult, TaskWorker, WorkerSpec, failed_result
 
-#: What a worker is handed: a batch of gap tasks, or the finishing of one dataset.
-WorkItem = list[GapTask] | FinishJob
+#: What a worker is handed: a batch of slab tasks, or the finishing of one dataset.
+WorkItem = list[SlabTask] | FinishJob
 #: What comes back: one result per task, one per finishing job.
 WorkResult = TaskResult | FinishResult
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 
 
 def run_serial(
-    tasks: list[GapTask], spec: WorkerSpec, tasks_per_batch: int = 1
+    tasks: list[SlabTask], spec: WorkerSpec, tasks_per_batch: int = 1
 ) -> Iterator[TaskResult]:
     """Run every task in this process (no Ray): for debugging and small data."""
     worker = TaskWorker(spec)
@@ -43,23 +44,83 @@ def run_serial(
 
 
 def connect(resources: ResourcesConfig) -> None:
-    """Connect to the cluster (``resources.address`` or ``RAY_ADDRESS``) or start one."""
+    """Connect to the cluster (``resources.address`` or ``RAY_ADDRESS``) or start one.
+
+    A local cluster is started only after :func:`check_local_capacity` agreed that it
+    can place one worker: it can never grow. ``ray.init`` replaces the SIGTERM handler;
+    the job's own (:mod:`atlinter_ray.interrupts`) is put back.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = resources.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(
-            num_cpus=resources.local_cpus,
-            num_gpus=resources.local_gpus,
-            object_store_memory=resources.object_store_memory,
-            include_dashboard=False,
-            **kwargs,
-        )
+    with keep_handlers():
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            check_local_capacity(resources)
+            ray.init(
+                num_cpus=resources.local_cpus,
+                num_gpus=resources.local_gpus,
+                object_store_memory=resources.object_store_memory,
+                include_dashboard=False,
+                **kwargs,
+            )
+
+
+def machine_resources() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray cluster started here would have, as Ray counts them."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    cpus = float(get_num_cpus())
+    gpus = get_accelerator_manager_for_resource("GPU")
+    if gpus is None:
+        return {"CPU": cpus, "GPU": 0.0}
+    visible = gpus.get_current_process_visible_accelerator_ids()
+    count = gpus.get_current_node_num_accelerators()
+    return {"CPU": cpus, "GPU": float(count if visible is None else min(count, len(visible)))}
+
+
+def local_capacity(resources: ResourcesConfig) -> dict[str, float] | None:
+    """What the local cluster :func:`connect` would start offers; None when it joins one.
+
+    None too when Ray already runs in this process (a cluster started by someone else,
+    which may grow).
+    """
+    import ray
+
+    if resources.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return None
+    machine = machine_resources()
+    return {
+        "CPU": machine["CPU"] if resources.local_cpus is None else float(resources.local_cpus),
+        "GPU": machine["GPU"] if resources.local_gpus is None else float(resources.local_gpus),
+    }
+
+
+def refuse_unplaceable(resources: ResourcesConfig, capacity: dict[str, float]) -> None:
+    """Refuse workers asking for more than a cluster that cannot grow has (``capacity``)."""
+    for name, key, wanted in (("GPU", "gpus_per_worker", resources.gpus_per_worker),
+                              ("CPU", "cpus_per_worker", resources.cpus_per_worker)):
+        have = capacity.get(name, 0.0)
+        if wanted > have:
+            raise ConfigError(
+                f"resources.{key}={wanted:g}: each worker asks for {wanted:g} {name}, but the "
+                f"local Ray cluster this job starts (no resources.address, no RAY_ADDRESS) "
+                f"has {have:g} {name}s and can never gain more, so no worker could ever "
+                f"start. Fix: resources=laptop (or resources.{key}={have:g}), or run on a "
+                "cluster that has them: resources.address=ray://HOST:10001 or RAY_ADDRESS"
+            )
+
+
+def check_local_capacity(resources: ResourcesConfig) -> None:
+    """Refuse, before any work, workers the local cluster this job would start cannot place."""
+    capacity = local_capacity(resources)
+    if capacity is not None:
+        refuse_unplaceable(resources, capacity)
 
 
 def check_resources(resources: ResourcesConfig) -> None:
@@ -102,7 +163,7 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
 
 
 def run_on_ray(
-    tasks: list[GapTask], spec: WorkerSpec, resources: ResourcesConfig
+    tasks: list[SlabTask], spec: WorkerSpec, resources: ResourcesConfig
 ) -> Iterator[TaskResult]:
     """Run ``tasks`` on an autoscaling actor pool; yield results as they finish."""
     yield from map_batches(tasks, TaskWorker, spec, resources, failed_result)

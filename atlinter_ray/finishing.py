@@ -28,18 +28,17 @@ from typing import Any
 
 import numcodecs
 import numpy as np
-import zarr
-from zarr.codecs import ZstdCodec
 
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import IncompleteOutputError, is_storage_error
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import (
+    Layout,
+    array_spec,
     downsample2,
     mean_of_eight,
     ome_metadata,
     pair_sums,
-    pyramid_chunks,
     pyramid_shapes,
 )
 from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
@@ -103,7 +102,7 @@ def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishRes
                 result.status = "done"
             except UnreadableSlicesError as exc:
                 redo = sorted({task_id for task_id, record in records.items()
-                               if {s["slice"] for s in record["slices"]} & exc.slices})
+                               if set(range(*_span(record))) & exc.slices})
         if redo:
             store.drop_markers(job.identity, [t for t in redo if t in records])
             log.warning("%s: %d task(s) lost their output and will be redone", ds.id, len(redo))
@@ -131,6 +130,11 @@ def _objects(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
             for key, size in record.get("objects", {}).items()}
 
 
+def _span(record: Mapping[str, Any]) -> tuple[int, int]:
+    """``(first, stop)``: the slices a task's marker says its objects hold."""
+    return int(record["first"]), int(record["first"]) + int(record["count"])
+
+
 def _finish(
     store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, str]:
@@ -145,9 +149,7 @@ def _finish(
         )
     provenance = sorted((s for r in records.values() for s in r["slices"]),
                         key=lambda s: s["slice"])
-    layout = meta.get("layout", {})
-    levels, planes = _pyramid(store, ds, int(layout.get("pyramid_min", 0)),
-                              int(layout.get("zstd_level", 1)),
+    levels, planes = _pyramid(store, ds, Layout.from_json(meta["layout"]),
                               _reductions(store, ds, job.identity, records))
     outputs = {"image": store.image_url(ds.id)}
     if job.quicklook:
@@ -155,7 +157,8 @@ def _finish(
         for s in provenance:
             status[s["slice"]] = s["status"]
         outputs["quicklook"] = store.write_bytes(f"{ds.id}.quicklook.png",
-                                                 quicklook_png(ds, planes, status))
+                                                 quicklook_png(ds, planes, status,
+                                                               str(meta.get("run", {}).get("model", ""))))
         if montage_gaps(provenance):
             outputs["montage"] = store.write_bytes(
                 f"{ds.id}.montage.png", montage_png(store, ds, provenance=provenance))
@@ -229,8 +232,8 @@ def _reductions(
     """Reductions of every slice in order: the tasks' own, or made from level 0 where lost."""
     arr = store.open_array(ds.id)
     n = arr.shape[arr.ndim - 3 + ds.axis_index]
-    ranges = sorted((min(s["slice"] for s in r["slices"]), max(s["slice"] for s in r["slices"]),
-                     task_id) for task_id, r in records.items() if r["slices"])
+    ranges = sorted((first, stop - 1, task_id) for task_id, r in records.items()
+                    for first, stop in [_span(r)])
     made = 0
     blobs: dict[str, bytes] = {}
     for number, (lo, hi, task_id) in enumerate(ranges):
@@ -270,14 +273,14 @@ def _reduce_level0(arr: Any, ds: Dataset, start: int, stop: int) -> Iterator[Red
 
 
 def _pyramid(
-    store: VolumeStore, ds: Dataset, minimum: int, zstd_level: int, reductions: Iterable[Reduction]
+    store: VolumeStore, ds: Dataset, layout: Layout, reductions: Iterable[Reduction]
 ) -> tuple[int, list[np.ndarray]]:
     """Level 1 from the reductions, levels 2.. from it; return ``(levels, quick-look planes)``."""
     arr = store.open_array(ds.id)
     lead = arr.ndim - 3
     axis = lead + ds.axis_index
     n = arr.shape[axis]
-    shapes = pyramid_shapes(arr.shape, ds.channels, minimum)
+    shapes = pyramid_shapes(arr.shape, ds.channels, layout.pyramid_min)
     planes = [np.zeros(arr.shape[:lead + a] + arr.shape[lead + a + 1:], arr.dtype)
               for a in range(3)]
     level = np.zeros(shapes[0], arr.dtype) if shapes else None
@@ -307,14 +310,9 @@ def _pyramid(
         if number > 1:
             level = downsample2(level)
         assert level.shape == shape
-        location, options = store.zarr_location(ds.id, str(number))
-        out = zarr.create_array(
-            location, shape=shape, chunks=pyramid_chunks(shape), dtype=arr.dtype,
-            fill_value=0, dimension_names=arr.metadata.dimension_names,
-            compressors=ZstdCodec(level=zstd_level), zarr_format=3, overwrite=True,
-            storage_options=options,
-        )
-        out[...] = level
+        store.create_level(ds, str(number), array_spec(ds, layout, shape[-3:]), str(arr.dtype),
+                           layout.zstd_level)
+        store.write_slabs(ds, str(number), 0, level)
     return 1 + len(shapes), planes
 
 

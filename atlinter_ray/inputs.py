@@ -7,21 +7,30 @@ pool of :data:`THREADS` threads, so the wall time is that of the slowest few fil
 rather than their sum, and memory holds a few read blocks, never an array. Every bad
 dataset is reported, not only the first: by default the job is refused listing all of
 them; with ``data.skip_invalid=true`` the valid ones run and the others are reported
-as skipped.
+as skipped. A store that fails to serve a dataset (an outage, a dropped connection,
+access denied) is not invalid data: it ends the job before any work, skip or not.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
 from atlinter_ray.config import DataConfig
 from atlinter_ray.dataset import Dataset, load_dataset
-from atlinter_ray.errors import ConfigError, DatasetError, DatasetNotFoundError
+from atlinter_ray.errors import (
+    AtlinterRayError,
+    ConfigError,
+    DatasetError,
+    DatasetNotFoundError,
+    StorageError,
+    is_storage_error,
+)
 from atlinter_ray.identity import InputFingerprint, fingerprint
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,7 @@ def dataset_urls(data: DataConfig) -> list[str]:
                 "data.genes is set but data.root is not: set data.root to the folder or "
                 "URL holding <gene>.npy and <gene>.json"
             )
+        check_root(data.root, data.storage_options)
         urls += [f"{data.root.rstrip('/')}/{g}" for g in data.genes]
     if data.manifest:
         try:
@@ -65,6 +75,24 @@ def dataset_urls(data: DataConfig) -> list[str]:
             "data.manifest, or use the bundled sample with data=sample"
         )
     return urls
+
+
+def check_root(root: str, storage_options: Mapping[str, Any]) -> None:
+    """Refuse a ``data.root`` folder that does not exist (rather than every file in it).
+
+    A store that cannot be asked (credentials, network) is left to the dataset reads,
+    whose errors name the file.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **dict(storage_options))
+        exists = fs.exists(path)
+    except Exception:  # noqa: BLE001 - reported by the reads that follow, naming the file
+        return
+    if not exists:
+        raise DatasetNotFoundError(
+            f"data.root={root}: no such folder. Fix: give the folder (or URL) that holds "
+            "<experiment>.npy + <experiment>.json (atlinter-ray-download writes data/allen)"
+        )
 
 
 def _shape3(shape: list[int]) -> tuple[int, int, int]:
@@ -89,7 +117,9 @@ def load_inputs(
     ``outside_ok`` accepts section numbers beyond the reference (see ``load_dataset``);
     ``progress(n)`` is called as datasets are checked. Raises
     :class:`~atlinter_ray.errors.DatasetError` listing every bad dataset unless
-    ``data.skip_invalid``; two datasets with one name are always refused.
+    ``data.skip_invalid``; two datasets with one name are always refused, and so is a
+    dataset the store failed to serve (see :func:`unreadable_inputs`), whatever
+    ``data.skip_invalid`` says.
     """
     urls = dataset_urls(data)
     reference = _shape3(data.reference_shape)
@@ -103,16 +133,24 @@ def load_inputs(
 
     good: list[tuple[Dataset, InputFingerprint | None]] = []
     bad: dict[str, str] = {}
+    unread: dict[str, BaseException] = {}
     with ThreadPoolExecutor(max_workers=min(THREADS, len(urls))) as pool:
-        for url, future in [(u, pool.submit(check, u)) for u in urls]:
+        futures = [(u, pool.submit(check, u)) for u in urls]
+        for url, future in futures:
             try:
                 good.append(future.result())
             except DatasetError as exc:
                 bad[url] = str(exc)
-            except OSError as exc:  # unreadable: a permission, a network failure
-                bad[url] = f"{url}: cannot be read ({type(exc).__name__}: {exc})"
+            except BaseException as exc:
+                if isinstance(exc, Exception) and is_storage_error(exc):
+                    unread[url] = exc
+                else:  # Ctrl-C or a bug: stop now, not after every dataset is read
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
             if progress is not None:
                 progress(1)
+    if unread:
+        raise unreadable_inputs(unread, len(urls))
     for url, reason in bad.items() if data.skip_invalid else ():
         log.warning("skipping %s: %s", url, reason)
     if bad and not data.skip_invalid:
@@ -132,6 +170,26 @@ def load_inputs(
             )
         seen[ds.id] = ds.images_url
     return Inputs([ds for ds, _ in good], {ds.id: fp for ds, fp in good if fp}, bad)
+
+
+def unreadable_inputs(unread: Mapping[str, BaseException], total: int) -> AtlinterRayError:
+    """The error for datasets the store failed to serve: never "invalid", never skipped.
+
+    Access denied on every one is a setting to fix (exit 2); anything else (a network
+    failure, an outage, a throttled store) ends the job before any work (exit 1), and
+    rerunning the same command once the store answers goes on.
+    """
+    listing = "\n".join(f"  - {url}: {type(exc).__name__}: {exc}" for url, exc in unread.items())
+    head = f"{len(unread)} of {total} datasets could not be read from their store"
+    if all(isinstance(exc, PermissionError) for exc in unread.values()):
+        return ConfigError(
+            f"{head} (access denied):\n{listing}\nFix: give credentials that may read them "
+            "in data.storage_options (or the environment)."
+        )
+    return StorageError(
+        f"{head}:\n{listing}\nNothing was written. Fix: rerun the same command once the "
+        "store answers; data.skip_invalid skips invalid datasets, never unreadable ones."
+    )
 
 
 def load_datasets(data: DataConfig, outside_ok: bool = False) -> list[Dataset]:

@@ -1,56 +1,65 @@
-"""How an output image is laid out: arrays, chunks, shards, codecs, pyramid, OME metadata.
+"""How an output image is laid out: shards, inner chunks, codecs, pyramid, OME metadata.
 
 Level ``"0"`` is the full-resolution volume in reference orientation, ``([C,] z, y, x)``.
 Tasks write it concurrently, so one rule holds whatever the configuration: **along the
-section axis an object (chunk, or shard when sharding) is one slice deep**, hence every
-object belongs to exactly one task (tasks own whole slices) and no two writers ever
-touch the same object (writers sharing a shard lose data). In the section plane:
+section axis an object is one slab of** ``output.slab`` **slices deep** (K, default 8),
+covering the whole section plane, and a task owns whole slabs
+(:func:`~atlinter_ray.planning.plan_slabs`), so every object has exactly one writer
+(writers sharing a shard lose data). Each object is a zarr v3 shard (``sharding_indexed``
+codec); inside it, inner chunks of ``K x h x w`` (``output.chunks=[h, w]``, default
+32 x 32) are what a reader fetches by byte range through the shard's index, so a viewer
+drawing a plane across the sections reads only the inner chunks the plane cuts: for a
+528 x 320 x 456 volume a sagittal plane reads 32/456 and an axial one 32/320 of level 0
+(``benchmarks/bench_slab.py``), against every slice object of the one-slice-deep layout.
+On an object store, a 528-slice volume is 66 objects at level 0 instead of 528.
 
-* default: one chunk = one whole slice, one object per slice;
-* ``output.chunks=[h, w]``: tiles of ``h x w`` (viewers read only the tiles they show);
-  with ``output.shards=true`` the tiles of one slice are packed into one shard object,
-  so an object store holds one object per slice again (zarr's sharding codec).
-
-zarr's guidance for object stores (chunks of about 1 MB and more, few objects) is met
-as far as the one-slice rule allows: a 320 x 456 RGB uint8 slice is 438 kB raw. Chunks
-are compressed with Zstandard (``output.zstd_level``, default 1: see
-``benchmarks/bench_scale.py`` for the measured write cost per level).
+The shard's index (offset and size of every inner chunk, little-endian uint64) carries
+a CRC32C checksum of itself (zarr's default ``index_codecs``: bytes then ``crc32c``); the
+inner chunks carry none. Chunks are compressed with Zstandard (``output.zstd_level``,
+default 1). :class:`ShardEncoder` builds each shard in one pass, the shard zarr writes
+(same inner chunks in the same order, same index; a test checks it against zarr), and
+hands back its size for the task's marker. It compresses with one reused ``zstandard``
+compressor per thread: creating a context per chunk, as zarr's codec does, cost about a
+third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
-side is at most ``output.pyramid_min``), written once per dataset by its finishing
-job (a single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
-:mod:`atlinter_ray.finishing`), in cubic chunks of :data:`PYRAMID_CHUNK` = 128: for a
-528 x 320 x 456 RGB volume, 16 objects above level 0 instead of 75 with 64-voxel
-chunks (requests on an object store); writing them took the same time on local disk
-(0.85-0.87 s for the whole finishing pass either way, ``benchmarks/bench_scale.py``).
+side is at most ``output.pyramid_min``), sharded the same way (slabs of K along the
+section axis, the same inner chunks), written once per dataset by its finishing job (a
+single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
+:mod:`atlinter_ray.finishing`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numcodecs
+import google_crc32c
 import numpy as np
+import zstandard
+from zarr.core.indexing import morton_order_iter
 
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import ConfigError
 
 SPACE_AXES = ("z", "y", "x")
-#: Chunk side of the pyramid levels (every spatial axis).
-PYRAMID_CHUNK = 128
+#: Slices per level-0 object along the section axis (``output.slab``).
+DEFAULT_SLAB = 8
+#: In-plane inner chunk ``(h, w)`` inside a shard (``output.chunks``).
+DEFAULT_CHUNKS = (32, 32)
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The configurable part of an image's layout (``output.chunks/shards/...``)."""
+    """The configurable part of an image's layout (``output.slab/chunks/...``)."""
 
-    #: In-plane chunk ``(h, w)``; None: the whole slice.
-    chunks: tuple[int, int] | None = None
-    #: Pack the in-plane chunks of a slice into one shard object.
-    shards: bool = False
+    #: Slices per shard object along the section axis; a task owns whole slabs.
+    slab: int = DEFAULT_SLAB
+    #: In-plane inner chunk ``(h, w)`` inside each shard; None: the whole section plane.
+    chunks: tuple[int, int] | None = DEFAULT_CHUNKS
     zstd_level: int = 1
     #: Pyramid levels are added until the largest side is at most this; 0: no pyramid.
     pyramid_min: int = 64
@@ -61,17 +70,17 @@ class Layout:
             raise ConfigError(
                 f"output.zstd_level={self.zstd_level}: choose 1 (fast) to 22 (small)"
             )
+        if isinstance(self.slab, bool) or not isinstance(self.slab, int) or self.slab < 1:
+            raise ConfigError(
+                f"output.slab={self.slab!r}: give the slices per stored object along the "
+                f"section axis as a positive integer (default {DEFAULT_SLAB})"
+            )
         if self.chunks is not None and (
             len(self.chunks) != 2 or not all(isinstance(v, int) and v > 0 for v in self.chunks)
         ):
             raise ConfigError(
-                f"output.chunks={list(self.chunks)}: give the in-plane chunk as two "
-                "positive sizes [h, w], or null for whole slices"
-            )
-        if self.shards and self.chunks is None:
-            raise ConfigError(
-                "output.shards=true needs output.chunks=[h, w] (the tiles inside each "
-                "one-slice shard); with whole-slice chunks a shard would add nothing"
+                f"output.chunks={list(self.chunks)}: give the in-plane inner chunk as two "
+                "positive sizes [h, w], or null for whole section planes"
             )
         if self.pyramid_min < 0:
             raise ConfigError(
@@ -80,9 +89,16 @@ class Layout:
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form (recorded in the image's metadata)."""
-        return {"chunks": None if self.chunks is None else list(self.chunks),
-                "shards": self.shards, "zstd_level": self.zstd_level,
-                "pyramid_min": self.pyramid_min}
+        return {"slab": self.slab, "chunks": None if self.chunks is None else list(self.chunks),
+                "zstd_level": self.zstd_level, "pyramid_min": self.pyramid_min}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Layout:
+        """The layout :meth:`to_json` recorded."""
+        chunks = data.get("chunks")
+        return cls(slab=int(data["slab"]), chunks=None if chunks is None else
+                   (int(chunks[0]), int(chunks[1])), zstd_level=int(data["zstd_level"]),
+                   pyramid_min=int(data["pyramid_min"]))
 
 
 DEFAULT_LAYOUT = Layout()
@@ -90,33 +106,35 @@ DEFAULT_LAYOUT = Layout()
 
 @dataclass(frozen=True, slots=True)
 class ArraySpec:
-    """Shape, object grid and dimension names of level 0."""
+    """Shape, shard and inner-chunk shapes and dimension names of one level."""
 
     shape: tuple[int, ...]
+    #: Inner chunk shape (what a reader fetches by byte range).
     chunks: tuple[int, ...]
-    #: Shard shape (one slice deep), or None without sharding.
-    shards: tuple[int, ...] | None
+    #: Shard shape: one stored object, ``slab`` slices deep, the whole plane wide.
+    shards: tuple[int, ...]
     dims: tuple[str, ...]
 
 
-def array_spec(ds: Dataset, layout: Layout) -> ArraySpec:
-    """Level 0 of ``ds`` under ``layout``: objects are one slice deep along the section axis."""
-    shape = list(ds.reference_shape)
+def array_spec(ds: Dataset, layout: Layout, space: Sequence[int] | None = None) -> ArraySpec:
+    """A level of ``ds`` under ``layout`` (level 0 unless ``space``, its ``(z, y, x)``, is given).
+
+    Shards are ``layout.slab`` slices deep along the section axis and hold the whole
+    plane; inner chunks are as deep as the shard and ``layout.chunks`` in-plane.
+    """
+    shape = list(space if space is not None else ds.reference_shape)
     plane = [n for i, n in enumerate(shape) if i != ds.axis_index]
     inner = list(layout.chunks) if layout.chunks else plane
     inner = [min(c, n) for c, n in zip(inner, plane)]
     outer = [math.ceil(n / c) * c for c, n in zip(inner, plane)]  # whole tiles per shard
+    depth = min(layout.slab, shape[ds.axis_index])
     chunks, shards = list(inner), list(outer)
-    chunks.insert(ds.axis_index, 1)
-    shards.insert(ds.axis_index, 1)
+    chunks.insert(ds.axis_index, depth)
+    shards.insert(ds.axis_index, depth)
     lead = (ds.channels,) if ds.channels > 1 else ()
     dims = (("c",) if lead else ()) + SPACE_AXES
-    return ArraySpec(
-        shape=(*lead, *shape),
-        chunks=(*lead, *chunks),
-        shards=(*lead, *shards) if layout.shards else None,
-        dims=dims,
-    )
+    return ArraySpec(shape=(*lead, *shape), chunks=(*lead, *chunks),
+                     shards=(*lead, *shards), dims=dims)
 
 
 def as_slab(ds: Dataset, frames: np.ndarray) -> np.ndarray:
@@ -138,12 +156,6 @@ def pyramid_shapes(shape: Sequence[int], channels: int, minimum: int) -> list[tu
         levels.append((*lead, *space))
     assert not lead or lead == (channels,)
     return levels
-
-
-def pyramid_chunks(shape: Sequence[int]) -> tuple[int, ...]:
-    """Chunk shape of a pyramid level: all channels, :data:`PYRAMID_CHUNK` per spatial side."""
-    lead = tuple(shape[:-3])
-    return (*lead, *(min(PYRAMID_CHUNK, n) for n in shape[-3:]))
 
 
 def pair_sums(block: np.ndarray, axes: Sequence[int]) -> np.ndarray:
@@ -233,49 +245,111 @@ def chunk_key(index: Sequence[int]) -> str:
     return "c/" + "/".join(str(i) for i in index)
 
 
-def key_slice(key: str, axis_index: int) -> int:
-    """The slice a level-0 object holds (objects are one slice deep along the section axis)."""
+def key_slab(key: str, axis_index: int) -> int:
+    """The slab (shard index along the section axis) a level-0 object key holds."""
     grid = key.split("/")[1:]
     return int(grid[len(grid) - 3 + axis_index])
 
 
-class ChunkEncoder:
-    """Encodes level-0 chunks exactly as zarr would, without zarr's per-chunk cost.
+class ShardEncoder:
+    """Encodes whole shards as zarr's ``sharding_indexed`` codec stores them.
 
-    Only for the layout this package writes without sharding (bytes codec, then
-    Zstandard); :func:`direct_encoder` returns None for anything else, and zarr writes.
-    Measured per 320 x 456 RGB uint8 slice at zstd level 1 (compression alone 0.9-1.2
-    ms; ``benchmarks/bench_scale.py --profile-writes``): one whole-slice chunk 2.2 ms
-    here against 2.4 ms through zarr, nine 128 x 128 tiles 2.6 ms against 9.4 ms (zarr
-    adds about 0.8 ms per chunk). The rest is the file system (a folder per slice, as
-    zarr's keys want: about 0.25 ms). A test checks the bytes are zarr's.
+    Only for the layout this package creates (inner chunks: bytes codec then Zstandard;
+    index: bytes codec then CRC32C, at the end of the shard); :func:`shard_encoder`
+    refuses anything else. Every inner chunk is stored, zeros included, in zarr's order
+    (Morton order of the chunk grid); the index lists ``(offset, size)`` per inner chunk
+    in C order, little-endian uint64, followed by its CRC32C.
     """
 
-    def __init__(self, dtype: np.dtype[Any], level: int, checksum: bool) -> None:
+    def __init__(self, shards: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: np.dtype[Any], level: int, checksum: bool) -> None:
+        self.shards, self.chunks = shards, chunks
+        self.grid = tuple(s // c for s, c in zip(shards, chunks))
         self.dtype = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
-        self.codec = numcodecs.Zstd(level=level, checksum=checksum)
+        self.level, self.checksum = level, checksum
+        self._local = threading.local()
 
-    def encode(self, chunk: np.ndarray) -> bytes:
-        """Compressed bytes of one full chunk (C order, little endian)."""
-        data = np.ascontiguousarray(chunk, dtype=self.dtype)
-        return bytes(self.codec.encode(data))
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """This thread's compressor (one is reused: creating one per chunk costs more
+        than compressing a 32 x 32 tile; they are not thread-safe)."""
+        if not hasattr(self._local, "zstd"):
+            self._local.zstd = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=self.checksum, write_content_size=True)
+        compressor: zstandard.ZstdCompressor = self._local.zstd
+        return compressor
+
+    def encode(self, block: np.ndarray) -> bytes:
+        """Bytes of the shard holding ``block`` (its origin at the shard's; zeros beyond)."""
+        if block.shape != self.shards:
+            full = np.zeros(self.shards, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        parts: list[bytes] = []
+        index = np.empty((*self.grid, 2), dtype="<u8")
+        offset = 0
+        compress = self._compressor().compress
+        for cell in morton_order_iter(self.grid):
+            where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
+            blob = compress(np.ascontiguousarray(block[where], dtype=self.dtype).data)
+            index[cell] = (offset, len(blob))
+            offset += len(blob)
+            parts.append(blob)
+        table = index.tobytes()
+        parts += [table, np.uint32(google_crc32c.value(table)).tobytes()]
+        return b"".join(parts)
+
+    def decode(self, blob: bytes) -> np.ndarray:
+        """The shard's ``shards``-shaped block; ValueError when the bytes are not one.
+
+        Inner chunks the index marks empty read as zeros (the fill value).
+        """
+        cells = int(np.prod(self.grid))
+        if len(blob) < 16 * cells + 4:
+            raise ValueError(f"a shard of {len(blob)} bytes cannot hold its index")
+        table = blob[-4 - 16 * cells : -4]
+        if np.uint32(google_crc32c.value(table)).tobytes() != blob[-4:]:
+            raise ValueError("the shard's index fails its CRC32C")
+        index = np.frombuffer(table, dtype="<u8").reshape(*self.grid, 2)
+        block = np.zeros(self.shards, dtype=self.dtype)
+        unzstd = zstandard.ZstdDecompressor()
+        size = int(np.prod(self.chunks)) * self.dtype.itemsize
+        for cell in np.ndindex(*self.grid):
+            offset, nbytes = (int(v) for v in index[cell])
+            if offset == nbytes == 2**64 - 1:
+                continue
+            raw = unzstd.decompress(blob[offset : offset + nbytes], max_output_size=size)
+            where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
+            try:
+                block[where] = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+            except ValueError as exc:
+                raise ValueError(f"inner chunk {cell} holds {len(raw)} bytes: {exc}") from exc
+        return block
 
 
-def direct_encoder(metadata: Any) -> ChunkEncoder | None:
-    """A :class:`ChunkEncoder` for a zarr v3 array's metadata, or None if zarr must write."""
-    from zarr.codecs import BytesCodec, ZstdCodec
+def shard_encoder(metadata: Any) -> ShardEncoder:
+    """A :class:`ShardEncoder` for a zarr v3 array's metadata; ValueError if not our layout."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
     from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
     codecs = list(getattr(metadata, "codecs", ()))
+    sharding = codecs[0] if len(codecs) == 1 else None
     encoding = getattr(metadata, "chunk_key_encoding", None)
+
+    def little(codec: Any) -> bool:
+        return isinstance(codec, BytesCodec) and getattr(codec.endian, "value",
+                                                         "little") == "little"
+
     if (
-        len(codecs) != 2
-        or not isinstance(codecs[0], BytesCodec)
-        or getattr(codecs[0].endian, "value", "little") != "little"
-        or not isinstance(codecs[1], ZstdCodec)
-        or not isinstance(encoding, DefaultChunkKeyEncoding)
-        or encoding.separator != "/"
+        not isinstance(sharding, ShardingCodec)
+        or len(sharding.codecs) != 2 or not little(sharding.codecs[0])
+        or not isinstance(sharding.codecs[1], ZstdCodec)
+        or len(sharding.index_codecs) != 2 or not little(sharding.index_codecs[0])
+        or not isinstance(sharding.index_codecs[1], Crc32cCodec)
+        or sharding.index_location != ShardingCodecIndexLocation.end
+        or not isinstance(encoding, DefaultChunkKeyEncoding) or encoding.separator != "/"
     ):
-        return None
-    dtype = metadata.dtype.to_native_dtype()
-    return ChunkEncoder(np.dtype(dtype), codecs[1].level, codecs[1].checksum)
+        raise ValueError(f"not a layout of this package: codecs {codecs}")
+    zstd = sharding.codecs[1]
+    return ShardEncoder(tuple(metadata.chunk_grid.chunk_shape), tuple(sharding.chunk_shape),
+                        np.dtype(metadata.dtype.to_native_dtype()), zstd.level, zstd.checksum)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import socket
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,6 +51,7 @@ from atlinter_ray.execution import (
     WorkItem,
     WorkResult,
     batches,
+    check_local_capacity,
     check_resources,
     connect,
     run_work,
@@ -57,19 +59,28 @@ from atlinter_ray.execution import (
 from atlinter_ray.finishing import FinishJob
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.inputs import THREADS, Inputs, load_inputs
-from atlinter_ray.layout import Layout, key_slice
+from atlinter_ray.layout import DEFAULT_SLAB, Layout, key_slab
 from atlinter_ray.lease import OutputLease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
-from atlinter_ray.planning import EdgePolicy, GapTask, plan_dataset
+from atlinter_ray.planning import EdgePolicy, SlabTask, plan_dataset, plan_slabs
 from atlinter_ray.pool import PoolStats
+from atlinter_ray.quicklook import montage_png
 from atlinter_ray.reference import ReferenceVolume, load_reference, reference_provenance
 from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
+from atlinter_ray.storage_hints import store_fix
 from atlinter_ray.store import ImageState, VolumeStore
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 from atlinter_ray.worker import TaskResult, WorkerSpec, failed_result
 
 log = logging.getLogger(__name__)
+
+
+def gap_text(gaps: Sequence[int]) -> str:
+    """The gaps a score was measured at, as a reader needs them: ``gap 4``, ``gaps 3 to 8``."""
+    if not gaps:
+        return "no gap"
+    return f"gap {gaps[0]}" if len(gaps) == 1 else f"gaps {min(gaps)} to {max(gaps)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,8 @@ class RunSummary:
     nodes: list[str]
     gpus: list[str]
     outputs: dict[str, str]
+    #: Files this run wrote beside the images (pictures, the summary), by what they are.
+    files: dict[str, str] = field(default_factory=dict)
     #: Tasks run per worker device and precision (``"cuda:0 (NVIDIA H100) bf16": 812``).
     devices: dict[str, int] = field(default_factory=dict)
     #: Model items recomputed in float32 because their low-precision output was not finite.
@@ -127,6 +140,7 @@ class RunSummary:
             + (f"  fp32 reruns: {self.fp32_reruns}" if self.fp32_reruns else ""),
         ]
         lines += [f"output {k}: {v}" for k, v in self.outputs.items()]
+        lines += [f"wrote {k}: {v}" for k, v in self.files.items()]
         lines += [
             f"tuned {k}: {'+'.join(r['members'])} curved={r['curved']} in {r['seconds']:.1f} s"
             f"{' (cached)' if r['cached'] else ''}"
@@ -136,7 +150,8 @@ class RunSummary:
             for who, sc in by_model.items():
                 lines.append(
                     f"{ds_id} vs held-out truth, {who:>6}: PSNR {sc['psnr']:.2f} dB  "
-                    f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices)"
+                    f"SSIM {sc['ssim']:.4f}  MAE {sc['mae']:.3f}  ({sc['slices']} slices, "
+                    f"{gap_text(sc.get('gaps', []))})"
                 )
         lines += [f"SKIPPED {url}: {why}" for url, why in self.skipped_datasets.items()]
         lines += [f"FAILED {f['task_id']}: {f['error']}" for f in self.failures[:20]]
@@ -211,10 +226,17 @@ def _configured_device(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def layout_of(cfg: Config) -> Layout:
     """The image layout ``output.*`` asks for, checked."""
+    if cfg.output.shards is not None:
+        raise ConfigError(
+            f"output.shards={cfg.output.shards} is no longer a setting: every level-0 object "
+            f"is now a shard output.slab slices deep (default {DEFAULT_SLAB}), with "
+            "output.chunks=[h, w] inner chunks. Fix: remove output.shards (and set "
+            "output.slab to choose the depth)"
+        )
     chunks = cfg.output.chunks
     layout = Layout(
+        slab=cfg.output.slab,
         chunks=None if chunks is None else tuple(chunks),  # type: ignore[arg-type]
-        shards=cfg.output.shards,
         zstd_level=cfg.output.zstd_level,
         pyramid_min=cfg.output.pyramid_min,
     )
@@ -226,6 +248,8 @@ def run(cfg: Config) -> RunSummary:
     """Reconstruct every configured dataset; see the module docstring."""
     start = time.perf_counter()
     check_resources(cfg.resources)
+    if not cfg.run.serial:
+        check_local_capacity(cfg.resources)  # before any data is read or written
     layout = layout_of(cfg)
     began = time.perf_counter()
     inputs = load_inputs(cfg.data)
@@ -233,6 +257,7 @@ def run(cfg: Config) -> RunSummary:
     log.info("%d datasets validated and fingerprinted in %.1f s", len(datasets),
              time.perf_counter() - began)
     check_truths(cfg.data, inputs)
+    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
     # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)
@@ -244,15 +269,16 @@ def run(cfg: Config) -> RunSummary:
     reference = check_reference(cfg, model, datasets)
     if reference is not None:
         provenance = {**provenance, **reference_provenance(reference.url)}
-    tasks_by_ds = {
+    gaps_by_ds = {
         ds.id: plan_dataset(ds.id, ds.section_numbers, ds.n_slices,
                             cfg.interpolation.placement, cfg.interpolation.edge,
                             model_context(model))
         for ds in datasets
     }
-    for tasks in tasks_by_ds.values():
-        check_reachable(model, tasks)
-    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
+    for gaps in gaps_by_ds.values():
+        check_reachable(model, gaps)
+    tasks_by_ds = {ds.id: plan_slabs(gaps_by_ds[ds.id], ds.n_slices, layout.slab)
+                   for ds in datasets}
     run_info = {
         **provenance,
         "params": dict(cfg.model.params),
@@ -267,7 +293,7 @@ def run(cfg: Config) -> RunSummary:
         with _usable(cfg.output.root):
             states = _prepare(store, inputs, dtypes, run_info, layout, cfg.output.overwrite)
             states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
-                                                      tasks_by_ds[ds.id]), datasets)
+                                                      tasks_by_ds[ds.id], layout.slab), datasets)
             done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
                                 datasets)
         todo = [t for ds in datasets for t in tasks_by_ds[ds.id] if t.task_id not in done[ds.id]]
@@ -306,6 +332,15 @@ def run(cfg: Config) -> RunSummary:
         lease.check()
         scores = _scores(store, datasets, tracker.complete, cfg)
         rows = outcome.rows
+        if not outcome.stopped:  # a store that failed is not asked again
+            try:
+                rows = committed_rows(store, tracker.identities, rows)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                log.warning("could not list the committed tasks (%s: %s); failed tasks are "
+                            "counted as reported", type(exc).__name__, exc)
+            tracker.settle(rows)
         failed = [r for r in rows if not r.done]
         written = sum(r.slices for r in rows if r.done)
         wall = time.perf_counter() - start
@@ -326,6 +361,7 @@ def run(cfg: Config) -> RunSummary:
             fp32_reruns=sum(r.fp32_reruns for r in rows),
             failures=[{"task_id": r.task_id, "error": r.error} for r in failed],
             scores=scores,
+            files=dict(sorted(tracker.files.items())),
             config=redact(asdict(cfg)),
             tuning=tuning,
             complete=sorted(tracker.complete),
@@ -336,7 +372,7 @@ def run(cfg: Config) -> RunSummary:
         )
         secrets = secret_values(asdict(cfg)) | env_secrets()
         text = scrub(json.dumps(asdict(summary), indent=2), secrets)
-        store.write_bytes("run_summary.json", text.encode())
+        summary.files["run summary"] = store.write_bytes("run_summary.json", text.encode())
     finally:
         lease.release()
     return summary
@@ -353,10 +389,8 @@ def _usable(root: str) -> Iterator[None]:
         if not is_storage_error(exc):
             raise
         raise OutputRootError(
-            f"output.root={root} cannot be used ({type(exc).__name__}: {exc}). Fix: check "
-            "that the folder or bucket exists and is not a file, that these credentials "
-            "(output.storage_options, or the environment) may write there, and that it has "
-            "space; or choose another output.root."
+            f"output.root={root} cannot be used ({type(exc).__name__}: {exc}): "
+            f"{store_fix(root, exc, 'output.root', 'output.storage_options')}."
         ) from exc
 
 
@@ -403,7 +437,7 @@ def _prepare(
 
 
 def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
-             tasks: Sequence[GapTask]) -> ImageState:
+             tasks: Sequence[SlabTask], slab: int) -> ImageState:
     """Reopen a complete image whose objects went missing since (a lifecycle rule, an rm).
 
     One listing against the objects verified at completion; the tasks owning lost
@@ -414,8 +448,8 @@ def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
     lost = store.lost_objects(ds.id, state.objects)
     if not lost:
         return state
-    slices = {key_slice(key, ds.axis_index) for key in lost}
-    redo = [t.task_id for t in tasks if any(j.slice in slices for j in t.jobs)]
+    slabs = {key_slab(key, ds.axis_index) for key in lost}
+    redo = [t.task_id for t in tasks if t.first // slab in slabs]
     log.warning("%s: %d stored object(s) went missing since it was completed; redoing %d "
                 "task(s)", ds.id, len(lost), len(redo))
     store.drop_markers(state.identity, redo)
@@ -427,8 +461,8 @@ class _Tracker:
 
     def __init__(
         self,
-        tasks_by_ds: Mapping[str, list[GapTask]],
-        todo: Sequence[GapTask],
+        tasks_by_ds: Mapping[str, list[SlabTask]],
+        todo: Sequence[SlabTask],
         states: Mapping[str, ImageState],
         cfg: Config,
     ) -> None:
@@ -443,6 +477,8 @@ class _Tracker:
         self.failed: dict[str, str] = {}
         self.redone: set[str] = set()
         self.results: dict[str, TaskResult] = {}
+        #: Files each dataset's finishing wrote beside its image (quick-look, montage).
+        self.files: dict[str, str] = {}
 
     def initial(self) -> list[WorkItem]:
         """The tasks to run, then the finishing of datasets whose tasks are all done."""
@@ -469,6 +505,8 @@ class _Tracker:
         ds = result.dataset_id
         if result.done:
             self.complete.add(ds)
+            self.files.update({f"{ds} {kind}": url for kind, url in result.outputs.items()
+                               if kind != "image"})
         elif result.status == "redo" and ds not in self.redone:
             self.redone.add(ds)
             self.pending[ds] = set(result.redo)
@@ -479,6 +517,15 @@ class _Tracker:
         else:
             self.failed[ds] = f"finishing failed: {result.error}"
         return []
+
+    def settle(self, rows: Sequence[TaskResult]) -> None:
+        """Forget the failures of datasets whose tasks the store shows all committed."""
+        for row in rows:
+            if row.done:
+                self.pending[row.dataset_id].discard(row.task_id)
+        for ds in [ds for ds in self.failed if ds not in self.complete]:
+            if self.failed[ds].startswith("task ") and not self.pending[ds]:
+                del self.failed[ds]
 
     def incomplete(self) -> dict[str, str]:
         """Datasets not verified complete, with the reason."""
@@ -517,6 +564,8 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
             for result in stream:
                 if isinstance(result, TaskResult):
                     bar.update(result.slices)
+                    if tracker.results.get(result.task_id) is not result:
+                        tracker.follow_up(result)  # failed by the pool: no worker reported it
                     if not result.done:
                         log.error("task %s failed: %s", result.task_id, result.error)
                 elif not result.done:
@@ -541,8 +590,51 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
     rows = list(tracker.results.values())
     for ids in tracker.pending.values():  # never reported: the run stopped early
         for task_id in sorted(ids - set(tracker.results)):
-            rows.append(failed_result(tracker.by_id[task_id], f"not run: {stopped}"))
+            rows.append(failed_result(tracker.by_id[task_id],
+                                      f"not run: {stopped or 'the run ended before a worker took it'}"))
     return _Outcome(rows, stats, stopped)
+
+
+#: Seconds the end-of-run marker listing may take before failures are kept as reported.
+LISTING_TIMEOUT_S = 60.0
+
+
+def committed_rows(
+    store: VolumeStore,
+    identities: Mapping[str, ImageIdentity],
+    rows: Sequence[TaskResult],
+    timeout_s: float = LISTING_TIMEOUT_S,
+) -> list[TaskResult]:
+    """``rows`` with the failed tasks the store holds markers for turned done.
+
+    A worker can commit a task and die before its result comes back (its node lost):
+    the pool then reports the task failed, though its slices and marker are stored.
+    One marker listing per dataset with failures makes the counts match the store. The
+    listings run in a daemon thread given ``timeout_s``: a hung store raises
+    ``TimeoutError`` here instead of holding the run (and the process's exit) forever.
+    """
+    failing = sorted({r.dataset_id for r in rows if not r.done})
+    if not failing:
+        return list(rows)
+    stored: dict[str, set[str]] = {}
+    errors: list[BaseException] = []
+
+    def listing() -> None:
+        try:
+            for ds in failing:
+                stored[ds] = store.done_task_ids(ds, identities[ds])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=listing, name="committed-rows", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if thread.is_alive():
+        raise TimeoutError(f"listing the done markers took over {timeout_s:.0f} s")
+    return [dataclasses.replace(r, status="done", error="", storage_error=False)
+            if not r.done and r.task_id in stored[r.dataset_id] else r for r in rows]
 
 
 def _scores(
@@ -554,8 +646,11 @@ def _scores(
         return {}
     from atlinter_ray.scoring import load_truth, score_run  # imports scikit-image
 
-    return {
-        ds.id: score_run(store, ds, load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options),
-                         cfg.interpolation.placement)
-        for ds in wanted
-    }
+    scores = {}
+    for ds in wanted:
+        truth = load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options)
+        scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        if cfg.output.quicklook and scores[ds.id]["model"]["gaps"]:
+            # the montage again, now with the true slices and the error beside the predicted
+            store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds, truth=truth))
+    return scores

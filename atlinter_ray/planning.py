@@ -1,4 +1,4 @@
-"""Planning: a pure function from datasets to gap tasks.
+"""Planning: pure functions from datasets to gap tasks, and gap tasks to slab tasks.
 
 Every slice of the output volume has exactly one writer task, so a task can be
 redone at any time without touching another task's slices::
@@ -25,6 +25,19 @@ slices after it, following the edge policy: ``copy`` (the nearest known section,
 the predecessor's ``GeneInterpolate`` does), ``empty`` (left at the fill value, 0) or,
 with a reference volume, ``reference`` (predicted from the nearest known section, as its
 ``GeneOpticalFlow`` does; such slices have no ``t``).
+
+The unit of work that writes the output is the **slab task** (:func:`plan_slabs`): the
+output is stored in objects ``K`` slices deep (``output.slab``, :mod:`atlinter_ray.layout`),
+and one task owns all slices of slabs ``[k*K, (k+1)*K)``, whatever they are (measured,
+predicted, edge-filled, or left empty). Its ``parts`` are the gap tasks above cut to the
+slab; a gap that crosses a slab boundary is computed by both slab tasks, each for its
+own slices (an any-t model then costs nothing extra; a bisection repeats the shared
+ancestors, a flow model the pair's flow)::
+
+    slices:   0 .. 7 | 8 .. 15 | 16 .. 23        (K = 8; known 3, 11, 19)
+    slab 0-7:   lead 0..2, measured 3, gap 3->11 for 4..7
+    slab 8-15:  gap 3->11 for 8..10, measured 11, gap 11->19 for 12..15
+    slab 16-23: gap 11->19 for 16..18, measured 19, tail 20..
 
 Each predicted slice gets a fractional position ``t`` between its two sections:
 
@@ -203,6 +216,61 @@ def plan_dataset(
     if edge != EdgePolicy.empty:
         tail += [_edge_job(s, last, edge) for s in range(last + 1, n_slices)]
     tasks.append(GapTask(dataset_id, last, None, tuple(tail)))
+    return tasks
+
+
+@dataclass(frozen=True, slots=True)
+class SlabTask:
+    """One unit of work: every slice of one slab ``first..stop-1`` of one dataset.
+
+    ``parts`` are the gap tasks cut to the slab's slices, in slice order; slices that no
+    part lists (``interpolation.edge=empty``) are written as zeros.
+    """
+
+    dataset_id: str
+    first: int
+    stop: int
+    parts: tuple[GapTask, ...]
+
+    @property
+    def task_id(self) -> str:
+        """Deterministic id: same dataset and slab give the same id on every run."""
+        return f"{self.dataset_id}/{self.first}-{self.stop - 1}"
+
+    @property
+    def jobs(self) -> tuple[SliceJob, ...]:
+        """Every slice job of the slab, in slice order."""
+        return tuple(j for part in self.parts for j in part.jobs)
+
+    @property
+    def predicted(self) -> tuple[SliceJob, ...]:
+        """The jobs that need the model."""
+        return tuple(j for part in self.parts for j in part.predicted)
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """Known sections the task reads."""
+        return tuple(sorted({s for part in self.parts for s in part.sources}))
+
+
+def plan_slabs(gaps: Sequence[GapTask], n_slices: int, slab: int) -> list[SlabTask]:
+    """Gap tasks of one dataset regrouped into tasks that own whole slabs of ``slab`` slices.
+
+    Every slab holding at least one planned slice becomes a task (a slab with none, in
+    an empty edge, is left unwritten: it reads as zeros).
+    """
+    if slab < 1:
+        raise ConfigError(f"output.slab={slab}: give a positive number of slices")
+    tasks = []
+    for first in range(0, n_slices, slab):
+        stop = min(first + slab, n_slices)
+        parts = []
+        for gap in gaps:
+            jobs = tuple(j for j in gap.jobs if first <= j.slice < stop)
+            if jobs:
+                parts.append(GapTask(gap.dataset_id, gap.left, gap.right, jobs, gap.context))
+        if parts:
+            tasks.append(SlabTask(parts[0].dataset_id, first, stop, tuple(parts)))
     return tasks
 
 

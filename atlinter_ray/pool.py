@@ -18,7 +18,9 @@ always gets one result per item. Items must therefore be idempotent to run twice
 call that runs longer than ``call_timeout_s`` counts as a death: its actor is killed
 (a hung store client never returns by itself) and the item goes back to the queue.
 Every rerun is counted in :class:`PoolStats`. When nothing finishes for
-``heartbeat_s``, a log line says what is running and for how long.
+``heartbeat_s``, a log line says what is running and for how long. Each actor filters
+its failure logs as the driver does (:mod:`atlinter_ray.quiet`): the caller reports
+every failure once, and tracebacks appear only with ``run.debug=true``.
 
 A result may bring more work: ``more(result)`` returns items that go to the front of
 the queue (the driver uses it to finish a dataset on a worker once its last task is
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from atlinter_ray.errors import FatalWorkerError
+from atlinter_ray.quiet import debug_enabled, quiet_failures
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ class _ActorPool(Generic[T, R]):
     ) -> None:
         import ray
 
-        self.remote: Any = ray.remote(worker_class).options(
+        self.remote: Any = ray.remote(_quieted(worker_class, debug_enabled())).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None, max_restarts=0
         )
         self.args, self.spec, self.failed, self.method = args, spec, failed, method
@@ -291,6 +294,22 @@ class _ActorPool(Generic[T, R]):
         """End every actor still held."""
         for actor in list(self.actors.values()):
             self.release(actor)
+
+
+def _quieted(worker_class: type, debug: bool) -> type:
+    """``worker_class`` whose actors log failures as the driver does (:mod:`atlinter_ray.quiet`).
+
+    A subclass defined here (pickled by value), so each actor process installs the
+    filter before the worker's own constructor runs.
+    """
+
+    base: Any = worker_class
+
+    def __init__(self: Any, *args: Any) -> None:
+        quiet_failures(debug)
+        base.__init__(self, *args)
+
+    return type(worker_class.__name__, (worker_class,), {"__init__": __init__})
 
 
 def _shrink(actors: list[_Actor], keep: int, release: Callable[[_Actor], None]) -> None:

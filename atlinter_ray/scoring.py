@@ -93,7 +93,9 @@ def score_run(
             frames.append(to_dtype(out.frames[0], ours.dtype.name))
     base = np.concatenate(frames)  # (N, C, H, W)
     base = np.moveaxis(base, 1, -1) if ds.channels > 1 else base[:, 0]
+    gaps = sorted({t.pair[1] - t.pair[0] for t in tasks if t.predicted})
     return {
-        "model": summarize(score_stack(ours, true, ds.peak)),
-        "linear": summarize(score_stack(base, true, ds.peak)),
+        "model": {**summarize(score_stack(ours, true, ds.peak)), "gaps": gaps},
+        "linear": {**summarize(score_stack(base, true, ds.peak)), "gaps": gaps},
     }
+

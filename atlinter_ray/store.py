@@ -20,10 +20,10 @@ object it wrote and its size, which :mod:`atlinter_ray.finishing` checks against
 listing of the store before the dataset is declared complete. Every object is read
 and written through :mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
 
-Every object a task owns is stored, even when it holds only zeros (zarr's
-``write_empty_chunks`` is on for our writes), so a claimed object that is missing is
-a lost one. Listings are always fresh, since other processes write under the same
-prefixes.
+Every object a task owns is stored, even when it holds only zeros (a task encodes and
+stores its whole shards itself, :meth:`VolumeStore.write_slabs`), so a claimed object
+that is missing is a lost one. Listings are always fresh, since other processes write
+under the same prefixes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +45,14 @@ from atlinter_ray.errors import StoreError
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
-    ChunkEncoder,
+    ArraySpec,
     Layout,
+    ShardEncoder,
     array_spec,
     as_slab,
     chunk_key,
-    direct_encoder,
     ome_metadata,
+    shard_encoder,
 )
 from atlinter_ray.lease import OutputLease
 from atlinter_ray.objects import open_objects
@@ -64,6 +65,17 @@ REDUCTION_SUFFIX = ".sums"
 
 def _join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
+
+
+#: Parts of an image's ``atlinter_ray`` record kept out of its OME metadata (which every
+#: viewer parses, and napari-ome-zarr prints), in a sidecar beside the image
+#: (:func:`sidecar_name`): the per-slice provenance and the object inventory.
+SIDECAR_KEYS = ("provenance", "objects")
+
+
+def sidecar_name(dataset_id: str) -> str:
+    """The sidecar of an image, under the output root: ``<experiment>.provenance.json``."""
+    return f"{dataset_id}.provenance.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +97,7 @@ class VolumeStore:
         self.storage_options = dict(storage_options or {})
         self.objects = open_objects(self.root, self.storage_options)
         self._arrays: dict[str, Any] = {}
-        self._encoders: dict[str, ChunkEncoder | None] = {}
+        self._encoders: dict[str, ShardEncoder] = {}
 
     # -- locations ------------------------------------------------------------------
     def image_url(self, dataset_id: str) -> str:
@@ -185,7 +197,9 @@ class VolumeStore:
             meta = json.loads(blob)["attributes"]["atlinter_ray"]
         except (ValueError, KeyError, TypeError):
             return None  # not ours, or torn: made again
-        return meta if isinstance(meta, dict) and "generation" in meta else None
+        if not isinstance(meta, dict) or "generation" not in meta:
+            return None
+        return self._with_sidecar(dataset_id, meta) if meta.get("complete") else meta
 
     def create_image(
         self,
@@ -199,14 +213,8 @@ class VolumeStore:
         for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id),
                      self._image_path(ds.id)):
             self.objects.delete_prefix(path)
-        spec = array_spec(ds, layout)
-        level0, options = self.zarr_location(ds.id, "0")
-        zarr.create_array(
-            level0, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
-            dtype=dtype, fill_value=0, dimension_names=spec.dims,
-            compressors=ZstdCodec(level=layout.zstd_level), zarr_format=3,
-            storage_options=options,
-        )
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
+        self.create_level(ds, "0", array_spec(ds, layout), dtype, layout.zstd_level)
         generation = new_generation()
         group, options = self.zarr_location(ds.id)
         zarr.create_group(
@@ -225,7 +233,6 @@ class VolumeStore:
                 },
             },
         )
-        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
         return ImageState(ImageIdentity(generation, fingerprint.digest), False, True)
 
     def open_array(self, dataset_id: str, level: str = "0", mode: str = "r") -> Any:
@@ -239,37 +246,59 @@ class VolumeStore:
             )
         return self._arrays[key]
 
-    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, int | None]:
-        """Write ``(K, C, H, W)`` consecutive slices from ``first``; return ``{object key: size}``.
+    def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
+                     zstd_level: int) -> None:
+        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside."""
+        location, options = self.zarr_location(ds.id, level)
+        zarr.create_array(
+            location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
+            fill_value=0, dimension_names=spec.dims, compressors=ZstdCodec(level=zstd_level),
+            zarr_format=3, overwrite=True, storage_options=options,
+        )
+        for cache in (self._arrays, self._encoders):
+            for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
+                del cache[key]
 
-        Without sharding the chunks are encoded here, byte for byte as zarr would
-        (:class:`~atlinter_ray.layout.ChunkEncoder`), and stored in one batch; with
-        sharding zarr writes them (sizes then unknown: None).
+    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, int]:
+        """Write ``(K, C, H, W)`` consecutive slices from ``first`` (whole slabs) to level 0."""
+        return self.write_slabs(ds, "0", first, as_slab(ds, frames))
+
+    def write_slabs(self, ds: Dataset, level: str, first: int, block: np.ndarray) -> dict[str, int]:
+        """Write whole slabs of one level from slice ``first``; return ``{object key: size}``.
+
+        ``block`` is in array order ``([C,] z, y, x)`` and starts at a slab boundary; it
+        ends at one too, or at the end of the array. Each slab is one shard object,
+        encoded here (:class:`~atlinter_ray.layout.ShardEncoder`) and stored in one batch.
         """
-        arr = self.open_array(ds.id, mode="r+")
-        if ds.id not in self._encoders:
-            self._encoders[ds.id] = None if arr.shards else direct_encoder(arr.metadata)
-        encoder = self._encoders[ds.id]
-        objects = tuple(arr.shards or arr.chunks)
-        if encoder is None:
-            index: list[Any] = [slice(None)] * arr.ndim
-            index[arr.ndim - 3 + ds.axis_index] = slice(first, first + len(frames))
-            arr[tuple(index)] = as_slab(ds, frames)
-            return {key: None for k in range(len(frames))
-                    for key, _ in _tiles(ds, objects, first + k, arr.shape)}
-        blobs: dict[str, bytes] = {}
-        shape = _chunk_in_plane(objects, ds)
-        for k, frame in enumerate(frames):
-            plane = frame if ds.channels > 1 else frame[0]
-            for key, tile in _tiles(ds, objects, first + k, arr.shape):
-                part = plane[..., tile[0], tile[1]]
-                if part.shape != shape:  # an edge tile: padded with the fill value
-                    chunk = np.zeros(shape, dtype=encoder.dtype)
-                    chunk[..., : part.shape[-2], : part.shape[-1]] = part
-                    part = chunk
-                blobs[key] = encoder.encode(np.expand_dims(part, ds.axis_index - 3))
-        self._put_many(self._image_path(ds.id, "0"), blobs)
+        arr = self.open_array(ds.id, level, mode="r+")
+        encoder = self._encoder(ds.id, level, arr)
+        axis = arr.ndim - 3 + ds.axis_index
+        depth, count, total = encoder.shards[axis], block.shape[axis], arr.shape[axis]
+        if first % depth or (count % depth and first + count != total):
+            raise ValueError(f"slices {first}..{first + count - 1} of {ds.id} level {level} "
+                             f"are not whole slabs of {depth}")
+        blobs = {}
+        for start in range(0, count, depth):
+            grid = [0] * arr.ndim
+            grid[axis] = (first + start) // depth
+            part = np.take(block, range(start, min(start + depth, count)), axis=axis)
+            blobs[chunk_key(grid)] = encoder.encode(part)
+        self._put_many(self._image_path(ds.id, level), blobs)
         return {key: len(blob) for key, blob in blobs.items()}
+
+    def _encoder(self, dataset_id: str, level: str, arr: Any) -> ShardEncoder:
+        """The shard encoder of one level's array (cached); StoreError if not our layout."""
+        cache = f"{dataset_id}:{level}:encoder"
+        if cache not in self._encoders:
+            try:
+                self._encoders[cache] = shard_encoder(arr.metadata)
+            except ValueError as exc:
+                raise StoreError(
+                    f"{_join(self.image_url(dataset_id), level)} is not laid out as this "
+                    f"version writes ({exc}). Fix: rerun with output.overwrite=true to make "
+                    "it again."
+                ) from exc
+        return self._encoders[cache]
 
     def _put_many(self, folder: str, blobs: Mapping[str, bytes]) -> None:
         """Store objects under ``folder`` (concurrently where the store can)."""
@@ -288,18 +317,63 @@ class VolumeStore:
                 if key not in stored or (size is not None and stored[key] != size)}
 
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
-        """The image group's attributes (``ome`` metadata, ``atlinter_ray`` provenance)."""
+        """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
+        record's provenance and object inventory read back from its sidecar."""
         group, options = self.zarr_location(dataset_id)
-        return dict(zarr.open_group(group, mode="r", storage_options=options).attrs)
+        attrs = dict(zarr.open_group(group, mode="r", storage_options=options).attrs)
+        ours = attrs.get("atlinter_ray")
+        if isinstance(ours, dict):
+            attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
+        return attrs
 
     def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
-        """Replace top-level attributes of the image group (one metadata write)."""
+        """Replace top-level attributes of the image group (one metadata write).
+
+        The bulky parts of the ``atlinter_ray`` record (:data:`SIDECAR_KEYS`) go to the
+        image's sidecar, written first, so the OME metadata that viewers parse stays lean.
+        """
+        attrs = dict(attrs)
+        ours = attrs.get("atlinter_ray")
+        if isinstance(ours, Mapping) and any(k in ours for k in SIDECAR_KEYS):
+            side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
+            self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
+            attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
         group, options = self.zarr_location(dataset_id)
-        zarr.open_group(group, mode="r+", storage_options=options).attrs.update(dict(attrs))
+        zarr.open_group(group, mode="r+", storage_options=options).attrs.update(attrs)
+
+    def _with_sidecar(self, dataset_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta`` with its sidecar's records merged in, when they are of its generation."""
+        blob = self.read_bytes(sidecar_name(dataset_id))
+        try:
+            side = json.loads(blob) if blob is not None else {}
+        except ValueError:
+            return meta  # torn: as if absent (finishing writes it again)
+        if not isinstance(side, dict) or side.get("generation") != meta.get("generation"):
+            return meta
+        return {**meta, **{k: side[k] for k in SIDECAR_KEYS if k in side}}
 
     def read_volume(self, dataset_id: str, level: str = "0") -> np.ndarray:
-        """The whole image ``([C,] Z, Y, X)``; for small volumes, tests and evaluation."""
-        return np.asarray(self.open_array(dataset_id, level)[...])
+        """One whole level ``([C,] Z, Y, X)``; for scoring, tests and evaluation.
+
+        Its shards are fetched in one batch and decoded here
+        (:meth:`~atlinter_ray.layout.ShardEncoder.decode`): zarr's reader pays a fixed
+        cost per inner chunk, 3.5 s for a full-size grey gene against 1.2 s here
+        (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr.
+        """
+        arr = self.open_array(dataset_id, level)
+        encoder = self._encoder(dataset_id, level, arr)
+        grid = [-(-n // s) for n, s in zip(arr.shape, encoder.shards)]
+        keys = {chunk_key(cell): cell for cell in np.ndindex(*grid)}
+        folder = self._image_path(dataset_id, level)
+        found = self.objects.get_many([_join(folder, key) for key in keys])
+        padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)], dtype=arr.dtype)
+        for key, cell in keys.items():
+            blob = found.get(_join(folder, key))
+            if blob is not None:
+                where = tuple(slice(i * s, (i + 1) * s) for i, s in zip(cell, encoder.shards))
+                padded[where] = encoder.decode(blob)
+        volume: np.ndarray = padded[tuple(slice(0, n) for n in arr.shape)]
+        return volume
 
     # -- markers ----------------------------------------------------------------------
     def mark_done(self, identity: ImageIdentity, task_id: str, record: Mapping[str, Any]) -> None:
@@ -360,26 +434,3 @@ class VolumeStore:
     def zarr_location(self, dataset_id: str, *level: str) -> tuple[Any, dict[str, Any] | None]:
         """What zarr opens for the image (or one of its levels): ``(store or URL, options)``."""
         return self.objects.zarr_location(self._image_path(dataset_id, *level))
-
-
-def _chunk_in_plane(objects: tuple[int, ...], ds: Dataset) -> tuple[int, ...]:
-    """The object shape without the section axis: ``([C,] h, w)``."""
-    space = list(objects[-3:])
-    del space[ds.axis_index]
-    return (*objects[:-3], *space)
-
-
-def _tiles(
-    ds: Dataset, objects: tuple[int, ...], slice_number: int, shape: tuple[int, ...]
-) -> Iterator[tuple[str, tuple[slice, slice]]]:
-    """``(object key, in-plane slices)`` of every object holding slice ``slice_number``."""
-    space_obj = list(objects[-3:])
-    space_shape = list(shape[-3:])
-    del space_obj[ds.axis_index], space_shape[ds.axis_index]
-    (h, w), (nh, nw) = space_obj, space_shape
-    lead = [0] * (len(objects) - 3)
-    for i in range(-(-nh // h)):
-        for j in range(-(-nw // w)):
-            grid = [i, j]
-            grid.insert(ds.axis_index, slice_number)
-            yield chunk_key([*lead, *grid]), (slice(i * h, (i + 1) * h), slice(j * w, (j + 1) * w))

@@ -1,4 +1,4 @@
-"""The worker: a plain class that runs gap tasks; Ray wraps it only at start.
+"""The worker: a plain class that runs slab tasks; Ray wraps it only at start.
 
 One :class:`TaskWorker` loads its model once, then runs each batch of tasks as a
 pipeline of three stages, so the device computes while the CPU moves data::
@@ -8,7 +8,8 @@ pipeline of three stages, so the device computes while the CPU moves data::
                   pair of every task in the chunk together -> round/clip to the output
                   dtype on the device -> fetch (non-blocking)
 
-Pairs of different tasks, datasets and positions share one chunk (for midpoint-only
+A slab task predicts its slices gap by gap (its ``parts``): pairs of different parts,
+tasks, datasets and positions share one chunk (for midpoint-only
 models, one bisection depth at a time), so the model sees full batches of fixed shapes.
 A chunk holds enough tasks for about two model batches. Frames travel to the device
 in their stored dtype and come back in the output dtype; bisection levels and flow
@@ -57,7 +58,7 @@ from atlinter_ray.models.reference_guided import (
     predict_from_reference,
     reference_estimator,
 )
-from atlinter_ray.planning import GapTask, Placement
+from atlinter_ray.planning import GapTask, Placement, SlabTask
 from atlinter_ray.reference import ReferenceVolume, read_reference_slices, reference_provenance
 from atlinter_ray.store import VolumeStore
 
@@ -83,7 +84,7 @@ class WorkerIdentity:
 
 @dataclass(slots=True)
 class TaskResult:
-    """What became of one gap task; the driver counts, reports and sums these."""
+    """What became of one slab task; the driver counts, reports and sums these."""
 
     task_id: str
     dataset_id: str
@@ -106,7 +107,7 @@ class TaskResult:
         return self.status == "done"
 
 
-def failed_result(task: GapTask, error: str = "") -> TaskResult:
+def failed_result(task: SlabTask, error: str = "") -> TaskResult:
     """A task's result before it succeeds; the driver's for a task no worker ran."""
     return TaskResult(task.task_id, task.dataset_id, len(task.jobs), error=error)
 
@@ -183,12 +184,12 @@ def _device_identity(model: Any) -> dict[str, str]:
 class _Chunk:
     """Tasks computed together."""
 
-    tasks: list[GapTask]
+    tasks: list[SlabTask]
     peak: float
 
 
 class TaskWorker:
-    """Runs batches of gap tasks with one model loaded once."""
+    """Runs batches of slab tasks with one model loaded once."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         cv2.setNumThreads(spec.threads)
@@ -224,12 +225,12 @@ class TaskWorker:
             self._tuned[dataset_id] = self.model.tuned(self.tuning[dataset_id])  # type: ignore[attr-defined]
         return self._tuned[dataset_id]
 
-    def run(self, tasks: list[GapTask]) -> list[TaskResult]:
+    def run(self, tasks: list[SlabTask]) -> list[TaskResult]:
         """Run ``tasks``; return one result per task, in order."""
         rows = {t.task_id: failed_result(t) for t in tasks}
         for row in rows.values():
             row.worker = self.identity
-        writes: list[tuple[GapTask, Future[None], float]] = []
+        writes: list[tuple[SlabTask, Future[None], float]] = []
         chunks = self._chunks(tasks)
         # all reads queued first: they run ahead of the compute
         reads = [self.io.submit(self._read, chunk.tasks) for chunk in chunks]
@@ -281,13 +282,13 @@ class TaskWorker:
                 "this worker stops so that its tasks run on a fresh one"
             ) from exc
 
-    def _chunks(self, tasks: Sequence[GapTask]) -> list[_Chunk]:
+    def _chunks(self, tasks: Sequence[SlabTask]) -> list[_Chunk]:
         """Tasks grouped by image shape, channels, peak and output dtype, cut into chunks.
 
         Positions are not part of the key: items of any positions share a batch. Tasks
         with nothing to predict (edges) go apart, so a model failure never takes them.
         """
-        groups: dict[tuple[Any, ...], list[GapTask]] = defaultdict(list)
+        groups: dict[tuple[Any, ...], list[SlabTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
             key = (ds.image_shape, ds.channels, ds.peak, self.dtypes[ds.id], not task.predicted)
@@ -306,7 +307,7 @@ class TaskWorker:
                 items += max(len(task.predicted), 1)
         return chunks
 
-    def _read(self, tasks: Sequence[GapTask]) -> dict[tuple[str, int], np.ndarray]:
+    def _read(self, tasks: Sequence[SlabTask]) -> dict[tuple[str, int], np.ndarray]:
         """Every known section the tasks need, each read once: ``(dataset, section) -> (C, H, W)``."""
         wanted: dict[str, set[int]] = defaultdict(set)
         for task in tasks:
@@ -323,41 +324,68 @@ class TaskWorker:
     ) -> list[tuple[Callable[[], np.ndarray], int]]:
         """Per task: a function giving its ``(K, C, H, W)`` block once fetched, and its model calls."""
         tasks = chunk.tasks
-        gaps = [t for t in tasks if t.predicted]
-        frames: dict[str, Any] = {}
-        calls: dict[str, int] = {}
+        gaps = [(t.task_id, part) for t in tasks for part in t.parts if part.predicted]
+        frames: dict[str, list[Any]] = defaultdict(list)
+        calls: dict[str, int] = defaultdict(int)
+        made: list[tuple[Any, int]] = []  # per gap part, in order: its frames and calls
         if gaps and self.reference is not None:
-            for task in gaps:
-                frames[task.task_id] = self._from_reference(task, sections, self.reference)
-                calls[task.task_id] = len(task.predicted)
+            made = [(self._from_reference(part, sections, self.reference), len(part.predicted))
+                    for _, part in gaps]
         elif gaps and isinstance(self.model, ContextInterpolator):
-            for task in gaps:  # each task with its own neighbours (and its stack's tuning)
-                own = {s: sections[task.dataset_id, s] for s in task.sources}
-                model = self.model_for(task.dataset_id)
-                frames[task.task_id] = predict_gap(model, own, task, chunk.peak).frames[0]
-                calls[task.task_id] = len(task.predicted)
+            for _, part in gaps:  # each part with its own neighbours (and its stack's tuning)
+                own = {s: sections[part.dataset_id, s] for s in part.sources}
+                model = self.model_for(part.dataset_id)
+                made.append((predict_gap(model, own, part, chunk.peak).frames[0],
+                             len(part.predicted)))
         elif gaps:
-            keys = sorted({(t.dataset_id, s) for t in gaps for s in t.pair})
-            slot = {k: i for i, k in enumerate(keys)}
-            stack = np.stack([sections[k] for k in keys])
-            known = self.runtime.upload(stack).float() if self.runtime else stack
-            pick = _picker(known)
-            a = pick([slot[t.dataset_id, t.pair[0]] for t in gaps])
-            b = pick([slot[t.dataset_id, t.pair[1]] for t in gaps])
-            result = predict_pairs(self.model, a, b, [t.positions for t in gaps], chunk.peak,
-                                   self.canvas)
-            for task, f, n in zip(gaps, result.frames, result.model_calls):
-                frames[task.task_id], calls[task.task_id] = f, n
+            made = self._predict_pairs([part for _, part in gaps], sections, chunk.peak)
+        for (task_id, _), (part_frames, n) in zip(gaps, made):
+            frames[task_id].extend(part_frames[i] for i in range(len(part_frames)))
+            calls[task_id] += n
         return self._blocks(tasks, sections, frames, calls)
+
+    def _predict_pairs(
+        self, parts: Sequence[GapTask], sections: Mapping[tuple[str, int], np.ndarray],
+        peak: float,
+    ) -> list[tuple[Any, int]]:
+        """Frames and model calls of each gap part, every gap of the chunk predicted once.
+
+        Parts of one gap (the slab tasks on both sides of a slab boundary, in one chunk)
+        share their pair: its flow or bisection nodes are computed once, for the union of
+        their positions, and the calls are counted on the gap's first part.
+        """
+        wanted: dict[tuple[str, int, int], set[float]] = {}
+        for part in parts:
+            wanted.setdefault((part.dataset_id, *part.pair), set()).update(part.positions)
+        gaps = list(wanted)
+        positions = [tuple(sorted(wanted[g])) for g in gaps]
+        keys = sorted({(d, s) for d, left, right in gaps for s in (left, right)})
+        slot = {k: i for i, k in enumerate(keys)}
+        stack = np.stack([sections[k] for k in keys])
+        known = self.runtime.upload(stack).float() if self.runtime else stack
+        pick = _picker(known)
+        a = pick([slot[d, left] for d, left, _ in gaps])
+        b = pick([slot[d, right] for d, _, right in gaps])
+        result = predict_pairs(self.model, a, b, positions, peak, self.canvas)
+        index = {g: i for i, g in enumerate(gaps)}
+        made, counted = [], set()
+        for part in parts:
+            i = index[part.dataset_id, *part.pair]
+            rows = [positions[i].index(t) for t in part.positions]
+            made.append((result.frames[i][rows], 0 if i in counted else result.model_calls[i]))
+            counted.add(i)
+        return made
 
     def _blocks(
         self,
-        tasks: Sequence[GapTask],
+        tasks: Sequence[SlabTask],
         sections: Mapping[tuple[str, int], np.ndarray],
-        frames: Mapping[str, Any],
+        frames: Mapping[str, Sequence[Any]],
         calls: Mapping[str, int],
     ) -> list[tuple[Callable[[], np.ndarray], int]]:
         """Each task's slices in the output dtype, converted where they were predicted.
+
+        A block holds the task's whole slab; slices that no job lists stay zeros.
 
         Predicted frames on a device are rounded, clipped and cast there, and every
         block of the chunk comes back in one non-blocking copy; the io thread that
@@ -367,13 +395,16 @@ class TaskWorker:
         parts: list[list[Any]] = []
         for task in tasks:
             made: Any = frames.get(task.task_id)
+            ds = self.datasets[task.dataset_id]
             k = 0
-            part = []
+            part: list[Any] = [np.zeros((ds.channels, *ds.image_shape), dtype)] * (
+                task.stop - task.first)
             for job in task.jobs:
                 if job.source is not None:
-                    part.append(to_dtype(sections[task.dataset_id, job.source], dtype))
+                    part[job.slice - task.first] = to_dtype(
+                        sections[task.dataset_id, job.source], dtype)
                 else:
-                    part.append(made[k])
+                    part[job.slice - task.first] = made[k]
                     k += 1
             parts.append(part)
         on_device = (
@@ -409,16 +440,16 @@ class TaskWorker:
 
     def _from_reference(
         self,
-        task: GapTask,
+        part: GapTask,
         sections: Mapping[tuple[str, int], np.ndarray],
         reference: ReferenceVolume,
     ) -> np.ndarray:
         """Frames ``(K, C, H, W)``: each nearest known section moved along the reference flow."""
-        ds = self.datasets[task.dataset_id]
-        targets = [j.slice for j in task.predicted]
+        ds = self.datasets[part.dataset_id]
+        targets = [j.slice for j in part.predicted]
         # Inside a gap, or outside the known range (edge=reference): the nearest known
-        # section is one of the task's bounds.
-        nearest = [nearest_known(s, task.bounds) for s in targets]
+        # section is one of the part's bounds.
+        nearest = [nearest_known(s, part.bounds) for s in targets]
         wanted = sorted(set(targets) | set(nearest))
         ref = dict(zip(wanted, read_reference_slices(reference, ds.axis_index, wanted)))
         assert self.estimator is not None  # set with the reference in __init__
@@ -426,29 +457,31 @@ class TaskWorker:
             self.estimator,
             np.stack([ref[s] for s in targets]),
             np.stack([ref[k] for k in nearest]),
-            np.stack([sections[task.dataset_id, k] for k in nearest]),
+            np.stack([sections[part.dataset_id, k] for k in nearest]),
             reference.peak,
             atlinter=self.placement == Placement.atlinter,
         )
 
-    def _commit(self, task: GapTask, block: Callable[[], np.ndarray], model_calls: int) -> None:
-        """Commit ``task``: its slices (once fetched) with per-slice provenance, then its marker."""
+    def _commit(self, task: SlabTask, block: Callable[[], np.ndarray], model_calls: int) -> None:
+        """Commit ``task``: its slab (once fetched) with per-slice provenance, then its marker."""
         records = []
-        for job in task.jobs:
-            record: dict[str, Any] = {"slice": job.slice, "status": job.status, "software": SOFTWARE}
-            if job.source is not None:
-                record["source"] = job.source
-            else:
-                record.update(left=task.left, right=task.right, t=job.t,
-                              **slice_provenance(self.model, job.t, self.provenance))
-                if self.reference is not None:
-                    record["known"] = nearest_known(job.slice, task.bounds)
-                if task.context:
-                    record["context"] = list(task.context)
-                tuned = self.tuning.get(task.dataset_id)
-                if tuned is not None:
-                    record["tuned"] = {k: tuned[k] for k in ("members", "curved", "key")}
-            records.append(record)
+        for part in task.parts:
+            for job in part.jobs:
+                record: dict[str, Any] = {"slice": job.slice, "status": job.status,
+                                          "software": SOFTWARE}
+                if job.source is not None:
+                    record["source"] = job.source
+                else:
+                    record.update(left=part.left, right=part.right, t=job.t,
+                                  **slice_provenance(self.model, job.t, self.provenance))
+                    if self.reference is not None:
+                        record["known"] = nearest_known(job.slice, part.bounds)
+                    if part.context:
+                        record["context"] = list(part.context)
+                    tuned = self.tuning.get(task.dataset_id)
+                    if tuned is not None:
+                        record["tuned"] = {k: tuned[k] for k in ("members", "curved", "key")}
+                records.append(record)
         commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls,
                     self.images[task.dataset_id])
 

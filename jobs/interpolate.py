@@ -4,6 +4,8 @@ Example::
 
     python jobs/interpolate.py model=farneback data=allen data.root=/data \
         data.genes=[Gad1,Pvalb] output.root=s3://bucket/volumes storage=s3
+
+``--help`` lists the keys, groups, examples and exit codes; ``--version`` the version.
 """
 
 from atlinter_ray.cli import main

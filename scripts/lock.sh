@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh ci/constraints.txt, the lock CI installs from: resolve pyproject.toml's ranges
+# Refresh constraints.txt, the lock CI installs from: resolve pyproject.toml's ranges
 # afresh (newest releases allowed) in a throwaway venv and pin what was installed.
 # Then run .ci/run and commit the lock with the fixes it needs, like any other change.
 set -euo pipefail
@@ -14,5 +14,5 @@ pip install -q ".[test,dev]"
   echo "# The lock .ci/run installs from (pip constraints). Refresh: scripts/lock.sh"
   echo "# Users install with pyproject.toml's ranges; this only freezes CI."
   pip freeze --exclude atlinter_ray --exclude-editable | sed -E 's/^(torch==[^+]+)\+cpu$/\1/'
-} > ci/constraints.txt
-echo "wrote ci/constraints.txt ($(grep -c '==' ci/constraints.txt) pins)"
+} > constraints.txt
+echo "wrote constraints.txt ($(grep -c '==' constraints.txt) pins)"

@@ -32,6 +32,7 @@ import pytest
 import zarr
 from ray.cluster_utils import AutoscalingCluster
 
+from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.ray_head import LocalHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,8 @@ def test_gpu_workers_scale_up_for_the_job_and_back_down(cluster, tmp_path):
 
     (dataset_id, image_url), = summary["outputs"].items()
     group = zarr.open_group(image_url, mode="r")
-    slices = sorted(p["slice"] for p in group.attrs["atlinter_ray"]["provenance"])
+    store = VolumeStore(image_url.rsplit("/", 1)[0])
+    slices = sorted(p["slice"] for p in store.image_attrs(dataset_id)["atlinter_ray"]["provenance"])
     assert slices == list(range(len(slices))) and len(slices) in group["0"].shape
 
     # Idle GPU nodes are removed: idle timeout + a few autoscaler rounds.

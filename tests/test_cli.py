@@ -61,12 +61,19 @@ def test_default_job_on_the_sample_scores_against_truth(tmp_path: Path) -> None:
     done = _job(f"output.root={tmp_path / 'vol'}", "run.serial=true", "run.progress=false",
                 f"+output.storage_options.secret={secret}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "tasks: 24 (done 24, skipped 0, failed 0, retried 0)" in done.stdout
+    assert "tasks: 12 (done 12, skipped 0, failed 0, retried 0)" in done.stdout  # 8-slice slabs
     assert "datasets: 1 (complete 1, incomplete 0, skipped 0)" in done.stdout
     lines = [ln for ln in done.stdout.splitlines() if "vs held-out truth" in ln]
     assert len(lines) == 2
     psnr = {ln.split(",")[1].split(":")[0].strip(): float(ln.split("PSNR")[1].split("dB")[0]) for ln in lines}
     assert psnr["model"] > psnr["linear"] > 15
+    assert all(ln.endswith("(66 slices, gap 4)") for ln in lines), lines  # a score says its gap
+    vol = tmp_path / "vol"
+    for what, path in (("mni152_t1 quicklook", "mni152_t1.quicklook.png"),
+                       ("mni152_t1 montage", "mni152_t1.montage.png"),
+                       ("run summary", "run_summary.json")):  # every file written is named
+        assert f"wrote {what}: {vol / path}" in done.stdout
+        assert (vol / path).is_file()
     summary = (tmp_path / "vol" / "run_summary.json").read_text()
     assert secret not in summary and secret not in done.stdout + done.stderr
     assert json.loads(summary)["config"]["output"]["storage_options"]["secret"] == "***"

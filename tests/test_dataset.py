@@ -234,6 +234,29 @@ def test_output_dtype_that_would_clip_is_refused_before_anything_is_written(
     assert output_dtype(ds, "uint16") == "uint16"  # holds 0..255 and 0..65535
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_an_integer_output_that_would_posterize_float_data_is_refused(
+    tmp_path: Path, dtype: str, capsys
+) -> None:
+    """Float images in [0, 1] written as integers would become 0 or 1: exit 2, nothing written."""
+    ramp = np.linspace(0.0, 1.0, 3 * 12 * 16, dtype=np.float32).reshape(3, 12, 16)
+    cfg = _config(tmp_path, _good(tmp_path, images=ramp))
+    cfg.output.dtype = dtype
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        guarded(interpolate)(OmegaConf.structured(cfg))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert f"output.dtype={dtype!r} would round dataset gene's float32 values 0..1" in err
+    assert "2 grey level(s)" in err and "Fix: leave output.dtype unset" in err
+    assert "'intensity_max'" in err
+    assert not (tmp_path / "out").exists()
+    # float data in 8-bit units (stated full intensity 255) keeps its levels as integers
+    eight_bit = load_dataset(str(_good(tmp_path / "b", images=ramp * 255,
+                                       intensity_max=255.0)), SHAPE)
+    assert output_dtype(eight_bit, dtype) == dtype
+
+
 @pytest.mark.parametrize(("case", "hint"), [
     ("unknown id", "data.truth names ['other']"),
     ("wrong shape", "field 'volume': shape (20, 12, 15)"),

@@ -234,6 +234,10 @@ def test_two_genes_both_planes(server, tmp_path):
         assert ds.axis == EXPERIMENTS[eid][1] and ds.channels == 3
     assert server.count("query.json") > 1 + 2 * 2 + 4  # paging asked for more than one page
     assert not list(tmp_path.glob(".*tmp*"))
+    wrote = [ln for ln in summary.describe().splitlines() if ln.startswith("wrote ")]
+    assert len(wrote) == len(EXPERIMENTS)  # the job names every file it wrote
+    for eid in EXPERIMENTS:
+        assert any(ln.endswith(f"{tmp_path}/{eid}.npy + .json") for ln in wrote), wrote
 
 
 def test_rerun_skips_complete_experiments(server, tmp_path):
@@ -257,14 +261,18 @@ def test_rerun_skips_complete_experiments(server, tmp_path):
 
 
 def test_transient_errors_are_retried(server, tmp_path):
-    """5xx answers and a timeout are retried with backoff until they succeed."""
+    """5xx answers and a timeout are retried with backoff until they succeed.
+
+    The timeout is generous (a loaded machine answers well within it) and the slow answer
+    far slower, so the counts below hold whatever else the machine is doing.
+    """
     server.faults += [
         Fault("section_image_download/11000", status=503, times=2),
         Fault("model::SectionDataSet", status=502, times=1),
-        Fault("section_image_download/21001", delay_s=1.0, times=1),
+        Fault("section_image_download/21001", delay_s=120.0, times=1),
     ]
     run_download(
-        config(server, tmp_path, genes=("Gad1", "Vip"), planes=("coronal",), timeout_s=0.4)
+        config(server, tmp_path, genes=("Gad1", "Vip"), planes=("coronal",), timeout_s=5.0)
     )
     assert server.count("section_image_download/11000") == 3
     assert server.count("section_image_download/21001") == 2
@@ -456,3 +464,18 @@ def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_atomic(fs, f"{tmp_path}/b.npy", b"x" * 1000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_offline_fails_on_the_first_dns_error_in_one_line_and_leaves_nothing(tmp_path):
+    """A host name that does not resolve is not retried: one short line, no empty folder."""
+    from atlinter_ray.allen.client import AllenApiError
+
+    output = tmp_path / "data" / "allen"
+    cfg = DownloadConfig(genes=["Gad1"], output=str(output), use_ray=False, retries=5,
+                         backoff_s=30.0, api_url="http://no-such-host.invalid")
+    with pytest.raises(AllenApiError) as info:
+        run_download(cfg)  # six tries would wait 30 + 60 + ... s: the test would hang
+    message = str(info.value)
+    assert "cannot reach no-such-host.invalid" in message and "does not resolve" in message
+    assert "\n" not in message and "criteria" not in message and len(message) < 250
+    assert not (tmp_path / "data").exists()

@@ -189,3 +189,24 @@ def test_job_runs_and_exits_2_on_bad_config(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "k=1" in bad.stdout + bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_metrics_plot_shows_every_slice_on_whole_slice_axes() -> None:
+    """One dot per slice and model, one tick per gap measured: readable with a single gap."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.figure import Figure
+
+    from atlinter_ray.evaluation.report import _strip
+
+    rows = [{"model": m, "gap": 8, "distance": 1 + s % 4, "psnr": 20.0 + s, "ssim": 0.5, "mae": 3.0}
+            for m in ("dis", "linear") for s in range(5)]
+    rows.append({"model": "dis", "gap": 8, "distance": 2, "psnr": float("inf"), "ssim": 1.0, "mae": 0.0})
+    ax = Figure().subplots()
+    _strip(ax, rows, "gap", "psnr", ["dis", "linear"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8"]
+    dots = [c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)]
+    assert sorted(len(d) for d in dots) == [5, 5]  # the identical slice (inf dB) is left out
+    assert np.allclose(sorted(np.concatenate(dots)[:, 1]), sorted([20.0 + s for s in range(5)] * 2))
+    ax = Figure().subplots()
+    _strip(ax, rows, "distance", "mae", ["dis", "linear"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]

@@ -98,8 +98,10 @@ def test_exact_placement_with_fallback_runs_the_pipeline(
     cfg.interpolation.exact_fallback.name = "dis"
     summary = run(cfg)
     assert summary.ok, summary.failures
-    # gap 4: 3 bisection nodes; gap 3: 2 DIS frames; gap 6: 1 node + 4 DIS frames
-    assert summary.model_calls == 3 + 2 + 5
+    # gap 4: 3 bisection nodes, plus its root (t=1/2) again: slices 31 and 32-33 are in
+    # two slabs (24-31, 32-39), each bisecting for its own; gap 3: 2 DIS frames; gap 6:
+    # 1 node + 4 DIS frames
+    assert summary.model_calls == 3 + 1 + 2 + 5
     store = VolumeStore(cfg.output.root)
     out = store.read_volume("gene")
     records = {p["slice"]: p for p in store.image_attrs("gene")["atlinter_ray"]["provenance"]}

@@ -30,14 +30,15 @@ import zarr
 from atlinter_ray import finishing
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
-from atlinter_ray.layout import downsample2
+from atlinter_ray.layout import DEFAULT_SLAB, downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
-TASKS = len(SECTIONS) + 1
+#: One task per slab of the 91 coronal slices.
+TASKS = -(-91 // DEFAULT_SLAB)
 
 
 def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal") -> Config:
@@ -53,7 +54,8 @@ def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal"
 
 
 def content(fs, root: str) -> dict[str, str]:
-    """sha256 of every output object, the image's generation id and the lease left out."""
+    """sha256 of every output object, the image's generation id (in its metadata and its
+    sidecar) and the lease left out."""
     out = {}
     for path in sorted(fs.find(root)):
         rel = path[len(root.rstrip("/")) + 1:]
@@ -66,6 +68,10 @@ def content(fs, root: str) -> dict[str, str]:
             meta["attributes"]["atlinter_ray"].pop("generation")
             meta["attributes"]["atlinter_ray"].pop("complete")
             blob = json.dumps(meta, sort_keys=True).encode()
+        elif rel.endswith(".provenance.json"):  # the image's sidecar names its generation too
+            side = json.loads(blob)
+            side.pop("generation")
+            blob = json.dumps(side, sort_keys=True).encode()
         out[rel] = hashlib.sha256(blob).hexdigest()
     return out
 
@@ -113,10 +119,10 @@ def test_lost_objects_of_a_complete_image_are_found_and_redone(tmp_path: Path) -
     assert run(cfg).ok
     clean = content(fsspec.filesystem("file"), cfg.output.root)
     chunks = tmp_path / "out" / "g.ome.zarr" / "0" / "c"
-    (chunks / "18" / "0" / "0").unlink()  # a lifecycle rule took two objects
-    (chunks / "70" / "0" / "0").write_bytes(b"torn")  # and another was damaged
+    (chunks / "2" / "0" / "0").unlink()  # a lifecycle rule took an object (slab 2)
+    (chunks / "8" / "0" / "0").write_bytes(b"torn")  # and another was damaged (slab 8)
     again = run(cfg)
-    assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 66-72
+    assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 64-71
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
@@ -199,15 +205,17 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
             dying.setattr(VolumeStore, "update_attrs", _die_on_call(1, VolumeStore.update_attrs))
             with pytest.raises(Killed):
                 run(cfg)
+        n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
+        last = (n - 1) // DEFAULT_SLAB * DEFAULT_SLAB
         sums = sorted((tmp_path / "out" / "_progress" / "g").rglob("*.sums"))
-        assert len(sums) == 12  # one per task: 10 gaps and two edges
-        (sums[0].parent / "10-16.sums").unlink()  # lost
-        (sums[0].parent / "72-end.sums").write_bytes(b"torn")
+        assert len(sums) == -(-n // DEFAULT_SLAB)  # one per task: one per slab
+        (sums[0].parent / f"{DEFAULT_SLAB}-{2 * DEFAULT_SLAB - 1}.sums").unlink()  # lost
+        (sums[0].parent / f"{last}-{n - 1}.sums").write_bytes(b"torn")
         again = run(cfg)
     assert again.ok and again.tasks_done == 0
     read = sorted(s for start, stop in reads for s in range(start, stop))
-    n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
-    assert read == [*range(10, 16), *range(72, n)]  # only the slices of those two tasks
+    # only the slices of those two tasks
+    assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB), *range(last, n)]
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
@@ -220,7 +228,7 @@ def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> Non
         run(cfg)
     cfg.output.overwrite = True
     rebuilt = run(cfg)
-    assert rebuilt.ok and rebuilt.tasks_done == len(fewer) + 1
+    assert rebuilt.ok and rebuilt.tasks_done == TASKS
     prov = VolumeStore(cfg.output.root).image_attrs("g")["atlinter_ray"]["provenance"]
     assert [p["slice"] for p in prov] == list(range(91))
     assert 45 not in {p["slice"] for p in prov if p["status"] == "measured"}
@@ -291,7 +299,7 @@ def test_a_hung_store_call_times_out_and_its_task_is_rerun(faulty_s3, s3_input, 
     cfg = _s3(faulty_s3, s3_input, "hung")
     cfg.resources.task_timeout_s, cfg.resources.heartbeat_s = 8.0, 2.0
     caplog.set_level("INFO", logger="atlinter_ray")
-    hang = faulty_s3.proxy.add("hang", method="PUT", path=r"/atlas-out/hung/g\.ome\.zarr/0/c/0/30/",
+    hang = faulty_s3.proxy.add("hang", method="PUT", path=r"/atlas-out/hung/g\.ome\.zarr/0/c/0/3/",
                                times=1)
     ended = threading.Event()
 
@@ -335,7 +343,7 @@ def test_a_store_that_is_down_stops_the_job_early_with_the_cause(faulty_s3, s3_i
 @pytest.mark.ray
 def test_a_killed_worker_is_replaced_and_its_task_rerun(faulty_s3, s3_input, clean_s3):
     cfg = _s3(faulty_s3, s3_input, "killed")
-    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/killed/_progress/.*/30-37",
+    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/killed/_progress/.*/24-31",
                                times=1)
 
     def kill_when_stuck() -> None:
@@ -425,7 +433,7 @@ def test_a_killed_driver_is_finished_by_rerunning_the_command(faulty_s3, s3_inpu
               for k, v in faulty_s3.direct.items() if k != "endpoint_url"],
             f"+data.storage_options.endpoint_url={faulty_s3.direct['endpoint_url']}",
             f"+output.storage_options.endpoint_url={faulty_s3.proxy.endpoint_url}"]
-    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/driver-killed/_progress/.*45-52")
+    hang = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/driver-killed/_progress/.*40-47")
     ray_tmp = tempfile.mkdtemp(prefix="i9k", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen([sys.executable, "-m", "atlinter_ray", *args], env=env,

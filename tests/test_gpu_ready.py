@@ -14,6 +14,7 @@ from atlinter_ray.dataset import load_dataset
 from atlinter_ray.dtypes import to_dtype
 from atlinter_ray.engine import build_for_validation
 from atlinter_ray.errors import ConfigError, FatalWorkerError, NonFiniteOutputError
+from atlinter_ray.layout import Layout
 from atlinter_ray.models import base
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.flow import warp, warp_tensor
@@ -28,7 +29,7 @@ from atlinter_ray.models.torch_runtime import (
     to_dtype_tensor,
 )
 from atlinter_ray.pipeline import check_worker_device
-from atlinter_ray.planning import bisection_nodes, plan_dataset
+from atlinter_ray.planning import bisection_nodes, plan_dataset, plan_slabs
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 from atlinter_ray.worker import TaskWorker, WorkerSpec
@@ -228,9 +229,9 @@ def _dataset(tmp_path, rgb=False, step=8):
     return load_dataset(str(tmp_path / "g"), vol.shape[:3], {})
 
 
-def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None):
+def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None, slab=8):
     store = VolumeStore(str(tmp_path / f"out-{name}"))
-    state = prepare_image(store, ds, dtype, {"model": name})
+    state = prepare_image(store, ds, dtype, {"model": name}, Layout(slab=slab))
     spec = WorkerSpec(name, checkpoint, params, {ds.id: ds}, {ds.id: dtype},
                       str(tmp_path / f"out-{name}"), images={ds.id: state.identity})
     return TaskWorker(spec), store
@@ -238,15 +239,18 @@ def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None):
 
 def test_a_cuda_error_ends_the_worker_instead_of_failing_every_task(tmp_path):
     ds = _dataset(tmp_path)
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy")
+    gaps = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy")
+    tasks = plan_slabs(gaps, ds.n_slices, 2)  # short slabs: the first holds only edge slices
     worker, _ = _worker(tmp_path, ds, "test_shift",
-                        {"device": "cpu", "fail": "CUDA error: an illegal memory access"})
+                        {"device": "cpu", "fail": "CUDA error: an illegal memory access"},
+                        slab=2)
     with pytest.raises(FatalWorkerError, match="illegal memory access"):
         worker.run(tasks)
-    worker, _ = _worker(tmp_path, ds, "test_shift", {"device": "cpu", "fail": "bad pair"})
+    worker, _ = _worker(tmp_path, ds, "test_shift", {"device": "cpu", "fail": "bad pair"},
+                        slab=2)
     results = worker.run(tasks)  # an ordinary error: reported per task, worker lives on
     assert any("bad pair" in r.error for r in results)
-    assert results[-1].done  # the trailing edge task needs no model
+    assert results[0].done  # the leading edge slab needs no model
 
 
 # ------------------------------------------------------------------ same bytes
@@ -293,7 +297,8 @@ def _host_reference(model, ds, tasks, dtype):
 )
 def test_device_path_gives_the_host_paths_bytes(tmp_path, name, rgb, placement):
     ds = _dataset(tmp_path, rgb=rgb)
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement, "copy")
+    gaps = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement, "copy")
+    tasks = plan_slabs(gaps, ds.n_slices, 8)
     params = {} if name == "dis" else {"device": "cpu", "batch_size": 1}
     ckpt = None
     if name == "raft_small":  # a real architecture in its released file layout
@@ -301,10 +306,27 @@ def test_device_path_gives_the_host_paths_bytes(tmp_path, name, rgb, placement):
     worker, store = _worker(tmp_path, ds, name, params, checkpoint=ckpt)
     assert all(r.done for r in worker.run(tasks))
     volume = store.read_volume(ds.id)
-    expected = _host_reference(worker.model, ds, tasks, "uint8")
+    expected = _host_reference(worker.model, ds, gaps, "uint8")
     for s, frame in expected.items():
         got = volume[:, s] if rgb else volume[s]
         np.testing.assert_array_equal(got, frame if rgb else frame[0], err_msg=f"slice {s}")
+
+
+def test_slab_tasks_in_one_chunk_predict_a_shared_gap_once(tmp_path):
+    """Both slab tasks beside a boundary ask for the gap between; one chunk computes it once."""
+    ds = _dataset(tmp_path)  # a section every 8 slices from 2: every gap crosses a slab
+    gaps = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "atlinter", "copy")
+    tasks = plan_slabs(gaps, ds.n_slices, 8)
+    assert sum(len(t.parts) for t in tasks) > len(gaps)
+    worker, store = _worker(tmp_path, ds, "test_midpoint", {"device": "cpu", "batch_size": 64})
+    rows = worker.run(tasks)
+    assert all(r.done for r in rows)
+    once = sum(len(n) for g in gaps if g.predicted for n in bisection_nodes(g.positions))
+    assert sum(r.model_calls for r in rows) == once  # no node computed twice
+    expected = _host_reference(worker.model, ds, gaps, "uint8")
+    volume = store.read_volume(ds.id)
+    for s, frame in expected.items():
+        np.testing.assert_array_equal(volume[s], frame[0], err_msg=f"slice {s}")
 
 
 def test_device_warp_equals_opencv_remap():

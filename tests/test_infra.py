@@ -12,7 +12,8 @@
 - Dockerfile: static checks (Ray pin equals pyproject.toml's, torch inside its range,
   the build context holds what the image needs) and the entry point run from a copy
   of exactly the files the build context would hold.
-- Hydra overrides written in rayjob.yaml and README.md's "Run on a cluster" compose against conf/.
+- Hydra overrides written in rayjob.yaml, docs/cluster.md and README.md's "Run on a cluster"
+  compose against conf/.
 """
 
 from __future__ import annotations
@@ -400,15 +401,15 @@ def test_rayjob_entrypoint_and_runtime_env(rayjob):
     assert Path(runtime_env["working_dir"]) == Path(dockerfile_env()["APP_DIR"])
 
 
-# --- Hydra overrides written in infra/ and the README ---------------------------------
+# --- Hydra overrides written in infra/, the manual and the README ----------------------
 
 
 def _cluster_section() -> str:
-    """README.md's "## Run on a cluster" section."""
+    """The manual's cluster page, then README.md's "## Run on a cluster" section."""
     text = (REPO / "README.md").read_text()
     start = text.index("## Run on a cluster")
     end = text.find("\n## ", start + 1)
-    return text[start : end if end > 0 else None]
+    return (REPO / "docs" / "cluster.md").read_text() + "\n" + text[start : end if end > 0 else None]
 
 
 def compose_overrides(overrides: list[str]):
@@ -425,7 +426,7 @@ def compose_overrides(overrides: list[str]):
 
 
 def documented_job_commands() -> list[list[str]]:
-    """The Hydra overrides of every `python jobs/interpolate.py` in README.md's "Run on a cluster"."""
+    """The Hydra overrides of every `python jobs/interpolate.py` on the cluster pages."""
     text = _cluster_section()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import s3fs
 
 from atlinter_ray.config import Config, DataConfig
-from atlinter_ray.errors import DatasetError
+from atlinter_ray.errors import DatasetError, StorageError
 from atlinter_ray.identity import fingerprint
 from atlinter_ray.inputs import load_inputs
 from atlinter_ray.pipeline import run
@@ -65,3 +66,29 @@ def test_skipped_datasets_are_reported_and_the_rest_complete(tmp_path: Path) -> 
     assert summary.ok and summary.complete == ["gene000", "gene001", "gene002"]
     assert list(summary.skipped_datasets) == [str(tmp_path / "in" / "dupes.npy")]
     assert "SKIPPED" in summary.to_text() and "duplicate section numbers" in summary.to_text()
+
+
+@pytest.mark.parametrize("failing", ["gene1.npy", "gene1.json"])
+def test_a_failing_store_is_never_taken_for_invalid_data(faulty_s3, tmp_path: Path,
+                                                        failing: str) -> None:
+    """skip_invalid skips bad datasets, not good ones the store failed to serve."""
+    fs = s3fs.S3FileSystem(**faulty_s3.direct, skip_instance_cache=True)
+    volume = real_volume()
+    for i in range(3):
+        write_dataset(tmp_path, f"gene{i}", sections_of(volume, SECTIONS, "coronal"), SECTIONS,
+                      reference_shape=list(volume.shape))
+    fs.put(str(tmp_path) + "/", f"atlas-in/{failing[:-4]}-down/", recursive=True)
+    cfg = Config()
+    cfg.data.root, cfg.data.genes = f"s3://atlas-in/{failing[:-4]}-down", ["gene0", "gene1", "gene2"]
+    cfg.data.storage_options = {**faulty_s3.options,
+                                "config_kwargs": {"retries": {"max_attempts": 1}}}
+    cfg.data.skip_invalid = True
+    cfg.output.root, cfg.model.name = str(tmp_path / "out"), "linear"
+    cfg.run.serial, cfg.run.progress = True, False
+    faulty_s3.proxy.add("503", path=rf"/{failing.replace('.', '[.]')}$")
+    with pytest.raises(StorageError) as failed:
+        run(cfg)
+    message = str(failed.value)
+    assert f"{cfg.data.root}/gene1" in message and "Service Unavailable" in message
+    assert "rerun" in message and failed.value.exit_status == 1
+    assert not (tmp_path / "out").exists()

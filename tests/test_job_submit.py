@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import zarr
 
+from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.ray_head import ANSI, LocalHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_submitted_job_reconstructs_the_sample_on_s3(head: LocalHead, s3_server)
     assert image_url.startswith(root)
     assert fs.exists(f"{root}/{dataset_id}.quicklook.png")  # drawn only when complete
     group = zarr.open_group(image_url, mode="r", storage_options=dict(s3_server))
-    provenance = group.attrs["atlinter_ray"]["provenance"]
+    provenance = VolumeStore(root, dict(s3_server)).image_attrs(dataset_id)["atlinter_ray"]["provenance"]
     slices = sorted(p["slice"] for p in provenance)
     assert slices == list(range(len(slices)))
     assert len(slices) in group["0"].shape

@@ -1,4 +1,4 @@
-"""The CI lock (ci/constraints.txt) pins every dependency within pyproject.toml's ranges.
+"""The CI lock (constraints.txt) pins every dependency within pyproject.toml's ranges.
 
 `.ci/run` installs from the lock so that a new upstream release cannot break CI; these
 tests keep the lock, pyproject.toml, `.ci/run` and README.md's test block in step.
@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
-LOCK = REPO / "ci" / "constraints.txt"
+LOCK = REPO / "constraints.txt"
 
 
 def _locked() -> dict[str, Version]:
@@ -67,13 +67,13 @@ def test_this_environment_was_installed_from_the_lock() -> None:
             continue  # an optional dependency of a dependency, not installed here
         if installed.public != pinned.public:
             drift.append(f"{name} {installed} (lock: {pinned})")
-    assert not drift, "installed versions differ from ci/constraints.txt: " + ", ".join(drift)
+    assert not drift, "installed versions differ from constraints.txt: " + ", ".join(drift)
 
 
 def test_ci_and_readme_install_from_the_lock() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     readme = (REPO / "README.md").read_text()
     installs = re.findall(r"^pip install .*$", ci, re.MULTILINE)
-    assert installs and all("-c ci/constraints.txt" in line for line in installs), installs
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
     for line in installs:
         assert line.replace(" -q", "") in readme, f"README.md's test block lacks {line!r}"

@@ -7,7 +7,7 @@ import pytest
 
 from atlinter_ray.engine import build_interpolator, predict
 from atlinter_ray.errors import ConfigError
-from atlinter_ray.models import available_models, build_model
+from atlinter_ray.models import available_models, base, build_model
 from atlinter_ray.models.base import PairInterpolator, register_model
 from atlinter_ray.models.classical import LinearInterpolator
 from atlinter_ray.testing.datasets import real_volume
@@ -82,3 +82,34 @@ def test_registry_lists_choices_and_rejects_bad_settings() -> None:
         build_interpolator("dis", checkpoint="/weights.pth")
     with pytest.raises(ValueError, match="preset"):
         build_interpolator("dis", params={"preset": "turbo"})
+
+
+class _BrokenInside(LinearInterpolator):
+    """A model whose constructor has a bug: a TypeError of its own, not the settings'."""
+
+    def __init__(self, levels: int = 2) -> None:
+        self.levels = len(levels)  # type: ignore[arg-type]
+
+
+class _ForwardsKeywords(_BrokenInside):
+    """A model that hands its keywords on to its base class, as the torch models do."""
+
+    def __init__(self, **rest: object) -> None:
+        super().__init__(**rest)  # type: ignore[arg-type]
+
+
+def test_a_bug_in_a_model_constructor_is_ours_and_unknown_settings_are_the_users(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(base._REGISTRY, "broken_inside", _BrokenInside)
+    monkeypatch.setitem(base._REGISTRY, "forwards", _ForwardsKeywords)
+    with pytest.raises(TypeError, match="has no len") as bug:
+        build_interpolator("broken_inside")
+    assert not isinstance(bug.value, ConfigError)
+    with pytest.raises(TypeError, match="has no len") as bug:
+        build_interpolator("forwards", params={"levels": 3})
+    assert not isinstance(bug.value, ConfigError)
+    for name in ("broken_inside", "forwards", "dis"):
+        with pytest.raises(ConfigError, match=r"does not accept these settings.*'levles'.*model\.params"):
+            build_interpolator(name, params={"levles": 3})
+    with pytest.raises(ConfigError, match="'flwo'"):  # a member model's settings
+        build_interpolator("fusion", params={"members": ["dis"], "member_params": {"dis": {"flwo": 1}}})

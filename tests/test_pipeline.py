@@ -16,13 +16,15 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.execution import run_on_ray, run_serial
-from atlinter_ray.pipeline import run
-from atlinter_ray.planning import plan_dataset
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.pipeline import committed_rows, run
+from atlinter_ray.planning import plan_dataset, plan_slabs
+from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, sidecar_name
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
-from atlinter_ray.worker import WorkerSpec
+from atlinter_ray.worker import WorkerSpec, failed_result
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
+#: One task per slab of 8 of the 91 slices.
+TASKS = 12
 
 
 def _config(tmp_path: Path, **resources) -> Config:
@@ -51,7 +53,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     summary = run(cfg)
-    assert summary.ok and summary.tasks_done == len(SECTIONS) + 1
+    assert summary.ok and summary.tasks_done == TASKS
     assert summary.slices_written == 91 and summary.nodes
     assert summary.devices == {"cpu fp32": summary.tasks_done}  # as the workers report
     truth = real_volume(rgb=True)
@@ -71,9 +73,12 @@ def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -
     assert [a["name"] for a in axes] == ["c", "z", "y", "x"]
     scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [1.0, 25.0, 25.0, 25.0]
-    assert group["0"].chunks == (3, 1, 79, 77)  # one chunk per slice: never shared by tasks
-    # per-slice provenance
-    prov = group.attrs["atlinter_ray"]["provenance"]
+    # one shard object per slab of 8 slices (never shared by tasks), 32 x 32 inner chunks
+    assert group["0"].shards == (3, 8, 96, 96) and group["0"].chunks == (3, 8, 32, 32)
+    assert group["1"].shards == (3, 8, 64, 64) and group["1"].chunks == (3, 8, 32, 32)
+    # per-slice provenance, in a sidecar beside the image: the OME metadata stays lean
+    assert set(group.attrs["atlinter_ray"]).isdisjoint(SIDECAR_KEYS)
+    prov = json.loads((tmp_path / "out" / sidecar_name("rgbgene")).read_text())["provenance"]
     assert [p["slice"] for p in prov] == list(range(91))
     assert {p["status"] for p in prov} == {"measured", "predicted", "edge-filled"}
     pred = next(p for p in prov if p["slice"] == 7)
@@ -94,16 +99,16 @@ def test_rerun_skips_done_tasks_and_redoes_lost_ones_bytes_identical(ray_cluster
     out = tmp_path / "out"
     first = _snapshot(out)
     again = run(cfg)
-    assert (again.tasks_done, again.tasks_skipped) == (0, len(SECTIONS) + 1)
+    assert (again.tasks_done, again.tasks_skipped) == (0, TASKS)
     assert _snapshot(out) == first
-    # a crash after writing slices but before the marker, and a lost chunk
+    # a crash after writing slices but before the marker, and a lost shard
     (markers,) = (out / "_progress" / "rgbgene").iterdir()  # one image generation
     (markers / "16-23.json").unlink()
-    (markers / "45-52.json").unlink()
-    chunk = out / "rgbgene.ome.zarr" / "0" / "c" / "0" / "18" / "0" / "0"
-    chunk.write_bytes(b"garbage")
+    (markers / "40-47.json").unlink()
+    shard = out / "rgbgene.ome.zarr" / "0" / "c" / "0" / "7" / "0" / "0"  # slices 56-63
+    shard.write_bytes(b"garbage")
     redo = run(cfg)
-    assert (redo.tasks_done, redo.tasks_skipped) == (2, len(SECTIONS) - 1)
+    assert (redo.tasks_done, redo.tasks_skipped) == (3, TASKS - 3)
     assert _snapshot(out) == first
 
 
@@ -145,7 +150,7 @@ def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) 
         assert run(cfg).ok
     arrays = [zarr.open_array(str(root / "rgbgene.ome.zarr" / "0"), mode="r")
               for root in (light, heavy)]
-    assert [a.metadata.codecs[-1].level for a in arrays] == [1, 9]
+    assert [a.metadata.codecs[0].codecs[-1].level for a in arrays] == [1, 9]  # inside shards
     np.testing.assert_array_equal(arrays[0][...], arrays[1][...])  # same values, other bytes
 
 
@@ -155,7 +160,7 @@ def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     state = prepare_image(VolumeStore(cfg.output.root), ds)
     # enough to reach both: the second actor may take seconds to start on a busy machine
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices) * 12
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8) * 12
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: state.identity})
     cfg.resources.gpus_per_worker = 1
@@ -173,7 +178,7 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
     identity = prepare_image(store, ds).identity
-    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
     broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
     spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
@@ -183,3 +188,37 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     good = dataclasses.replace(spec, datasets={ds.id: ds})
     assert all(r.done for r in run_serial(tasks, good, tasks_per_batch=4))
     assert len(store.done_records(ds.id, identity)) == len(tasks)
+
+
+@pytest.mark.ray
+def test_a_run_no_worker_can_start_says_why_for_every_task(ray_cluster, tmp_path: Path) -> None:
+    """Every failed task names the cause, and the counts match the store's markers."""
+    cfg = _config(tmp_path, min_workers=1, max_workers=1, gpus_per_worker=3, start_timeout_s=3.0)
+    cfg.model.name, cfg.model.params = "linear", {}
+    summary = run(cfg)
+    assert not summary.ok and summary.tasks_failed == summary.tasks_total > 0
+    assert summary.tasks_done == 0 and len(summary.failures) == summary.tasks_total
+    for failure in summary.failures:
+        assert "no worker started in 3 s" in failure["error"], failure
+    text = summary.to_text()
+    assert "not run: \n" not in text + "\n" and "no worker started" in text
+    written = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert all(f["error"].strip().endswith(")") for f in written["failures"])
+
+
+def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
+    """A task reported failed whose marker the store holds (its node died after the commit)."""
+    cfg = _config(tmp_path)
+    ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
+    store = VolumeStore(cfg.output.root)
+    identity = prepare_image(store, ds).identity
+    tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices)
+    spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
+                      images={ds.id: identity})
+    committed = tasks[: len(tasks) // 2]
+    assert all(r.done for r in run_serial(committed, spec))
+    lost = [failed_result(t, "ActorDiedError: the node was lost") for t in tasks]
+    rows = committed_rows(store, {ds.id: identity}, lost)
+    assert {r.task_id for r in rows if r.done} == {t.task_id for t in committed}
+    assert {r.task_id for r in rows if not r.done} == {t.task_id for t in tasks[len(committed):]}
+    assert all(r.error == "ActorDiedError: the node was lost" for r in rows if not r.done)

@@ -1,18 +1,20 @@
-"""The output store: zarr's bytes without zarr's cost, images bound to their runs, leases."""
+"""The output store: zarr's shard bytes without zarr's cost, images bound to their runs, leases."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
 
+from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import (
     ConfigError,
@@ -22,8 +24,9 @@ from atlinter_ray.errors import (
     StoreError,
 )
 from atlinter_ray.identity import fingerprint
-from atlinter_ray.layout import Layout, array_spec
+from atlinter_ray.layout import Layout, array_spec, shard_encoder
 from atlinter_ray.objects import s3_settings
+from atlinter_ray.pipeline import layout_of
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 
@@ -45,60 +48,103 @@ def _fp(ds):
 
 
 @pytest.mark.parametrize("axis", ["coronal", "sagittal"])
-@pytest.mark.parametrize("rgb, dtype, chunks", [
-    (False, "uint8", None), (True, "uint8", None), (False, "uint16", (32, 40)),
-    (True, "float32", (50, 30)),
+@pytest.mark.parametrize("rgb, dtype, chunks, slab", [
+    (False, "uint8", None, 8), (True, "uint8", (32, 32), 8), (False, "uint16", (32, 40), 5),
+    (True, "float32", (50, 30), 16),
 ])
-def test_direct_chunk_writes_are_the_bytes_zarr_writes(
-    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None
+def test_shard_writes_are_the_shards_zarr_writes(
+    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None, slab: int
 ) -> None:
     ds = _dataset(tmp_path, axis=axis, rgb=rgb, dtype=dtype)
     store = VolumeStore(str(tmp_path / "out"))
-    layout = Layout(chunks=chunks, zstd_level=3)
+    layout = Layout(slab=slab, chunks=chunks, zstd_level=3)
     store.prepare_image(ds, dtype, {"model": "linear"}, _fp(ds), layout)
     rng = np.random.default_rng(0)
     h, w = ds.image_shape
-    frames = (rng.random((5, ds.channels, h, w)) * 200).astype(dtype)
-    frames[2] = 0  # an all-zero slice is stored too: a missing object is a lost one
-    objects = store.write_slices(ds, 7, frames)
+    n = ds.n_slices
+    last = (n - 1) // slab * slab  # the last slab is short: the shard is padded with zeros
+    frames = (rng.random((2 * slab + n - last, ds.channels, h, w)) * 200).astype(dtype)
+    frames[slab] = 0  # an all-zero slice is stored too: a missing object is a lost one
+    objects = store.write_slices(ds, slab, frames[: 2 * slab])
+    objects |= store.write_slices(ds, last, frames[2 * slab:])
     # the same slices written by zarr itself into a twin array
     spec = array_spec(ds, layout)
     twin = zarr.create_array(str(tmp_path / "twin"), shape=spec.shape, chunks=spec.chunks,
-                             dtype=dtype, fill_value=0, compressors=zarr.codecs.ZstdCodec(level=3),
+                             shards=spec.shards, dtype=dtype, fill_value=0,
+                             compressors=zarr.codecs.ZstdCodec(level=3),
                              config={"write_empty_chunks": True})
     axis_index = twin.ndim - 3 + ds.axis_index
-    index = [slice(None)] * twin.ndim
-    index[axis_index] = slice(7, 12)
-    twin[tuple(index)] = np.moveaxis(frames if rgb else frames[:, 0], 0, axis_index)
+    for first, block in ((slab, frames[: 2 * slab]), (last, frames[2 * slab:])):
+        index = [slice(None)] * twin.ndim
+        index[axis_index] = slice(first, first + len(block))
+        twin[tuple(index)] = np.moveaxis(block if rgb else block[:, 0], 0, axis_index)
     ours = tmp_path / "out" / "g.ome.zarr" / "0"
     twins = sorted(p.relative_to(tmp_path / "twin").as_posix()
                    for p in (tmp_path / "twin" / "c").rglob("*") if p.is_file())
-    assert sorted(objects) == twins and len(twins) == 5 * (1 if chunks is None else
-                                                           len(list(_grid(ds, chunks))))
+    lead = "0/" if rgb else ""
+    grid = ["1", "2", str(last // slab)] if axis == "coronal" else ["0/0/1", "0/0/2",
+                                                                     f"0/0/{last // slab}"]
+    expected = sorted(f"c/{lead}{g}" + ("/0/0" if axis == "coronal" else "") for g in grid)
+    assert sorted(objects) == twins == expected  # one object per slab
+    cells = int(np.prod([s // c for s, c in zip(spec.shards, spec.chunks)]))
+    decoder = shard_encoder(twin.metadata)
     for key in twins:
-        assert (ours / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
-        assert objects[key] == (ours / key).stat().st_size
-    np.testing.assert_array_equal(store.read_volume(ds.id)[tuple(index)], twin[tuple(index)])
+        mine, theirs = (ours / key).read_bytes(), (tmp_path / "twin" / key).read_bytes()
+        assert objects[key] == len(mine)
+        # the same inner chunks in the same order (zarr's Morton order), each the same
+        # bytes once decompressed (Zstandard builds may pick other matches), then the index
+        mine_at, theirs_at = _shard_index(mine, cells), _shard_index(theirs, cells)
+        assert (np.argsort(mine_at[:, 0]) == np.argsort(theirs_at[:, 0])).all(), key
+        for (a, n), (b, m) in zip(mine_at, theirs_at):
+            assert _unzstd(mine[a : a + n]) == _unzstd(theirs[b : b + m]), key
+        assert (mine_at.sum(axis=1)).max() == len(mine) - 16 * cells - 4  # then the index
+        # our reader decodes zarr's shards as ours
+        np.testing.assert_array_equal(decoder.decode(theirs), decoder.decode(mine))
+    # zarr reads our shards (and checks each index's CRC32C) as its own, and our reader
+    # reads them as zarr does
+    np.testing.assert_array_equal(np.asarray(store.open_array(ds.id)[...]), twin[...])
+    np.testing.assert_array_equal(store.read_volume(ds.id), twin[...])
+    with pytest.raises(ValueError, match="CRC32C"):
+        decoder.decode(mine[:-5] + b"x" + mine[-4:])  # a torn index
 
 
-def _grid(ds, chunks):
-    h, w = ds.image_shape
-    return [(i, j) for i in range(-(-h // chunks[0])) for j in range(-(-w // chunks[1]))]
+def _shard_index(shard: bytes, cells: int) -> np.ndarray:
+    """``(offset, size)`` of each inner chunk, from the index at the end of a shard."""
+    return np.frombuffer(shard[-4 - 16 * cells : -4], dtype="<u8").reshape(cells, 2)
 
 
-def test_sharded_layout_stores_one_object_per_slice(tmp_path: Path) -> None:
-    ds = _dataset(tmp_path, rgb=True)
+def _unzstd(blob: bytes) -> bytes:
+    return bytes(numcodecs.Zstd().decode(blob))
+
+
+def test_a_shard_with_empty_inner_chunks_reads_as_zeros_there(tmp_path: Path) -> None:
+    """zarr leaves inner chunks of only the fill value out of a shard; they read as zeros."""
+    twin = zarr.create_array(str(tmp_path / "twin"), shape=(8, 64, 64), chunks=(8, 32, 32),
+                             shards=(8, 64, 64), dtype="uint16", fill_value=0,
+                             compressors=zarr.codecs.ZstdCodec(level=1))
+    block = np.zeros((8, 64, 64), np.uint16)
+    block[:, 40:, 3:9] = 1234  # one inner chunk of four holds data
+    twin[...] = block
+    blob = (tmp_path / "twin" / "c" / "0" / "0" / "0").read_bytes()
+    assert (_shard_index(blob, 4) == 2**64 - 1).sum() == 6  # three are left out
+    np.testing.assert_array_equal(shard_encoder(twin.metadata).decode(blob), block)
+
+
+def test_writes_must_cover_whole_slabs_and_old_settings_are_refused(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
-    layout = Layout(chunks=(32, 32), shards=True)
-    store.prepare_image(ds, "uint8", {"model": "linear"}, _fp(ds), layout)
-    frames = np.random.default_rng(1).integers(0, 255, (3, 3, *ds.image_shape), dtype=np.uint8)
-    objects = store.write_slices(ds, 20, frames)
-    assert sorted(objects) == ["c/0/20/0/0", "c/0/21/0/0", "c/0/22/0/0"]  # one shard per slice
-    assert set(store.stored_objects(ds.id)) == set(objects)
-    assert all(v is None for v in objects.values())  # zarr wrote them: sizes unknown
-    np.testing.assert_array_equal(store.read_volume(ds.id)[:, 20:23], np.moveaxis(frames, 0, 1))
-    with pytest.raises(Exception, match="output.shards=true needs output.chunks"):
-        Layout(shards=True).check()
+    store.prepare_image(ds, "uint8", {"model": "linear"}, _fp(ds), Layout(slab=8))
+    frames = np.ones((8, 1, *ds.image_shape), np.uint8)
+    with pytest.raises(ValueError, match="not whole slabs of 8"):
+        store.write_slices(ds, 4, frames)  # two writers would share slabs 0 and 1
+    with pytest.raises(ValueError, match="not whole slabs of 8"):
+        store.write_slices(ds, 8, frames[:5])
+    with pytest.raises(ConfigError, match="output.slab=0"):
+        Layout(slab=0).check()
+    cfg = Config()
+    cfg.output.shards = True
+    with pytest.raises(ConfigError, match="output.shards=True is no longer a setting.*output.slab"):
+        layout_of(cfg)
 
 
 def test_markers_count_only_for_their_image_generation(tmp_path: Path) -> None:
@@ -128,7 +174,7 @@ def test_a_half_made_image_is_made_again(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
     state = prepare_image(store, ds)
-    store.write_slices(ds, 0, np.ones((2, 1, *ds.image_shape), np.uint8))
+    store.write_slices(ds, 0, np.ones((8, 1, *ds.image_shape), np.uint8))
     (tmp_path / "out" / "g.ome.zarr" / "zarr.json").unlink()  # killed before the metadata
     again = prepare_image(store, ds)
     assert again.created and again.identity.generation != state.identity.generation
@@ -190,16 +236,19 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_free(tmp_path: Path)
 def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_servers) -> None:
     """On moto and on SeaweedFS (whose 412 has no <Condition>): a conflict is OutputBusyError."""
     store = VolumeStore("s3://atlas-out/lease-test", s3_servers.direct)
-    first = store.lease(ttl_s=600)
+    ttl = 60.0  # generous: a loaded machine never misses a renewal by this much
+    first = store.lease(ttl_s=ttl)
     first.acquire()
     try:
         with pytest.raises(OutputBusyError, match="last heartbeat"):
-            store.lease(ttl_s=600).acquire()
-        # the first driver freezes (its heartbeat stops); to a driver that waits 1 s for a
-        # heartbeat its lease has expired, and is taken
+            store.lease(ttl_s=ttl).acquire()
+        # the first driver freezes (its heartbeat stops) for longer than the TTL: its
+        # record's last heartbeat is set that far back instead of sleeping that long
         first._stop.set()
-        time.sleep(1.5)
-        second = store.lease(ttl_s=1.0)
+        record = json.loads(store.objects.get("_lease.json") or b"{}")
+        record["heartbeat"] -= 2 * ttl
+        store.objects.put("_lease.json", json.dumps(record).encode())
+        second = store.lease(ttl_s=ttl)
         second.acquire()
         first._stop.clear()
         assert not first._renew()  # what its heartbeat finds when it wakes up

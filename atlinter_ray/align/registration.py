@@ -3,7 +3,7 @@
 The predecessor's align stage, one section at a time::
 
     section (C, H, W) ──> moving image: RGB -> 1 - gray, grayscale as is (``contrast``)
-    Nissl slice       ──> fixed image: divided by the volume's peak
+    Nissl slice       ──> fixed image: divided by the volume's own maximum (as align.py did)
                           ants.registration(fixed, moving, type_of_transform)
                           every stage composed into one dense field u (H, W, 2)
     aligned[c](x) = section[c](x + u(x))   for each channel c; outside the section: fill

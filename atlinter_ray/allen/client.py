@@ -6,7 +6,9 @@ What the Allen API gives (Allen Mouse Brain Atlas, product ``Mouse``)::
 
 Transport is ``requests`` (a session per client, connection reuse) with urllib3's
 ``Retry``: 5xx, 429 (honouring ``Retry-After``), timeouts and connection errors are
-retried with exponential backoff; other 4xx fail at once. Every request also goes
+retried with exponential backoff; other 4xx fail at once, and so does a host name that
+does not resolve (offline, or a wrong ``api_url``: retrying cannot help, and six tries
+took 33 s to say so). Every request also goes
 through a :class:`RateLimiter`, whose budget the whole job shares.
 """
 
@@ -18,13 +20,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote, urlsplit
 
 import cv2
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import ConnectionPool
+from urllib3.exceptions import MaxRetryError, NameResolutionError
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from atlinter_ray.allen.geometry import get_plane
@@ -185,9 +191,42 @@ class RateLimiter:
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
+class _Retry(Retry):
+    """urllib3's ``Retry``, except that a host name that does not resolve fails at once."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        """Give up on a DNS failure; count and back off on anything else, as urllib3 does."""
+        if isinstance(error, NameResolutionError):
+            raise MaxRetryError(_pool, url or "", error) from error  # type: ignore[arg-type]
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def unresolved_host(exc: BaseException) -> str | None:
+    """The host name whose lookup failed somewhere in ``exc``'s causes, or None."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, NameResolutionError):
+            return str(getattr(item.conn, "host", "")) or "the server"
+        todo += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+    return None
+
+
 def retry_policy(retries: int, backoff_s: float, cap_s: float = 30.0) -> Retry:
     """urllib3's retry policy for GETs: 5xx, 429 (its ``Retry-After`` honoured), timeouts."""
-    return Retry(
+    return _Retry(
         total=retries,
         backoff_factor=backoff_s,
         backoff_max=cap_s,
@@ -233,6 +272,13 @@ class AllenClient:
         try:
             response = self.session.get(url, timeout=self.timeout_s)
         except requests.RequestException as exc:
+            host = unresolved_host(exc)
+            if host is not None:
+                raise AllenApiError(
+                    f"cannot reach {host} (the name does not resolve: offline, or a wrong "
+                    f"api_url={urlsplit(url)._replace(path='', query='').geturl()}); nothing "
+                    "was downloaded. Fix: check the network, then rerun"
+                ) from None
             last = f"{type(exc).__name__}: {exc}"
         else:
             if response.status_code == 200:

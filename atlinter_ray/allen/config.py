@@ -28,8 +28,8 @@ class DownloadConfig:
     #: atlas: use 3 for such experiments).
     downsample: int = 4
     #: Which image point places a section along the plane normal: ``top_left`` (pixel
-    #: (0, 0), the predecessor's rule), ``centre`` or ``tissue`` (see README, "Download
-    #: Allen data", for what each costs).
+    #: (0, 0), the predecessor's rule), ``centre`` or ``tissue`` (see the manual's
+    #: docs/jobs/download.md for what each costs).
     section_point: SectionPoint = SectionPoint.top_left
     #: Local folder or fsspec URL (``s3://bucket/prefix``) receiving the files.
     output: str = "data/allen"
@@ -58,6 +58,8 @@ class DownloadConfig:
     nissl: bool = False
     #: Where the Nissl volume is (Allen's 25 µm ``ara_nissl_25.nrrd``; a mirror, another URL).
     nissl_url: str = DEFAULT_NISSL_URL
+    #: Print the traceback of an unexpected failure (secret values still removed).
+    debug: bool = False
 
     def __post_init__(self) -> None:
         """Normalise sequences and check every value."""

@@ -56,6 +56,7 @@ from atlinter_ray.allen.geometry import (
 from atlinter_ray.dataset import CCF_25UM_SHAPE
 from atlinter_ray.errors import AtlinterRayError, DatasetError, StoreError
 from atlinter_ray.files import write_atomic
+from atlinter_ray.interrupts import keep_handlers
 from atlinter_ray.nrrd_volume import read_nrrd
 from atlinter_ray.pool import PoolSpec, map_unordered
 
@@ -126,6 +127,8 @@ class DownloadSummary:
     genes_without_experiments: tuple[tuple[str, str], ...]
     #: The Nissl volume's record (``file``, ``sha256``, ``shape``, ``status``), if asked for.
     nissl: Mapping[str, Any] | None = None
+    #: Where the experiments were written (the job's ``output``).
+    output: str = ""
 
     def describe(self) -> str:
         """A few human-readable lines."""
@@ -143,6 +146,9 @@ class DownloadSummary:
             for gene, plane in self.genes_without_experiments
         ]
         lines += [f"  failed {r.experiment_id} ({r.gene}, {r.plane}): {r.error}" for r in failed]
+        if self.output:
+            lines += [f"wrote {r.experiment_id} ({r.gene}, {r.plane}): "
+                      f"{self.output.rstrip('/')}/{r.experiment_id}.npy + .json" for r in done]
         return "\n".join(lines)
 
 
@@ -480,7 +486,8 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        with keep_handlers():
+            ray.init()
     spec = PoolSpec(min_workers=1, max_workers=config.concurrency, num_cpus=config.worker_cpus)
     return list(map_unordered(
         ExperimentWorker, (config, config.concurrency), todo, spec,
@@ -493,9 +500,10 @@ def _run_on_ray(config: DownloadConfig, todo: list[Experiment]) -> list[Experime
 def run_download(config: DownloadConfig) -> DownloadSummary:
     """Plan, skip complete experiments, download the rest; raise DownloadError on failures."""
     client = allen_client(config)
-    fs, root = open_store(config.output, config.storage_options)
     try:
         experiments, empty = plan(client, config)
+        # created only once the API answered: an offline run leaves no empty folder
+        fs, root = open_store(config.output, config.storage_options)
         nissl = download_nissl(client, fs, root, config.nissl_url) if config.nissl else None
     finally:
         client.close()
@@ -527,6 +535,7 @@ def run_download(config: DownloadConfig) -> DownloadSummary:
         results=tuple(results),
         genes_without_experiments=tuple(empty),
         nissl=nissl,
+        output=config.output,
     )
     failures = {r.experiment_id: r.error for r in results if r.status != "done"}
     if failures:

@@ -45,6 +45,8 @@ class EvaluateConfig:
     output_storage_options: dict[str, Any] = field(default_factory=dict)
     serial: bool = False
     log_level: str = "INFO"
+    #: Print the traceback of an unexpected failure (secret values still removed).
+    debug: bool = False
 
 
 def check_config(cfg: EvaluateConfig) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -145,14 +146,17 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     store = VolumeStore(cfg.output_root, cfg.output_storage_options)
     outputs = {}
     if rows:
-        outputs["metrics_plot"] = store.write_bytes("metrics.png", metrics_plot_png(report_tables(rows)))
+        title = (f"Held-out sections of {', '.join(ds.id for ds in datasets[:3])}"
+                 f"{' ...' if len(datasets) > 3 else ''}: holdout={cfg.holdout}"
+                 f"{f', k={sweep}' if cfg.holdout == Holdout.every_k else ''}")
+        outputs["metrics_plot"] = store.write_bytes("metrics.png", metrics_plot_png(rows, title))
     for ds in datasets:
         slices = [s for chosen in panel[ds.id].values() for s in chosen
                   if all(f"{ds.id}/{m}/{s}" in predictions for m in cfg.models)]
         if slices:
             mine = {k.split("/", 1)[1]: v for k, v in predictions.items() if k.startswith(f"{ds.id}/")}
             outputs[f"panel:{ds.id}"] = store.write_bytes(
-                f"{ds.id}.panel.png", panel_png(ds, slices, mine, cfg.models))
+                f"{ds.id}.panel.png", panel_png(ds, slices, mine, cfg.models, where=_where(plans[ds.id][0])))
     report = {
         "holdout": cfg.holdout,
         "k": sweep if cfg.holdout == Holdout.every_k else None,
@@ -171,3 +175,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     outputs["report"] = store.write_bytes("evaluation.json", json.dumps(report, indent=1).encode())
     report["outputs"] = outputs
     return report
+
+
+
+def _where(tasks: Sequence[GapTask]) -> dict[int, str]:
+    """Each held-out slice's place, for the panel: its gap and distance to a kept section."""
+    return {j.slice: f"gap {t.pair[1] - t.pair[0]}, "
+                     f"{min(j.slice - t.pair[0], t.pair[1] - j.slice)} from a kept section"
+            for t in tasks for j in t.predicted}

@@ -11,7 +11,8 @@ import numpy as np
 
 from atlinter_ray.dataset import Dataset, read_sections
 from atlinter_ray.evaluation.workers import EDGE_COPY, hwc
-from atlinter_ray.metrics import SliceScores, summarize
+from atlinter_ray.metrics import SliceScores, psnr, summarize
+from atlinter_ray.quicklook import ERROR_SCALE
 
 METRICS = ("psnr", "ssim", "mae")
 
@@ -50,37 +51,72 @@ def report_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def metrics_plot_png(tables: Mapping[str, Any]) -> bytes:
-    """PNG: PSNR, SSIM and MAE against gap (top) and distance (bottom), one line per model."""
+#: Axis labels with units; MAE is in the data's own units (grey levels for 8-bit data).
+UNITS = {"psnr": "PSNR (dB, higher is better)", "ssim": "SSIM (1 = identical)",
+         "mae": "MAE (intensity units, lower is better)"}
+
+
+def _strip(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, metric: str,
+           models: Sequence[str]) -> None:
+    """Every slice's score as a dot, per model side by side at each integer ``key``; means as bars."""
+    values = sorted({int(r[key]) for r in rows})
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        colour = f"C{i}"
+        for j, v in enumerate(values):
+            ys = np.array([r[metric] for r in rows if r["model"] == model and int(r[key]) == v],
+                          dtype=np.float64)
+            ys = ys[np.isfinite(ys)]
+            if not ys.size:
+                continue
+            x = j + (i - (len(models) - 1) / 2) * width
+            jitter = np.linspace(-width / 4, width / 4, ys.size) if ys.size > 1 else np.zeros(1)
+            ax.scatter(x + jitter, ys, s=9, color=colour, alpha=0.55, linewidths=0)
+            ax.hlines(ys.mean(), x - width / 2.5, x + width / 2.5, color="black", linewidth=2)
+    ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlim(-0.6, len(values) - 0.4)
+    ax.set_ylabel(UNITS[metric])
+    ax.grid(axis="y", alpha=0.3)
+
+
+def metrics_plot_png(rows: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
+    """PNG: every held-out slice's PSNR, SSIM and MAE per model, against gap (top) and
+    distance to the nearest kept section (bottom); black bars are the means.
+
+    Axes are whole slices (one tick per gap or distance measured), each dot one slice,
+    the legend gives each model's number of slices: meaningful with a single gap too.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    interior = [r for r in rows if r["gap"] is not None]
+    models = sorted({r["model"] for r in interior})
+    fig = Figure(figsize=(12, 7), layout="constrained")
     axes = fig.subplots(2, 3)
-    units = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE"}
-    for row, (key, label) in enumerate((("by_gap", "gap (slices between kept sections)"),
-                                        ("by_distance", "distance to nearest kept section"))):
+    for row, (key, label) in enumerate((("gap", "gap (slices between the two kept sections)"),
+                                        ("distance", "distance to the nearest kept section (slices)"))):
         for col, metric in enumerate(METRICS):
-            ax = axes[row, col]
-            for model, by_value in tables[key].items():
-                xs = [int(v) for v in by_value]
-                ys = [by_value[v][metric] for v in by_value]
-                ax.plot(xs, ys, marker="o", label=model)
-            ax.set_xlabel(label)
-            ax.set_ylabel(units[metric])
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend()
-    fig.suptitle("Held-out sections: score per model")
+            _strip(axes[row, col], interior, key, metric, models)
+            axes[row, col].set_xlabel(label)
+    handles = [Line2D([], [], marker="o", linestyle="", color=f"C{i}",
+                      label=f"{m} (N = {sum(r['model'] == m for r in interior)} slices)")
+               for i, m in enumerate(models)]
+    handles.append(Line2D([], [], color="black", linewidth=2, label="mean"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle(title or "Held-out sections: every slice's score per model")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     return buffer.getvalue()
 
 
 def panel_png(ds: Dataset, slices: Sequence[int], predictions: Mapping[str, np.ndarray],
-              models: Sequence[str]) -> bytes:
-    """PNG: per slice, the truth, then each model's prediction and absolute error."""
+              models: Sequence[str], where: Mapping[int, str] | None = None) -> bytes:
+    """PNG: per slice, the truth, then each model's prediction (with its PSNR) and absolute
+    error on a fixed scale (0 to :data:`~atlinter_ray.quicklook.ERROR_SCALE` of full
+    intensity, shown on a colour bar); ``where`` labels each slice (e.g. its gap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,26 +124,33 @@ def panel_png(ds: Dataset, slices: Sequence[int], predictions: Mapping[str, np.n
 
     truths = {s: hwc(img) for s, img in zip(slices, read_sections(ds, list(slices)))}
     cols = 1 + 2 * len(models)
-    fig = Figure(figsize=(2.2 * cols, 2.3 * len(slices)), layout="constrained")
+    fig = Figure(figsize=(2.2 * cols + 1.2, 2.4 * len(slices)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(slices), cols, squeeze=False))
+    top = ERROR_SCALE * ds.peak
+    mappable = None
     for r, s in enumerate(slices):
         truth = truths[s]
-        shown: list[tuple[str, np.ndarray, str | None]] = [(f"truth {s}", truth, None)]
+        label = f"truth, slice {s}" + (f"\n{where[s]}" if where and s in where else "")
+        shown: list[tuple[str, np.ndarray, str | None]] = [(label, truth, None)]
         for m in models:
             pred = predictions[f"{m}/{s}"]
             error = np.abs(pred.astype(np.float64) - truth.astype(np.float64))
             error = error.mean(axis=-1) if error.ndim == 3 else error
-            shown += [(m, pred, None), (f"|error| {m}", error, "magma")]
-        for c, (title, img, cmap) in enumerate(shown):
+            score = psnr(pred, truth, ds.peak)
+            shown += [(f"{m}\nPSNR {score:.1f} dB", pred, None), (f"|error| {m}", error, "inferno")]
+        for c, (name, img, cmap) in enumerate(shown):
             ax = axes[r, c]
             if cmap is None:
                 img = img.astype(np.float64) / ds.peak
                 ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(img, cmap=cmap, vmin=0, vmax=ds.peak / 4)
-            ax.set_title(title, fontsize=8)
+                mappable = ax.imshow(img, cmap=cmap, vmin=0, vmax=top)
+            ax.set_title(name, fontsize=8)
             ax.set_axis_off()
-    fig.suptitle(f"{ds.id}: held-out truth, prediction, |error| (error scale 0..{ds.peak / 4:g})")
+    if mappable is not None:
+        bar = fig.colorbar(mappable, ax=axes[:, -1].tolist(), shrink=0.8, extend="max")
+        bar.set_label(f"|error| (0 to {top:g} = {ERROR_SCALE:.0%} of full intensity {ds.peak:g})")
+    fig.suptitle(f"{ds.id}: held-out slices, predictions and errors")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     return buffer.getvalue()

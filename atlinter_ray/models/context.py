@@ -26,8 +26,8 @@ over ``window`` pixels, gives the weight ``1 / (floor^2 + e^2)``. Where all agre
 the plain mean, which already beats every member (averaging independent errors); where
 one estimator breaks, it is ignored.
 
-Measured on real volumes at gap 8 (``benchmarks/bench_context.py``; the README has
-the table): curved trajectories add 0.05-0.2 dB PSNR to their flow; fusion of DIS,
+Measured on real volumes at gap 8 (``benchmarks/bench_context.py``; the table is in
+docs/benchmarks/context-models.md): curved trajectories add 0.05-0.2 dB PSNR to their flow; fusion of DIS,
 DeepFlow and TV-L1 with curved trajectories adds 0.4-0.8 dB over the best member.
 
 **Stack-adaptive tuning** (:meth:`FusionInterpolator.tune`): the known sections of a

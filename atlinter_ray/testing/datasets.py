@@ -10,6 +10,7 @@ import numpy as np
 
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.identity import fingerprint
+from atlinter_ray.layout import DEFAULT_LAYOUT, Layout
 from atlinter_ray.sample import sample_truth
 from atlinter_ray.store import ImageState, VolumeStore
 
@@ -47,7 +48,9 @@ def sections_of(volume: np.ndarray, sections: list[int], axis: str) -> np.ndarra
 
 
 def prepare_image(
-    store: VolumeStore, ds: Dataset, dtype: str = "uint8", run_info: dict[str, Any] | None = None
+    store: VolumeStore, ds: Dataset, dtype: str = "uint8", run_info: dict[str, Any] | None = None,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> ImageState:
     """Create (or resume) ``ds``'s output image as the driver does, fingerprint included."""
-    return store.prepare_image(ds, dtype, run_info or {"model": "linear"}, fingerprint(ds))
+    return store.prepare_image(ds, dtype, run_info or {"model": "linear"}, fingerprint(ds),
+                               layout)
