@@ -67,6 +67,8 @@ from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecesso
 
 #: Storage options of the S3 server, handed to the child processes.
 S3_ENV = "ATLINTER_BENCH_S3"
+#: ``output.slab`` of every job (``--slab``), handed to the child processes.
+SLAB_ENV = "ATLINTER_BENCH_SLAB"
 
 
 def small_datasets(folder: Path, n: int) -> Path:
@@ -113,6 +115,7 @@ def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int
     cfg.output.root, cfg.output.storage_options = root, dict(options)
     cfg.resources.min_workers = cfg.resources.max_workers = workers
     cfg.resources.tasks_per_batch = tasks_per_batch
+    cfg.output.slab = int(os.environ.get(SLAB_ENV, cfg.output.slab))
     cfg.run.progress = False
     return cfg
 
@@ -342,6 +345,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks-per-batch", type=int, default=1,
                         help="resources.tasks_per_batch of every job (default: the config's)")
+    parser.add_argument("--slab", type=int, default=None,
+                        help="output.slab of every job (default: the config's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
     parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
     parser.add_argument("--profile-writes", action="store_true",
@@ -363,6 +368,8 @@ def main() -> None:
         return
     if args.quick:
         args.small, args.s3_genes, args.genes = "5,20", 1, 2
+    if args.slab is not None:
+        os.environ[SLAB_ENV] = str(args.slab)
     from atlinter_ray.testing.faulty_s3 import S3Server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
@@ -433,11 +440,13 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "scale" + ("-quick" if args.quick else "") + (
-            "" if args.s3_server == "moto" else f"-{args.s3_server}")
+            "" if args.s3_server == "moto" else f"-{args.s3_server}") + (
+            "" if args.slab is None else f"-slab{args.slab}")
         (Path(args.out) / f"{name}.json").write_text(
             json.dumps({"date": started, "command": " ".join(sys.argv),
                         "reference": REFERENCE, "spacing": SPACING, "model": "linear",
                         "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
+                        "slab": args.slab,
                         "s3_server": args.s3_server, "s3_requests_per_gene": requests,
                         "client_cpu_per_slice": clients, "ratios": ratios,
                         "targets_met": targets}, indent=2) + "\n")
