@@ -49,6 +49,10 @@ class OutputBusyError(StoreError):
     """Another driver holds the output root (its lease is live); nothing was written."""
 
 
+class StorageCredentialsError(OutputRootError):
+    """An object store refused the credentials (wrong key or secret, or no permission)."""
+
+
 class StorageError(AtlinterRayError, OSError):
     """Reading or writing a store failed while running (network, permissions, space)."""
 
@@ -63,7 +67,7 @@ class IncompleteOutputError(AtlinterRayError, RuntimeError):
 
 #: Top-level packages whose exceptions mean that talking to a store failed.
 _STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
-                     "urllib3", "requests")
+                     "urllib3", "requests", "obstore")
 
 
 def is_storage_error(exc: BaseException) -> bool:

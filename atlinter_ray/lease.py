@@ -7,7 +7,8 @@ the second is refused before it writes anything, with the holder named::
                     run; the OS drops it when the process dies, so a killed driver
                     never blocks the next run
     object store    <root>/_lease.json = {owner, host, pid, heartbeat}; created with a
-                    conditional PUT (If-None-Match: *), renewed every ttl/3 seconds by a
+                    conditional PUT (If-None-Match: *; on s3:// through obstore, whose
+                    conflict error is the same on AWS, moto and SeaweedFS), renewed every ttl/3 seconds by a
                     thread with If-Match on its last ETag. A lease whose heartbeat is
                     older than ``ttl_s``, or whose holder is a dead process on this
                     host, is taken over (again with If-Match, so one taker wins)
@@ -29,10 +30,8 @@ import time
 import uuid
 from typing import Any, Self
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
 from atlinter_ray.errors import IncompleteOutputError, OutputBusyError
+from atlinter_ray.objects import Objects
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,8 @@ LEASE_NAME = "_lease.json"
 class OutputLease:
     """Exclusive use of an output root by this driver; a context manager."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, ttl_s: float = 60.0):
-        self.fs, self.root, self.url, self.ttl_s = fs, root.rstrip("/"), url, ttl_s
+    def __init__(self, objects: Objects, ttl_s: float = 60.0):
+        self.objects, self.url, self.ttl_s = objects, objects.url, ttl_s
         self.owner = uuid.uuid4().hex
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -55,9 +54,10 @@ class OutputLease:
     # -- public ---------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the lease or raise :class:`OutputBusyError` naming its holder."""
-        if isinstance(self.fs, LocalFileSystem):
-            self.fs.makedirs(self.root, exist_ok=True)
-            self._acquire_local()
+        lock = self.objects.local_path(LOCK_NAME)
+        if lock is not None:
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            self._acquire_local(lock)
         else:
             self._acquire_remote()
             self._thread = threading.Thread(target=self._heartbeat, daemon=True,
@@ -87,7 +87,7 @@ class OutputLease:
         elif self._etag is not None and not self._lost:
             try:
                 if self._read()[0].get("owner") == self.owner:
-                    self.fs.rm_file(self._path)
+                    self.objects.delete([LEASE_NAME])
             except (OSError, ValueError):
                 log.debug("could not remove the lease", exc_info=True)
 
@@ -99,10 +99,9 @@ class OutputLease:
         self.release()
 
     # -- local: an OS lock ------------------------------------------------------------
-    def _acquire_local(self) -> None:
+    def _acquire_local(self, path: str) -> None:
         import fcntl
 
-        path = f"{self.root}/{LOCK_NAME}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,29 +114,24 @@ class OutputLease:
         self._fd = fd
 
     # -- object stores: a conditional PUT and a heartbeat -------------------------------
-    @property
-    def _path(self) -> str:
-        return f"{self.root}/{LEASE_NAME}"
-
     def _record(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(),
                            "pid": os.getpid(), "heartbeat": time.time()}).encode()
 
     def _read(self) -> tuple[dict[str, Any], str | None]:
-        self.fs.invalidate_cache(self._path)
-        info = self.fs.info(self._path)
-        return _parse(self.fs.cat_file(self._path)), info.get("ETag")
+        """The lease record and its ETag; FileNotFoundError when there is none."""
+        found = self.objects.get_tagged(LEASE_NAME)
+        if found is None:
+            raise FileNotFoundError(f"{self.url}/{LEASE_NAME}")
+        return _parse(found[0]), found[1]
 
     def _put(self, if_match: str | None) -> None:
         """Write our record: create-only, or replacing exactly the version ``if_match``."""
-        kwargs: dict[str, Any] = {"IfMatch": if_match} if if_match else {"mode": "create"}
-        if not _conditional(self.fs):
-            kwargs = {}
-        response = self.fs.pipe_file(self._path, self._record(), **kwargs)
-        held, etag = self._read()
+        etag = self.objects.put_if(LEASE_NAME, self._record(), if_match)
+        held, stored = self._read()
         if held.get("owner") != self.owner:  # a store that ignored the condition
-            raise FileExistsError(self._path)
-        self._etag = (response or {}).get("ETag") or etag
+            raise FileExistsError(f"{self.url}/{LEASE_NAME}")
+        self._etag = etag or stored
 
     def _acquire_remote(self) -> None:
         try:
@@ -216,7 +210,3 @@ def _expired(held: dict[str, Any], ttl_s: float) -> bool:
         return False
     return False
 
-
-def _conditional(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for filesystems that send If-None-Match / If-Match with a PUT (s3fs)."""
-    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

@@ -1,6 +1,6 @@
 """Output store: one OME-Zarr 0.5 image per dataset, its task markers, small files.
 
-Layout under the output root (a local path or any fsspec URL such as ``s3://``)::
+Layout under the output root (a local path, ``s3://`` or any fsspec URL)::
 
     <root>/<dataset>.ome.zarr/                   OME-Zarr 0.5 image (Zarr v3)
         zarr.json                                group metadata, written last
@@ -17,12 +17,13 @@ fingerprint, the layout and a fresh generation id) is written last, so an image 
 it is a half-made one and is made again. A task writes its slices, then its marker,
 under the image's generation (:mod:`atlinter_ray.identity`); a marker names every
 object it wrote and its size, which :mod:`atlinter_ray.finishing` checks against a
-listing of the store before the dataset is declared complete.
+listing of the store before the dataset is declared complete. Every object is read
+and written through :mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
 
 Every object a task owns is stored, even when it holds only zeros (a task encodes and
 stores its whole shards itself, :meth:`VolumeStore.write_slabs`), so a claimed object
-that is missing is a lost one. Listings are always fresh: fsspec's directory cache (s3fs) is invalidated
-before each, since other processes write under the same prefixes.
+that is missing is a lost one. Listings are always fresh, since other processes write
+under the same prefixes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
@@ -42,7 +42,6 @@ from zarr.codecs import ZstdCodec
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import StoreError
-from atlinter_ray.files import is_local, write_atomic
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
@@ -56,6 +55,7 @@ from atlinter_ray.layout import (
     shard_encoder,
 )
 from atlinter_ray.lease import OutputLease
+from atlinter_ray.objects import open_objects
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ class VolumeStore:
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
         self.root = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.objects = open_objects(self.root, self.storage_options)
         self._arrays: dict[str, Any] = {}
         self._encoders: dict[str, ShardEncoder] = {}
-        self._made_dirs: set[str] = set()
 
     # -- locations ------------------------------------------------------------------
     def image_url(self, dataset_id: str) -> str:
@@ -106,7 +105,8 @@ class VolumeStore:
         return _join(self.root, f"{dataset_id}.ome.zarr")
 
     def _fs_path(self, *parts: str) -> str:
-        return _join(self._root_path, *parts)
+        """The key of an object or folder under the root."""
+        return posixpath.join(*parts)
 
     def _image_path(self, dataset_id: str, *parts: str) -> str:
         return self._fs_path(f"{dataset_id}.ome.zarr", *parts)
@@ -190,11 +190,8 @@ class VolumeStore:
 
     def _image_meta(self, dataset_id: str) -> dict[str, Any] | None:
         """The image's ``atlinter_ray`` attributes, or None when it has no group metadata."""
-        path = self._image_path(dataset_id, "zarr.json")
-        self.fs.invalidate_cache(posixpath.dirname(path))
-        try:
-            blob = self.fs.cat_file(path)
-        except FileNotFoundError:
+        blob = self.objects.get(self._image_path(dataset_id, "zarr.json"))
+        if blob is None:
             return None
         try:
             meta = json.loads(blob)["attributes"]["atlinter_ray"]
@@ -215,13 +212,13 @@ class VolumeStore:
         """Remove the old image and markers, create the arrays, write the group metadata last."""
         for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id),
                      self._image_path(ds.id)):
-            self._remove(path)
-        url = self.image_url(ds.id)
+            self.objects.delete_prefix(path)
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
         self.create_level(ds, "0", array_spec(ds, layout), dtype, layout.zstd_level)
         generation = new_generation()
+        group, options = self.zarr_location(ds.id)
         zarr.create_group(
-            url, zarr_format=3, storage_options=self.zarr_options(url),
+            group, zarr_format=3, storage_options=options,
             attributes={
                 "ome": ome_metadata(ds, dtype),
                 "atlinter_ray": {
@@ -238,31 +235,25 @@ class VolumeStore:
         )
         return ImageState(ImageIdentity(generation, fingerprint.digest), False, True)
 
-    def _remove(self, path: str) -> None:
-        self.fs.invalidate_cache(path)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
-        self.fs.invalidate_cache(path)
-
     def open_array(self, dataset_id: str, level: str = "0", mode: str = "r") -> Any:
         """One level of the dataset's image (cached per store); writes store every chunk."""
         key = f"{dataset_id}:{level}:{mode}"
         if key not in self._arrays:
-            url = _join(self.image_url(dataset_id), level)
+            location, options = self.zarr_location(dataset_id, level)
             config = {"write_empty_chunks": True} if mode != "r" else None
             self._arrays[key] = zarr.open_array(
-                url, mode=mode, storage_options=self.zarr_options(url), config=config
+                location, mode=mode, storage_options=options, config=config
             )
         return self._arrays[key]
 
     def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
                      zstd_level: int) -> None:
         """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside."""
-        url = _join(self.image_url(ds.id), level)
+        location, options = self.zarr_location(ds.id, level)
         zarr.create_array(
-            url, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
+            location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
             fill_value=0, dimension_names=spec.dims, compressors=ZstdCodec(level=zstd_level),
-            zarr_format=3, overwrite=True, storage_options=self.zarr_options(url),
+            zarr_format=3, overwrite=True, storage_options=options,
         )
         for cache in (self._arrays, self._encoders):
             for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
@@ -310,30 +301,14 @@ class VolumeStore:
         return self._encoders[cache]
 
     def _put_many(self, folder: str, blobs: Mapping[str, bytes]) -> None:
-        """Store objects under ``folder`` (concurrently where the filesystem can)."""
-        paths = {_join(folder, key): blob for key, blob in blobs.items()}
-        for parent in {posixpath.dirname(p) for p in paths}:
-            self._folder(parent)
-        self.fs.pipe(paths)
-
-    def _folder(self, path: str) -> None:
-        """Make a local folder (once). Object stores have none: there, s3fs's makedirs
-        would create a missing bucket instead of failing on a mistyped output.root."""
-        if path not in self._made_dirs and is_local(self.fs):
-            self.fs.makedirs(path, exist_ok=True)
-        self._made_dirs.add(path)
+        """Store objects under ``folder`` (concurrently where the store can)."""
+        self.objects.put_many({_join(folder, key): blob for key, blob in blobs.items()})
 
     def stored_objects(self, dataset_id: str, level: str = "0") -> dict[str, int]:
         """``{object key: size}`` of every stored object of one level (a fresh listing)."""
-        folder = self._image_path(dataset_id, level)
-        self.fs.invalidate_cache(folder)
-        try:
-            found = self.fs.find(_join(folder, "c"), detail=True)
-        except FileNotFoundError:
-            return {}
-        prefix = folder.rstrip("/") + "/"
-        return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
-                if path.startswith(prefix)}
+        folder = self._image_path(dataset_id, level) + "/"
+        found = self.objects.sizes(folder + "c")
+        return {key[len(folder):]: size for key, size in found.items() if key.startswith(folder)}
 
     def lost_objects(self, dataset_id: str, expected: Mapping[str, int | None]) -> set[str]:
         """Keys of ``expected`` that level 0 does not hold, or holds with another size."""
@@ -344,8 +319,8 @@ class VolumeStore:
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
         record's provenance and object inventory read back from its sidecar."""
-        url = self.image_url(dataset_id)
-        attrs = dict(zarr.open_group(url, mode="r", storage_options=self.zarr_options(url)).attrs)
+        group, options = self.zarr_location(dataset_id)
+        attrs = dict(zarr.open_group(group, mode="r", storage_options=options).attrs)
         ours = attrs.get("atlinter_ray")
         if isinstance(ours, dict):
             attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
@@ -363,8 +338,8 @@ class VolumeStore:
             side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
             self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
             attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
-        url = self.image_url(dataset_id)
-        zarr.open_group(url, mode="r+", storage_options=self.zarr_options(url)).attrs.update(attrs)
+        group, options = self.zarr_location(dataset_id)
+        zarr.open_group(group, mode="r+", storage_options=options).attrs.update(attrs)
 
     def _with_sidecar(self, dataset_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         """``meta`` with its sidecar's records merged in, when they are of its generation."""
@@ -390,11 +365,11 @@ class VolumeStore:
         grid = [-(-n // s) for n, s in zip(arr.shape, encoder.shards)]
         keys = {chunk_key(cell): cell for cell in np.ndindex(*grid)}
         folder = self._image_path(dataset_id, level)
-        found = self.fs.cat([_join(folder, key) for key in keys], on_error="omit")
+        found = self.objects.get_many([_join(folder, key) for key in keys])
         padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)], dtype=arr.dtype)
         for key, cell in keys.items():
             blob = found.get(_join(folder, key))
-            if isinstance(blob, bytes):
+            if blob is not None:
                 where = tuple(slice(i * s, (i + 1) * s) for i, s in zip(cell, encoder.shards))
                 padded[where] = encoder.decode(blob)
         volume: np.ndarray = padded[tuple(slice(0, n) for n in arr.shape)]
@@ -406,8 +381,7 @@ class VolumeStore:
         path = self._marker_path(identity, task_id)
         body = {**record, "task_id": task_id, "generation": identity.generation,
                 "fingerprint": identity.fingerprint}
-        self._folder(posixpath.dirname(path))
-        write_atomic(self.fs, path, json.dumps(body, sort_keys=True).encode())
+        self.objects.put(path, json.dumps(body, sort_keys=True).encode())
 
     def done_task_ids(self, dataset_id: str, identity: ImageIdentity) -> set[str]:
         """Ids of the tasks with a marker under the image's generation (one fresh listing)."""
@@ -418,7 +392,7 @@ class VolumeStore:
         """Markers written for this exact image and input, by task id."""
         paths = self._marker_files(dataset_id, identity)
         records = {}
-        for blob in self.fs.cat(paths).values() if paths else ():
+        for blob in self.objects.get_many(paths).values():
             record = json.loads(blob)
             if (record.get("generation"), record.get("fingerprint")) == (
                     identity.generation, identity.fingerprint):
@@ -427,64 +401,36 @@ class VolumeStore:
 
     def write_reduction(self, identity: ImageIdentity, task_id: str, blob: bytes) -> None:
         """Store a task's reduction (:mod:`atlinter_ray.finishing`) beside its marker, before it."""
-        path = self._marker_path(identity, task_id, REDUCTION_SUFFIX)
-        self._folder(posixpath.dirname(path))
-        write_atomic(self.fs, path, blob)
+        self.objects.put(self._marker_path(identity, task_id, REDUCTION_SUFFIX), blob)
 
     def read_reductions(self, identity: ImageIdentity, task_ids: Iterable[str]) -> dict[str, bytes]:
         """The stored reductions of ``task_ids`` (in one concurrent batch); lost ones left out."""
         paths = {self._marker_path(identity, t, REDUCTION_SUFFIX): t for t in task_ids}
-        found = self.fs.cat(list(paths), on_error="omit") if paths else {}
-        return {paths[p]: bytes(blob) for p, blob in found.items()
-                if p in paths and isinstance(blob, bytes)}
+        return {paths[p]: blob for p, blob in self.objects.get_many(list(paths)).items()}
 
     def drop_markers(self, identity: ImageIdentity, task_ids: Iterable[str]) -> None:
         """Remove tasks' markers and reductions (their objects were found missing: redo them)."""
-        for path in [self._marker_path(identity, t, suffix) for t in task_ids
-                     for suffix in (".json", REDUCTION_SUFFIX)]:
-            try:
-                self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-            self.fs.invalidate_cache(posixpath.dirname(path))
+        self.objects.delete([self._marker_path(identity, t, suffix) for t in task_ids
+                             for suffix in (".json", REDUCTION_SUFFIX)])
 
     def _marker_files(self, dataset_id: str, identity: ImageIdentity) -> list[str]:
         folder = self._progress_path(dataset_id, identity.generation)
-        self.fs.invalidate_cache(folder)
-        try:
-            return [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return []
+        return [key for key in self.objects.sizes(folder) if key.endswith(".json")]
 
     # -- small files and the lease ----------------------------------------------------
     def lease(self, ttl_s: float = 60.0) -> OutputLease:
         """The lease that makes this driver the only writer of the root (not yet taken)."""
-        return OutputLease(self.fs, self._root_path, self.root, ttl_s)
+        return OutputLease(self.objects, ttl_s)
 
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write a small file (summary, picture) under the root, atomically; return its URL."""
-        path = self._fs_path(name)
-        self._folder(posixpath.dirname(path))
-        write_atomic(self.fs, path, data)
+        self.objects.put(self._fs_path(name), data)
         return _join(self.root, name)
 
     def read_bytes(self, name: str) -> bytes | None:
         """A small file written by :meth:`write_bytes`, or None when there is none."""
-        try:
-            return bytes(self.fs.cat_file(self._fs_path(name)))
-        except FileNotFoundError:
-            return None
+        return self.objects.get(self._fs_path(name))
 
-    def zarr_options(self, url: str) -> dict[str, Any] | None:
-        """zarr's storage options for ``url`` (None for plain local paths: zarr rejects them).
-
-        On ``s3://``, ``max_concurrency=1`` unless configured: with more, s3fs sends a
-        HEAD before every whole-object GET to decide on a split download, which objects
-        under its 50 MB block never need (a quarter of a job's requests, measured with
-        ``benchmarks/bench_scale.py``).
-        """
-        if "://" not in url:
-            return None
-        if url.startswith("s3://"):
-            return {"max_concurrency": 1, **self.storage_options}
-        return self.storage_options
+    def zarr_location(self, dataset_id: str, *level: str) -> tuple[Any, dict[str, Any] | None]:
+        """What zarr opens for the image (or one of its levels): ``(store or URL, options)``."""
+        return self.objects.zarr_location(self._image_path(dataset_id, *level))

@@ -9,10 +9,17 @@ job as a user runs it (manifest, finishing with pyramid, quick-look and montage)
   slices/s and the peak memory of the driver process (PSS from ``smaps_rollup`` and
   peak RSS). The ratios are against the first ``n``: driver memory must stay flat;
 * **s3:// against local** (``--s3-genes 2``): the same full-size genes read from and
-  written to moto's S3 server on loopback (started in this parent process, so its
-  CPU is on the same 2 cores), against the same genes on local disk. Target: >= 80 % of
-  local slices/s. One gene then runs again through the fault proxy (no fault set),
-  which counts its requests by kind (level 0, pyramid, input, markers, reductions...);
+  written to an S3 server on loopback (``--s3-server``: moto, in this parent process,
+  or SeaweedFS, its own process; either way on the same 2 cores), against the same
+  genes on local disk. Target: >= 80 % of local slices/s. One gene then runs again
+  through the fault proxy (no fault set), which counts its requests by kind (level 0,
+  pyramid, input, markers, reductions...) and per slice (target: <= 0.5);
+* **client CPU per slice written to S3** (``--client-cpu``, on with ``--s3-genes``):
+  one full-size gene's slices written with ``VolumeStore.write_slices`` a slab a task,
+  each with its reduction and marker, to SeaweedFS (its own process, so this process's
+  CPU is the client's alone), through s3fs (the client before issue 19) and through
+  obstore (:mod:`atlinter_ray.objects`), and to local disk (the floor: encoding and
+  files), 3 rounds each, alternating;
 * **12 full-size genes** (``--genes 12``; 528 x 320 x 456 RGB uint8, a section every 8
   slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
   predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
@@ -28,6 +35,7 @@ slice's write (320 x 456 RGB uint8) per zstd level, and ``VolumeStore.write_slic
 Usage::
 
     python benchmarks/bench_scale.py --out benchmarks/results      # ~6 min on 2 cores
+    python benchmarks/bench_scale.py --genes 0 --small '' --s3-server seaweedfs
     python benchmarks/bench_scale.py --quick
     python benchmarks/bench_scale.py --profile 2
     python benchmarks/bench_scale.py --profile-writes
@@ -59,6 +67,8 @@ from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecesso
 
 #: Storage options of the S3 server, handed to the child processes.
 S3_ENV = "ATLINTER_BENCH_S3"
+#: ``output.slab`` of every job (``--slab``), handed to the child processes.
+SLAB_ENV = "ATLINTER_BENCH_SLAB"
 
 
 def small_datasets(folder: Path, n: int) -> Path:
@@ -105,6 +115,7 @@ def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int
     cfg.output.root, cfg.output.storage_options = root, dict(options)
     cfg.resources.min_workers = cfg.resources.max_workers = workers
     cfg.resources.tasks_per_batch = tasks_per_batch
+    cfg.output.slab = int(os.environ.get(SLAB_ENV, cfg.output.slab))
     cfg.run.progress = False
     return cfg
 
@@ -151,23 +162,66 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(mode: str, manifest_path: Path, root: str, workers: int,
-            s3: dict[str, Any] | None, tasks_per_batch: int = 1) -> dict:
-    """One measurement in a child process, with the load average before it."""
+            s3: dict[str, Any] | None, tasks_per_batch: int = 1,
+            server: Any = None) -> dict:
+    """One measurement in a child process, with the load average before it and the CPU
+    the S3 server (``server``, an :class:`S3Server`) used during it."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
            S3_ENV: json.dumps(s3 or {})}
     cmd = [sys.executable, __file__, "--mode", mode, "--manifest", str(manifest_path),
            "--root", root, "--workers", str(workers),
            "--tasks-per-batch", str(tasks_per_batch)]
-    load, cpu = os.getloadavg()[0], time.process_time()
+    load, cpu = os.getloadavg()[0], server.server_cpu_s() if server else 0.0
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
     if "://" not in root:  # the next run starts on an empty disk cache of outputs
         shutil.rmtree(root, ignore_errors=True)
-    # this process only waits, and serves S3 (moto's threads): its CPU is the server's
     return {**json.loads(line[7:]), "load_average_1min_before": load,
-            "s3_server_cpu_s": time.process_time() - cpu}
+            "s3_server_cpu_s": (server.server_cpu_s() - cpu) if server else 0.0}
+
+
+def client_cpu(npy: Path, folder: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """CPU and wall ms per slice of one gene's commits (a task per slab of the default
+    layout): to SeaweedFS through s3fs and through obstore, and to local disk."""
+    from atlinter_ray.dataset import load_dataset
+    from atlinter_ray.identity import fingerprint
+    from atlinter_ray.layout import DEFAULT_SLAB as task
+    from atlinter_ray.objects import FsspecObjects
+    from atlinter_ray.store import VolumeStore
+    from atlinter_ray.testing.faulty_s3 import S3Server
+
+    ds = load_dataset(str(npy))
+    sections = np.moveaxis(np.load(npy), -1, 1)  # (S, 3, H, W)
+    n = REFERENCE[0]
+    frames = sections[np.minimum(np.arange(n) // SPACING, len(sections) - 1)]
+    times: dict[str, list[tuple[float, float]]] = {"s3fs": [], "obstore": [], "local": []}
+    with S3Server(backend="seaweedfs") as s3:
+        for r in range(rounds):
+            for client in times:
+                url = (str(folder / f"client-{r}") if client == "local"
+                       else f"s3://atlas-out/client-{client}-{r}")
+                store = VolumeStore(url, None if client == "local" else s3.direct)
+                if client == "s3fs":
+                    store.objects = FsspecObjects(url, s3.direct)
+                state = store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds))
+                wall, cpu = time.perf_counter(), time.process_time()
+                for first in range(0, n, task):
+                    task_id = f"{ds.id}/{first}-{min(first + task, n) - 1}"
+                    objects = store.write_slices(ds, first, frames[first:first + task])
+                    store.write_reduction(state.identity, task_id, b"\0" * 4096)
+                    store.mark_done(state.identity, task_id, {"objects": objects})
+                times[client].append((1e3 * (time.process_time() - cpu) / n,
+                                      1e3 * (time.perf_counter() - wall) / n))
+    out = {}
+    for client, runs in times.items():
+        cpus, walls = sorted(c for c, _ in runs), sorted(w for _, w in runs)
+        out[client] = {"cpu_ms_per_slice_min": cpus[0],
+                       "cpu_ms_per_slice_median": cpus[len(cpus) // 2],
+                       "wall_ms_per_slice_min": walls[0],
+                       "wall_ms_per_slice_median": walls[len(walls) // 2]}
+    return out
 
 
 def profile(n: int, folder: Path) -> None:
@@ -282,10 +336,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", default="50,200", help="numbers of small datasets ('': none)")
     parser.add_argument("--s3-genes", type=int, default=2, help="0: no s3 run")
+    parser.add_argument("--s3-server", choices=("moto", "seaweedfs"), default="moto",
+                        help="the S3 server of the s3 runs (SeaweedFS checks signatures)")
+    parser.add_argument("--client-cpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="client CPU per slice, s3fs against obstore (default: with "
+                             "--s3-genes)")
     parser.add_argument("--genes", type=int, default=12, help="0: no run against the predecessor")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks-per-batch", type=int, default=1,
                         help="resources.tasks_per_batch of every job (default: the config's)")
+    parser.add_argument("--slab", type=int, default=None,
+                        help="output.slab of every job (default: the config's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
     parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
     parser.add_argument("--profile-writes", action="store_true",
@@ -307,16 +368,19 @@ def main() -> None:
         return
     if args.quick:
         args.small, args.s3_genes, args.genes = "5,20", 1, 2
+    if args.slab is not None:
+        os.environ[SLAB_ENV] = str(args.slab)
     from atlinter_ray.testing.faulty_s3 import S3Server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
     started = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, dict] = {}
     requests: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp_name, S3Server() as s3:
+    clients: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name, S3Server(backend=args.s3_server) as s3:
         tmp = Path(tmp_name)
         genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
-                 for seed in range(max(args.genes, args.s3_genes))]
+                 for seed in range(max(args.genes, args.s3_genes, int(bool(args.client_cpu))))]
         if args.genes:
             results["predecessor"] = measure("predecessor",
                                              manifest(tmp / "one.txt", [str(genes[0])]),
@@ -335,14 +399,21 @@ def main() -> None:
             on_s3 = manifest(tmp / "s3.txt", upload(genes[: args.s3_genes], s3.direct,
                                                     "atlas-in/genes"))
             results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers,
-                                    s3.direct, args.tasks_per_batch)
+                                    s3.direct, args.tasks_per_batch, server=s3)
             s3.proxy.seen.clear()  # one gene again, through the proxy, which counts requests
-            measure("pipeline", manifest(tmp / "s3-one.txt", on_s3.read_text().split()[:1]),
-                    "s3://atlas-out/requests", args.workers, s3.options, args.tasks_per_batch)
+            one = measure("pipeline", manifest(tmp / "s3-one.txt", on_s3.read_text().split()[:1]),
+                          "s3://atlas-out/requests", args.workers, s3.options,
+                          args.tasks_per_batch)
             requests = request_kinds(s3.proxy.seen)
+            requests_per_slice = requests["total"] / one["slices"]
+        if args.client_cpu or (args.client_cpu is None and args.s3_genes):
+            clients = client_cpu(genes[0], tmp)
     report(results)
     if requests:
         print("S3 requests of one gene:", ", ".join(f"{k} {v}" for k, v in requests.items()))
+        print(f"S3 requests per slice: {requests_per_slice:.2f}")
+    for client, figures in clients.items():
+        print(f"client {client:8s} " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     ratios, targets = {}, {}
     small = [k for k in results if k.startswith("small-")]
     if len(small) > 1:
@@ -353,6 +424,11 @@ def main() -> None:
         ratios["s3_over_local_slices_per_s"] = (results["s3"]["slices_per_s"]
                                                 / results["local"]["slices_per_s"])
         targets["s3_at_least_80_percent_of_local"] = ratios["s3_over_local_slices_per_s"] >= 0.8
+        ratios["s3_requests_per_slice"] = requests_per_slice
+        targets["s3_requests_per_slice_at_most_0.5"] = requests_per_slice <= 0.5
+    if clients:
+        ratios["client_cpu_obstore_over_s3fs"] = (clients["obstore"]["cpu_ms_per_slice_median"]
+                                                  / clients["s3fs"]["cpu_ms_per_slice_median"])
     if "genes" in results:
         ratios["predecessor_s_per_gene_over_pipeline"] = (
             results["predecessor"]["s_per_dataset"] / results["genes"]["s_per_dataset"])
@@ -363,11 +439,16 @@ def main() -> None:
     print(f"targets met: {targets}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / ("scale-quick.json" if args.quick else "scale.json")).write_text(
+        name = "scale" + ("-quick" if args.quick else "") + (
+            "" if args.s3_server == "moto" else f"-{args.s3_server}") + (
+            "" if args.slab is None else f"-slab{args.slab}")
+        (Path(args.out) / f"{name}.json").write_text(
             json.dumps({"date": started, "command": " ".join(sys.argv),
                         "reference": REFERENCE, "spacing": SPACING, "model": "linear",
                         "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
-                        "s3_requests_per_gene": requests, "ratios": ratios,
+                        "slab": args.slab,
+                        "s3_server": args.s3_server, "s3_requests_per_gene": requests,
+                        "client_cpu_per_slice": clients, "ratios": ratios,
                         "targets_met": targets}, indent=2) + "\n")
 
 

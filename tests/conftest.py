@@ -1,4 +1,4 @@
-"""Shared fixtures (a small real local Ray cluster, an S3 server) and the markers' rules.
+"""Shared fixtures (a small real local Ray cluster, S3 servers) and the markers' rules.
 
 Markers mean what the README says, and are applied here from what a test uses:
 ``ray`` for every test that uses the ``ray_cluster`` fixture, ``slow`` for every ``ray``
@@ -15,6 +15,7 @@ import types
 
 import pytest
 
+from atlinter_ray.testing.faulty_s3 import BACKENDS, S3Server
 from atlinter_ray.testing.ray_head import start_local_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -78,23 +79,24 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def s3_servers():
-    """A real S3-protocol server (moto) on loopback with a fault-injecting proxy in front.
+@pytest.fixture(scope="session", params=BACKENDS)
+def s3_servers(request: pytest.FixtureRequest):
+    """A real S3-protocol server on loopback with a fault-injecting proxy in front: every
+    test that uses it runs against moto and against SeaweedFS (which checks signatures).
 
     The buckets ``atlas-in`` and ``atlas-out`` exist; credentials are dummies that
     tests use to check secrets never leak into outputs.
     """
-    from atlinter_ray.testing.faulty_s3 import S3Server
-
-    with S3Server() as server:
+    with S3Server(backend=request.param) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def s3_server(s3_servers):
-    """s3fs storage options that reach the S3 server directly (no faults)."""
-    return dict(s3_servers.direct)
+def s3_server():
+    """s3fs storage options of a moto server on loopback (no proxy), for tests of other
+    things than the store that only need a bucket."""
+    with S3Server(backend="moto") as server:
+        yield dict(server.direct)
 
 
 @pytest.fixture

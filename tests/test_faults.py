@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import psutil
 import pytest
@@ -33,6 +34,7 @@ from atlinter_ray.layout import DEFAULT_SLAB, downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 #: One task per slab of the 91 coronal slices.
@@ -82,7 +84,7 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     identity = ImageIdentity(meta["generation"], "")
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
-    for blob in store.fs.cat(paths).values() if paths else ():
+    for blob in store.objects.get_many(paths).values():
         for key, size in json.loads(blob)["objects"].items():
             assert key in stored and (size is None or stored[key] == size), key
 
@@ -90,12 +92,11 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
 def test_an_image_deleted_with_its_markers_kept_is_rebuilt(tmp_path: Path) -> None:
     cfg = _local(tmp_path)
     assert run(cfg).ok
-    store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     shutil.rmtree(tmp_path / "out" / "g.ome.zarr")  # a colleague's rm; the markers stay
     again = run(cfg)
     assert again.ok and again.tasks_done == TASKS and again.tasks_skipped == 0
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
     assert len(list((tmp_path / "out" / "_progress" / "g").iterdir())) == 1  # old ones gone
 
 
@@ -116,14 +117,13 @@ def test_an_overwrite_killed_between_removals_is_finished_by_its_rerun(tmp_path:
 def test_lost_objects_of_a_complete_image_are_found_and_redone(tmp_path: Path) -> None:
     cfg = _local(tmp_path)
     assert run(cfg).ok
-    store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     chunks = tmp_path / "out" / "g.ome.zarr" / "0" / "c"
     (chunks / "2" / "0" / "0").unlink()  # a lifecycle rule took an object (slab 2)
     (chunks / "8" / "0" / "0").write_bytes(b"torn")  # and another was damaged (slab 8)
     again = run(cfg)
     assert again.ok and again.tasks_done == 2  # the tasks owning them: 16-23 and 64-71
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
 class Killed(BaseException):
@@ -159,7 +159,7 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     cfg = _local(tmp_path)
     assert run(cfg).ok
     store = VolumeStore(cfg.output.root)
-    clean = content(store.fs, cfg.output.root)
+    clean = content(fsspec.filesystem("file"), cfg.output.root)
     shutil.rmtree(tmp_path / "out")
     owner, name, n, when = KILL_POINTS[point]
     with pytest.MonkeyPatch.context() as mp:
@@ -172,7 +172,7 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     again = run(cfg)
     assert again.ok, again.failures
     assert again.tasks_done + again.tasks_skipped == TASKS
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["complete"] == ["g"] and not summary["incomplete"]
 
@@ -196,11 +196,10 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
         mp.setattr(finishing, "READ_BATCH", 5)  # 12 tasks: read in three batches
         assert run(cfg).ok
         assert reads == []
-        store = VolumeStore(cfg.output.root)
         levels = [np.asarray(zarr.open_array(f"{cfg.output.root}/g.ome.zarr/{k}")[...])
                   for k in range(2)]
         np.testing.assert_array_equal(levels[1], downsample2(levels[0]))  # 91x79x77: odd sides
-        clean = content(store.fs, cfg.output.root)
+        clean = content(fsspec.filesystem("file"), cfg.output.root)
         shutil.rmtree(tmp_path / "out")
         with pytest.MonkeyPatch.context() as dying:
             dying.setattr(VolumeStore, "update_attrs", _die_on_call(1, VolumeStore.update_attrs))
@@ -217,7 +216,7 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     read = sorted(s for start, stop in reads for s in range(start, stop))
     # only the slices of those two tasks
     assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB), *range(last, n)]
-    assert content(store.fs, cfg.output.root) == clean
+    assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
 def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:
@@ -302,12 +301,22 @@ def test_a_hung_store_call_times_out_and_its_task_is_rerun(faulty_s3, s3_input, 
     caplog.set_level("INFO", logger="atlinter_ray")
     hang = faulty_s3.proxy.add("hang", method="PUT", path=r"/atlas-out/hung/g\.ome\.zarr/0/c/0/3/",
                                times=1)
-    release = threading.Timer(20.0, faulty_s3.proxy.heal)  # free the hung connection later
+    ended = threading.Event()
+
+    def heal_later() -> None:
+        """Hold the hung call 20 s after it hangs, well past the task timeout, then free it."""
+        while hang.hits == 0 and not ended.is_set():
+            time.sleep(0.1)
+        ended.wait(20.0)
+        faulty_s3.proxy.heal()
+
+    release = threading.Thread(target=heal_later, daemon=True)
     release.start()
     try:
         summary = run(cfg)
     finally:
-        release.cancel()
+        ended.set()
+        release.join()
     assert hang.hits == 1
     assert summary.ok and summary.tasks_retried >= 1
     assert any("timed out after 8 s" in r.message for r in caplog.records)
@@ -374,7 +383,7 @@ def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.ray
 def test_failing_jobs_never_show_the_credentials_given_as_overrides(faulty_s3, s3_input):
-    key, secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    key, secret = EXAMPLE_CREDENTIALS  # AWS's documentation example, known to both servers
     creds = [f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
              for k, v in (("key", key), ("secret", secret))]
     common = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",

@@ -1,4 +1,4 @@
-"""``s3://`` in and out, against a real S3-protocol server (moto) on loopback."""
+"""``s3://`` in and out, against real S3-protocol servers (moto, SeaweedFS) on loopback."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import s3fs
 
 from atlinter_ray.config import Config
+from atlinter_ray.errors import StorageCredentialsError
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
-from atlinter_ray.testing.datasets import real_volume, sections_of
+from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 
 SECTIONS = [3, 11, 19, 27, 35, 43, 51, 59, 67, 75, 83]
 
@@ -58,3 +59,26 @@ def test_pipeline_reads_and_writes_s3(ray_cluster, s3_servers) -> None:
     # resume on S3: everything is skipped
     again = run(cfg)
     assert again.tasks_skipped == tasks and again.tasks_done == 0
+
+
+@pytest.mark.parametrize("s3_servers", ["seaweedfs"], indirect=True)
+def test_a_wrong_output_secret_stops_the_job_before_any_work(s3_servers, tmp_path) -> None:
+    """On a server that checks signatures, the job stops at its first request (the lease),
+    with an error that names the credential settings and not the secret, writing nothing."""
+    volume = real_volume()
+    npy = write_dataset(tmp_path / "in", "g1", sections_of(volume, SECTIONS, "coronal"),
+                        SECTIONS, reference_shape=list(volume.shape))
+    cfg = Config()
+    cfg.data.root, cfg.data.genes = str(npy.parent), ["g1"]
+    cfg.output.root = "s3://atlas-out/wrong-secret"
+    cfg.output.storage_options = {**s3_servers.direct, "secret": "not-the-secret"}
+    cfg.model.name, cfg.model.params = "linear", {}
+    cfg.run.progress = False
+    with pytest.raises(StorageCredentialsError) as err:
+        run(cfg)
+    assert err.value.exit_status == 2
+    message = str(err.value)
+    assert "SignatureDoesNotMatch" in message and "AWS_ACCESS_KEY_ID" in message
+    assert "not-the-secret" not in message
+    assert s3fs.S3FileSystem(**s3_servers.direct, skip_instance_cache=True).find(
+        "atlas-out/wrong-secret") == []

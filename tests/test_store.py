@@ -16,9 +16,16 @@ import zarr
 
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
-from atlinter_ray.errors import ConfigError, IncompleteOutputError, OutputBusyError, StoreError
+from atlinter_ray.errors import (
+    ConfigError,
+    IncompleteOutputError,
+    OutputBusyError,
+    StorageCredentialsError,
+    StoreError,
+)
 from atlinter_ray.identity import fingerprint
 from atlinter_ray.layout import Layout, array_spec, shard_encoder
+from atlinter_ray.objects import s3_settings
 from atlinter_ray.pipeline import layout_of
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
@@ -226,8 +233,9 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_free(tmp_path: Path)
         pass
 
 
-def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_server) -> None:
-    store = VolumeStore("s3://atlas-out/lease-test", s3_server)
+def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_servers) -> None:
+    """On moto and on SeaweedFS (whose 412 has no <Condition>): a conflict is OutputBusyError."""
+    store = VolumeStore("s3://atlas-out/lease-test", s3_servers.direct)
     ttl = 60.0  # generous: a loaded machine never misses a renewal by this much
     first = store.lease(ttl_s=ttl)
     first.acquire()
@@ -237,10 +245,9 @@ def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_server) -> None:
         # the first driver freezes (its heartbeat stops) for longer than the TTL: its
         # record's last heartbeat is set that far back instead of sleeping that long
         first._stop.set()
-        path = "atlas-out/lease-test/_lease.json"
-        record = json.loads(store.fs.cat_file(path))
+        record = json.loads(store.objects.get("_lease.json") or b"{}")
         record["heartbeat"] -= 2 * ttl
-        store.fs.pipe_file(path, json.dumps(record).encode())
+        store.objects.put("_lease.json", json.dumps(record).encode())
         second = store.lease(ttl_s=ttl)
         second.acquire()
         first._stop.clear()
@@ -248,9 +255,65 @@ def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_server) -> None:
         with pytest.raises(IncompleteOutputError, match="lost its lease"):
             first.check()
         second.release()
-        assert not store.fs.exists(path)
+        assert store.objects.get("_lease.json") is None
     finally:
         first._stop.set()
+
+
+def test_two_takers_of_an_expired_lease_one_wins(s3_servers) -> None:
+    """The takeover is an If-Match PUT: the slower taker of the same version is refused."""
+    store = VolumeStore("s3://atlas-out/lease-race", s3_servers.direct)
+    stale = store.lease()
+    stale._put(None)  # a record nobody renews
+    _, etag = stale._read()
+    winner, loser = store.lease(), store.lease()
+    winner._put(etag)
+    with pytest.raises(FileExistsError):
+        loser._put(etag)  # the version both read is gone
+    assert stale._read()[0]["owner"] == winner.owner
+    store.objects.delete(["_lease.json"])
+
+
+@pytest.mark.parametrize("s3_servers", ["seaweedfs"], indirect=True)
+def test_a_wrong_secret_fails_clearly_naming_the_credentials(s3_servers) -> None:
+    """SeaweedFS checks signatures (moto takes any): a wrong secret is refused at the lease,
+    before any work, with the variables to fix and without the secret."""
+    store = VolumeStore("s3://atlas-out/creds", {**s3_servers.direct, "secret": "wrong-secret"})
+    with pytest.raises(StorageCredentialsError) as err:
+        store.lease().acquire()
+    message = str(err.value)
+    assert "SignatureDoesNotMatch" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert "output.storage_options.key / .secret" in message and "wrong-secret" not in message
+    assert VolumeStore("s3://atlas-out/creds", s3_servers.direct).read_bytes("_lease.json") is None
+
+
+@pytest.mark.parametrize("s3_servers", ["seaweedfs"], indirect=True)
+def test_credentials_from_the_environment_are_used_and_checked(s3_servers, monkeypatch) -> None:
+    """Without key/secret in storage_options the AWS_* variables sign the requests."""
+    options = {"endpoint_url": s3_servers.direct["endpoint_url"]}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_servers.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_servers.secret)
+    store = VolumeStore("s3://atlas-out/env-creds", options)
+    store.write_bytes("note.txt", b"signed with the environment's key")
+    assert store.read_bytes("note.txt") == b"signed with the environment's key"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret")
+    with pytest.raises(StorageCredentialsError, match="AWS_SECRET_ACCESS_KEY"):
+        VolumeStore("s3://atlas-out/env-creds", options).read_bytes("note.txt")
+
+
+def test_s3fs_style_options_become_obstore_settings() -> None:
+    config, client, retry = s3_settings({
+        "key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9000",
+        "client_kwargs": {"region_name": "eu-west-1"}, "max_concurrency": 4,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "read_timeout": 20}})
+    assert config == {"access_key_id": "k", "secret_access_key": "s",
+                      "endpoint": "http://127.0.0.1:9000", "region": "eu-west-1"}
+    assert client["allow_http"] is True and client["read_timeout"].total_seconds() == 20
+    assert retry == {"max_retries": 0}
+    with pytest.raises(ConfigError, match=r"output.storage_options.profile is not an S3 option"):
+        s3_settings({"profile": "default"})
+    with pytest.raises(ConfigError, match=r"config_kwargs.signature_version"):
+        s3_settings({"config_kwargs": {"signature_version": "s3v4"}})
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "float32"])

@@ -2,7 +2,10 @@
 
 ::
 
-    s3fs / zarr ──HTTP──> FaultyProxy (127.0.0.1:p) ──HTTP──> moto ThreadedMotoServer
+    obstore / s3fs / zarr ──HTTP──> FaultyProxy (127.0.0.1:p) ──HTTP──> moto or SeaweedFS
+
+The server is moto's ``ThreadedMotoServer`` (lenient: any credentials) or SeaweedFS
+(:mod:`atlinter_ray.testing.seaweed`: checks signatures and conditional PUTs).
 
 Tests and benchmarks point ``endpoint_url`` at the proxy. Each request is matched
 against the proxy's rules in order; the first rule that matches and has uses left acts:
@@ -11,7 +14,7 @@ against the proxy's rules in order; the first rule that matches and has uses lef
 * ``"drop"`` closes the connection without an answer;
 * ``"hang"`` holds the request, unanswered, until :meth:`FaultyProxy.heal` (or stop).
 
-Requests no rule matches pass through unchanged. The server and the proxy run in
+Requests no rule matches pass through unchanged. The proxy (and moto) run in
 threads of the calling process; Ray workers reach them over loopback like any client.
 """
 
@@ -21,6 +24,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -156,41 +160,86 @@ class FaultyProxy:
             h.wfile.write(data)
 
 
-class S3Server:
-    """moto's S3 server on loopback with a :class:`FaultyProxy` in front; a context manager.
+#: The S3-protocol servers :class:`S3Server` can run.
+BACKENDS = ("moto", "seaweedfs")
+#: AWS's documentation example credentials: a second identity of every server (moto
+#: takes any), for tests that check credentials given on a command line never show.
+EXAMPLE_CREDENTIALS = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
 
-    ``options`` are s3fs storage options that go through the proxy; ``direct`` go
-    straight to moto (for setting up and checking, untouched by faults).
+
+class S3Server:
+    """An S3 server (``backend``) on loopback with a :class:`FaultyProxy` in front.
+
+    A context manager. ``options`` are storage options that go through the proxy;
+    ``direct`` go straight to the server (for setting up and checking, untouched by
+    faults).
     """
 
     def __init__(self, buckets: tuple[str, ...] = ("atlas-in", "atlas-out"),
-                 key: str = "testing-key", secret: str = "testing-secret-value") -> None:
-        from moto.server import ThreadedMotoServer
+                 key: str = "testing-key", secret: str = "testing-secret-value",
+                 backend: str = "moto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown S3 server {backend!r}; choose one of {BACKENDS}")
+        self.backend, self.buckets, self.key, self.secret = backend, buckets, key, secret
+        self._server: Any
+        if backend == "moto":
+            from moto.server import ThreadedMotoServer
 
-        from atlinter_ray.testing.ray_head import free_ports
+            from atlinter_ray.testing.ray_head import free_ports
 
-        (port,) = free_ports(1)
-        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self.buckets, self.key, self.secret = buckets, key, secret
-        self.direct = {"endpoint_url": f"http://127.0.0.1:{port}", "key": key, "secret": secret}
-        self.proxy = FaultyProxy(self.direct["endpoint_url"])
+            (port,) = free_ports(1)
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            endpoint = f"http://127.0.0.1:{port}"
+        else:
+            from atlinter_ray.testing.seaweed import SeaweedServer
+
+            self._server = SeaweedServer({key: secret, EXAMPLE_CREDENTIALS[0]:
+                                          EXAMPLE_CREDENTIALS[1]})
+            endpoint = self._server.endpoint_url
+        self.direct = {"endpoint_url": endpoint, "key": key, "secret": secret}
+        self.proxy = FaultyProxy(endpoint)
         self.options = {**self.direct, "endpoint_url": self.proxy.endpoint_url}
 
     def start(self) -> S3Server:
-        """Start moto and the proxy; create the buckets."""
-        import s3fs
-
-        self._moto.start()
+        """Start the server and the proxy; create the buckets."""
         self.proxy.start()
-        fs = s3fs.S3FileSystem(**self.direct, skip_instance_cache=True)
-        for bucket in self.buckets:
-            fs.mkdir(bucket)
+        try:
+            self._server.start()
+            self._make_buckets()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    def _make_buckets(self) -> None:
+        """Create the buckets (SeaweedFS may need a few seconds to take the first writes)."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.direct, skip_instance_cache=True)
+        deadline = time.monotonic() + 60
+        for bucket in self.buckets:
+            while True:
+                try:
+                    fs.makedirs(bucket, exist_ok=True)
+                    fs.pipe_file(f"{bucket}/.ready", b"")
+                    fs.rm_file(f"{bucket}/.ready")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds the server has used: SeaweedFS's process; for moto, which runs in
+        threads here, this whole process's (the proxy's and the caller's included)."""
+        if self.backend == "moto":
+            return time.process_time()
+        return float(self._server.cpu_seconds())
+
     def stop(self) -> None:
-        """Stop the proxy and moto."""
+        """Stop the proxy and the server."""
         self.proxy.stop()
-        self._moto.stop()
+        self._server.stop()
 
     def __enter__(self) -> S3Server:
         return self.start()
