@@ -113,19 +113,31 @@ def prepare_reference(
     stem = url.rstrip("/").rsplit("/", 1)[-1][: -len(".nrrd")]
     npy_url = f"{cache_root.rstrip('/')}/{stem}-{sha[:16]}.npy"
     cache_opts = dict(cache_storage_options or {})
-    fs, path = fsspec.core.url_to_fs(npy_url, **cache_opts)
+    cache_nrrd_as_npy(url, opts, sha, npy_url, cache_opts)
+    ref = load_reference(npy_url, datasets, cache_opts, setting)
+    return replace(ref, url=url, data_url=npy_url)
+
+
+def cache_nrrd_as_npy(
+    url: str, opts: Mapping[str, Any], sha: str, npy_url: str, npy_opts: Mapping[str, Any]
+) -> None:
+    """Rewrite the ``.nrrd`` at ``url`` (sha256 ``sha``) as ``npy_url``, unless already done.
+
+    A ``.json`` beside the copy records the source's hash and the copy's size, so a
+    changed source or a torn copy is rewritten and an unchanged one is reused.
+    """
+    fs, path = fsspec.core.url_to_fs(npy_url, **npy_opts)
     marker = path[: -len(".npy")] + ".json"
     try:
-        fresh = json.loads(fs.cat_file(marker)).get("npy_bytes") == fs.size(path)
+        cached = json.loads(fs.cat_file(marker))
+        fresh = cached.get("sha256") == sha and cached.get("npy_bytes") == fs.size(path)
     except (FileNotFoundError, ValueError, AttributeError):
         fresh = False
     if not fresh:
         log.info("rewriting %s as %s (once; reruns reuse it)", url, npy_url)
-        nrrd_to_npy(url, opts, npy_url, cache_opts)
+        nrrd_to_npy(url, dict(opts), npy_url, dict(npy_opts))
         write_atomic(fs, marker, json.dumps(
             {"source": url, "sha256": sha, "npy_bytes": fs.size(path)}).encode())
-    ref = load_reference(npy_url, datasets, cache_opts, setting)
-    return replace(ref, url=url, data_url=npy_url)
 
 
 def load_zarr_reference(

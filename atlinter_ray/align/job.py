@@ -50,8 +50,13 @@ from atlinter_ray.errors import DatasetNotFoundError, StoreError
 from atlinter_ray.execution import map_batches
 from atlinter_ray.files import file_sha256, write_atomic
 from atlinter_ray.inputs import load_datasets
-from atlinter_ray.nrrd_volume import nrrd_to_npy, read_nrrd_info
-from atlinter_ray.reference import ReferenceVolume, iter_plane_blocks, load_reference
+from atlinter_ray.nrrd_volume import read_nrrd_info
+from atlinter_ray.reference import (
+    ReferenceVolume,
+    cache_nrrd_as_npy,
+    iter_plane_blocks,
+    load_reference,
+)
 from atlinter_ray.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -150,18 +155,7 @@ def prepare_reference(cfg: AlignConfig, datasets: list[Dataset]) -> tuple[Refere
         stem = url.rstrip("/").rsplit("/", 1)[-1][: -len(".nrrd")]
         npy_url = _join(cfg.output.root, f"reference/{stem}.npy")
         npy_opts = dict(cfg.output.storage_options)
-        fs, path = fsspec.core.url_to_fs(npy_url, **npy_opts)
-        marker = path[: -len(".npy")] + ".json"
-        try:
-            cached = json.loads(fs.cat_file(marker))
-            fresh = cached.get("sha256") == sha and fs.size(path) == cached.get("npy_bytes")
-        except (FileNotFoundError, ValueError, AttributeError):
-            fresh = False
-        if not fresh:
-            log.info("rewriting %s as %s (once; reruns reuse it)", url, npy_url)
-            nrrd_to_npy(url, opts, npy_url, npy_opts)
-            write_atomic(fs, marker, json.dumps(
-                {"source": url, "sha256": sha, "npy_bytes": fs.size(path)}).encode())
+        cache_nrrd_as_npy(url, opts, sha, npy_url, npy_opts)
         ref = load_reference(npy_url, datasets, npy_opts, setting=FIELD)
         record = {"url": url, "sha256": sha, "npy": npy_url}
     ref = replace(ref, peak=volume_peak(ref))
