@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
 
+import zarr
+
 from atlinter_ray import store as store_module
 from atlinter_ray.objects import Objects, open_objects
 
@@ -132,6 +134,5 @@ def dying_after(fuse: Fuse) -> Iterator[Fuse]:
             stack.enter_context(mock.patch.object(
                 volume_store, name, counted(name, getattr(volume_store, name))))
         stack.enter_context(mock.patch.object(
-            store_module.zarr, "create_group",
-            counted("create_group", store_module.zarr.create_group)))
+            zarr, "create_group", counted("create_group", zarr.create_group)))
         yield fuse
