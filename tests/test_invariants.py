@@ -213,16 +213,20 @@ class OutputMachine(RuleBasedStateMachine):
             {"owner": "dead-driver", "host": "elsewhere", "pid": 2**22 + 7, "heartbeat": 0}))
 
     # -- damage to our images -----------------------------------------------------
-    def _objects(self, pyramid: bool) -> list[Path]:
-        """Our images' stored objects of level 0, or of the levels above it."""
-        found = []
+    def _objects(self, pyramid: bool) -> list[str]:
+        """Our images' stored objects of level 0, or of the levels above it (root-relative)."""
+        found: list[Path] = []
         for name in sorted(set(DATASETS) - set(self.foreign)):
             image = self.root / f"{name}.ome.zarr"
             if image.is_dir():
                 for level in _levels(image):
                     if (level != "0") == pyramid and (image / level / "c").is_dir():
                         found += sorted(p for p in (image / level / "c").rglob("*") if p.is_file())
-        return found
+        return [str(p.relative_to(self.root)) for p in found]
+
+    def _draw(self, data: st.DataObject, objects: list[str]) -> Path:
+        """One of ``objects``, drawn so that a failing sequence names it."""
+        return self.root / data.draw(st.sampled_from(objects), label="object")
 
     def _has_level0(self) -> bool:
         return bool(self._objects(False))
@@ -234,13 +238,13 @@ class OutputMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_level0_object(self, data: st.DataObject) -> None:
         """A level-0 object lost (a lifecycle rule, a bad sync)."""
-        data.draw(st.sampled_from(self._objects(False)), label="object").unlink()
+        self._draw(data, self._objects(False)).unlink()
 
     @precondition(_has_pyramid)
     @rule(data=st.data())
     def delete_pyramid_object(self, data: st.DataObject) -> None:
         """An object of a pyramid level (1, 2, ...) lost."""
-        data.draw(st.sampled_from(self._objects(True)), label="object").unlink()
+        self._draw(data, self._objects(True)).unlink()
 
     def _corrupt(self, path: Path, seed: int) -> None:
         """Random bytes of the same size (bit rot, a half-applied sync)."""
@@ -252,13 +256,13 @@ class OutputMachine(RuleBasedStateMachine):
     @rule(data=st.data(), seed=st.integers(0, 2**16))
     def corrupt_level0_object(self, data: st.DataObject, seed: int) -> None:
         """A level-0 object overwritten with random bytes of the same size."""
-        self._corrupt(data.draw(st.sampled_from(self._objects(False)), label="object"), seed)
+        self._corrupt(self._draw(data, self._objects(False)), seed)
 
     @precondition(_has_pyramid)
     @rule(data=st.data(), seed=st.integers(0, 2**16))
     def corrupt_pyramid_object(self, data: st.DataObject, seed: int) -> None:
         """A pyramid object overwritten with random bytes of the same size."""
-        self._corrupt(data.draw(st.sampled_from(self._objects(True)), label="object"), seed)
+        self._corrupt(self._draw(data, self._objects(True)), seed)
 
     def _has_markers(self) -> bool:
         return any((self.root / "_progress").rglob("*.*")) if (self.root / "_progress").is_dir() \
@@ -268,8 +272,9 @@ class OutputMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_progress_object(self, data: st.DataObject) -> None:
         """A done marker or a task's reduction lost."""
-        found = sorted(p for p in (self.root / "_progress").rglob("*") if p.is_file())
-        data.draw(st.sampled_from(found), label="object").unlink()
+        found = sorted(str(p.relative_to(self.root))
+                       for p in (self.root / "_progress").rglob("*") if p.is_file())
+        self._draw(data, found).unlink()
 
     def _has_own_image(self) -> bool:
         return any((self.root / f"{n}.ome.zarr" / "zarr.json").is_file()
@@ -330,6 +335,6 @@ def test_no_interleaving_of_runs_kills_and_damage_ends_in_a_wrong_exit_0(
     OutputMachine.clean, OutputMachine.clean_writes = snapshot(clean_root), len(fuse.writes)
     assert OutputMachine.clean_writes > 20 and len(OutputMachine.clean["ga"]["arrays"]) == 4
     run_state_machine_as_test(OutputMachine, settings=settings(
-        max_examples=int(os.environ.get("ATLINTER_RAY_INVARIANT_EXAMPLES", "12")),
+        max_examples=int(os.environ.get("ATLINTER_RAY_INVARIANT_EXAMPLES", "15")),
         stateful_step_count=8, deadline=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
