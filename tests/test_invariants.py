@@ -38,12 +38,11 @@ from hypothesis.stateful import (
 )
 
 from atlinter_ray.config import Config
+from atlinter_ray.objects import open_objects
 from atlinter_ray.pipeline import RunSummary, run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import write_dataset
-from atlinter_ray.testing.faulty_objects import Fuse, Killed, dying_after
-
-pytestmark = pytest.mark.slow
+from atlinter_ray.testing.faulty_objects import FaultyObjects, Fuse, Killed, dying_after
 
 #: Two small datasets, cut along different axes (reference shape 24 x 16 x 20).
 SHAPE = (24, 16, 20)
@@ -321,6 +320,7 @@ class OutputMachine(RuleBasedStateMachine):
                 f"the foreign image under {name}.ome.zarr was changed or removed")
 
 
+@pytest.mark.slow
 def test_no_interleaving_of_runs_kills_and_damage_ends_in_a_wrong_exit_0(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -338,3 +338,14 @@ def test_no_interleaving_of_runs_kills_and_damage_ends_in_a_wrong_exit_0(
         max_examples=int(os.environ.get("ATLINTER_RAY_INVARIANT_EXAMPLES", "15")),
         stateful_step_count=8, deadline=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+
+
+def test_the_fuse_kills_at_its_write_and_every_write_after(tmp_path: Path) -> None:
+    """A batch is cut where the fuse blows; a dead process writes nothing more."""
+    fuse = Fuse(left=2)
+    objects = FaultyObjects(open_objects(str(tmp_path)), fuse)
+    with pytest.raises(Killed):
+        objects.put_many({"a": b"1", "b": b"2", "c": b"3"})
+    with pytest.raises(Killed):
+        objects.delete(["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"] and fuse.writes == ["a", "b"]
