@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atlinter_ray.dataset import CCF_25UM_SHAPE
+from atlinter_ray.dtypes import DtypeScaling
 from atlinter_ray.planning import EdgePolicy, Placement
 
 
@@ -52,8 +53,16 @@ class OutputConfig:
     root: str = "outputs/volumes"
     #: fsspec options for writing the output (e.g. ``endpoint_url`` of an S3-protocol server).
     storage_options: dict[str, Any] = field(default_factory=dict)
-    #: Output dtype; default: the input's.
+    #: Output dtype; default: the input's. A dtype that would clip the data's range or
+    #: round float data to a few grey levels is refused, unless scaled (next setting).
     dtype: str | None = None
+    #: ``none``: values are written as they are (rounded for integer dtypes).
+    #: ``full_range``: where the output dtype is an integer, each dataset's full
+    #: intensity range [0, peak] (json ``intensity_max``, else 1.0 for float images or
+    #: the integer dtype's maximum) is mapped linearly onto [0, the dtype's maximum];
+    #: the scale and offset are recorded in the image's ``atlinter_ray.run.intensity_scaling``.
+    #: Part of the image's identity.
+    dtype_scaling: DtypeScaling = DtypeScaling.none
     #: Replace an image made with other settings instead of refusing it.
     overwrite: bool = False
     #: Write the quick-look and montage pictures beside each image.

@@ -30,6 +30,7 @@ import numcodecs
 import numpy as np
 
 from atlinter_ray.dataset import Dataset
+from atlinter_ray.dtypes import recorded_scale
 from atlinter_ray.errors import IncompleteOutputError, is_storage_error
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import (
@@ -158,10 +159,12 @@ def _finish(
             status[s["slice"]] = s["status"]
         outputs["quicklook"] = store.write_bytes(f"{ds.id}.quicklook.png",
                                                  quicklook_png(ds, planes, status,
-                                                               str(meta.get("run", {}).get("model", ""))))
+                                                               str(meta.get("run", {}).get("model", "")),
+                                                               scale=recorded_scale(meta)))
         if montage_gaps(provenance):
             outputs["montage"] = store.write_bytes(
-                f"{ds.id}.montage.png", montage_png(store, ds, provenance=provenance))
+                f"{ds.id}.montage.png",
+                montage_png(store, ds, provenance=provenance, scale=recorded_scale(meta)))
     dtype = str(store.open_array(ds.id).dtype)
     meta.update(provenance=provenance, objects=dict(sorted(_objects(records).items())),
                 complete=job.identity.generation)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from atlinter_ray import __version__
 from atlinter_ray.config import Config, DataConfig
 from atlinter_ray.dataset import Dataset, dataset_urls
-from atlinter_ray.dtypes import output_dtype
+from atlinter_ray.dtypes import SCALING_KEY, output_dtype, output_scale, scaling_record
 from atlinter_ray.engine import build_for_validation, check_reachable, model_context
 from atlinter_ray.errors import (
     AtlinterRayError,
@@ -260,7 +260,9 @@ def run(cfg: Config) -> RunSummary:
     log.info("%d datasets validated and fingerprinted in %.1f s", len(datasets),
              time.perf_counter() - began)
     check_truths(cfg.data, inputs)
-    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype) for ds in datasets}
+    scaling = cfg.output.dtype_scaling
+    dtypes = {ds.id: output_dtype(ds, cfg.output.dtype, scaling) for ds in datasets}
+    scales = {ds.id: output_scale(ds, dtypes[ds.id], scaling) for ds in datasets}
     # Build the model once here: a bad name, setting or checkpoint fails before the pool.
     # On the CPU in fp32: device and precision are the workers' (the head may have no GPU).
     fallback = asdict(cfg.interpolation.exact_fallback)
@@ -294,7 +296,8 @@ def run(cfg: Config) -> RunSummary:
         lease.acquire()
     try:
         with _usable(cfg.output.root):
-            states = _prepare(store, inputs, dtypes, run_info, layout, cfg.output.overwrite)
+            states = _prepare(store, inputs, _image_runs(run_info, dtypes, scales), layout,
+                              cfg.output.overwrite)
             states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
                                                       tasks_by_ds[ds.id], layout.slab), datasets)
             done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
@@ -326,6 +329,7 @@ def run(cfg: Config) -> RunSummary:
             placement=cfg.interpolation.placement,
             tuning=tuning,
             images={k: s.identity for k, s in states.items()},
+            scales={k: v for k, v in scales.items() if v != 1.0},
         )
         skipped = sum(len(done[ds.id]) for ds in datasets)
         log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo),
@@ -405,11 +409,23 @@ def _in_parallel(fn: Any, datasets: Sequence[Dataset]) -> dict[str, Any]:
         return dict(zip([ds.id for ds in datasets], pool.map(fn, datasets)))
 
 
+def _image_runs(
+    run_info: Mapping[str, Any], dtypes: Mapping[str, str], scales: Mapping[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Each dataset's run record: the run's, its output dtype and, when scaled, its scaling."""
+    out = {}
+    for ds_id, dtype in dtypes.items():
+        record = {**run_info, "dtype": dtype}
+        if scales[ds_id] != 1.0:
+            record[SCALING_KEY] = scaling_record(scales[ds_id])
+        out[ds_id] = record
+    return out
+
+
 def _prepare(
     store: VolumeStore,
     inputs: Inputs,
-    dtypes: Mapping[str, str],
-    run_info: Mapping[str, Any],
+    runs: Mapping[str, Mapping[str, Any]],
     layout: Layout,
     overwrite: bool,
 ) -> dict[str, ImageState]:
@@ -418,7 +434,7 @@ def _prepare(
 
     def check(ds: Dataset) -> ImageState | StoreError | None:
         try:
-            return store.check_image(ds, {**run_info, "dtype": dtypes[ds.id]},
+            return store.check_image(ds, runs[ds.id],
                                      inputs.fingerprints[ds.id], layout, overwrite)
         except StoreError as exc:
             return exc
@@ -432,7 +448,7 @@ def _prepare(
         raise StoreError(f"{len(conflicts)} outputs conflict with this run:\n{listing}")
     missing = [ds for ds in datasets if found[ds.id] is None]
     created = _in_parallel(
-        lambda ds: store.create_image(ds, dtypes[ds.id], {**run_info, "dtype": dtypes[ds.id]},
+        lambda ds: store.create_image(ds, runs[ds.id]["dtype"], runs[ds.id],
                                       inputs.fingerprints[ds.id], layout),
         missing,
     )

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from atlinter_ray.dataset import Dataset
+from atlinter_ray.dtypes import in_data_units, recorded_scale
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.planning import EDGE, MEASURED, PREDICTED
 from atlinter_ray.store import VolumeStore
@@ -76,9 +77,12 @@ def _plane(arr: Any, axis: int, position: int) -> np.ndarray:
     return np.asarray(arr[tuple(index)])
 
 
-def _plane_bgr(plane: np.ndarray, ds: Dataset, axis: int) -> np.ndarray:
-    """A plane across reference ``axis`` (``([C,] a, b)``) as BGR; sagittal: dorsal up."""
-    img = _to_bgr(plane, ds.channels, ds.peak)
+def _plane_bgr(plane: np.ndarray, ds: Dataset, axis: int, scale: float = 1.0) -> np.ndarray:
+    """A plane across reference ``axis`` (``([C,] a, b)``, written times ``scale``) as BGR.
+
+    Sagittal planes are turned: dorsal up.
+    """
+    img = _to_bgr(plane, ds.channels, ds.peak * scale)
     return img.transpose(1, 0, 2) if axis == 2 else img
 
 
@@ -167,18 +171,19 @@ def mid_positions(ds: Dataset) -> tuple[int, int, int]:
 
 
 def quicklook_png(ds: Dataset, planes: Sequence[np.ndarray], status: Sequence[str],
-                  model: str = "", date: str | None = None) -> bytes:
+                  model: str = "", date: str | None = None, scale: float = 1.0) -> bytes:
     """PNG bytes of the three mid views of a volume, with provenance strips.
 
     ``planes[a]`` is the volume's plane at ``mid_positions(ds)[a]`` across reference
     axis ``a``, ``([C,] ...)`` in array order; ``status[s]`` the status of slice ``s``
     along the section axis (measured, predicted, edge-filled or empty). ``model`` and
-    ``date`` (default: today) go into the title.
+    ``date`` (default: today) go into the title; ``scale`` is the one the values were
+    written with (``output.dtype_scaling``).
     """
     views = []
     zoom = max(1, _MIN_HEIGHT // max(ds.reference_shape))
     for axis in range(3):
-        img = _plane_bgr(planes[axis], ds, axis)
+        img = _plane_bgr(planes[axis], ds, axis, scale)
         dims = [d for d in range(3) if d != axis]
         if axis == 2:  # the sagittal view was turned: dorsal up, anterior left
             dims = dims[::-1]
@@ -243,6 +248,7 @@ def montage_png(
     provenance: Sequence[Mapping[str, Any]] | None = None,
     truth: np.ndarray | None = None,
     date: str | None = None,
+    scale: float | None = None,
 ) -> bytes:
     """PNG of one gap of a finished output image: measured, predicted..., measured.
 
@@ -250,11 +256,14 @@ def montage_png(
     middle of the volume. The statuses come from ``provenance``, by default the image's
     ``atlinter_ray.provenance`` attribute, which finishing writes once every task of
     the dataset is done. ``truth`` (the whole true volume, reference orientation,
-    channels last) adds a row of true slices and one of absolute error.
+    channels last) adds a row of true slices and one of absolute error, in the data's
+    units: ``scale`` (by default the one the image records) maps the stored values back.
     """
     url = store.image_url(ds.id)
-    if provenance is None:
-        provenance = store.image_attrs(ds.id).get("atlinter_ray", {}).get("provenance")
+    if provenance is None or scale is None:
+        record = store.image_attrs(ds.id).get("atlinter_ray", {})
+        provenance = record.get("provenance") if provenance is None else provenance
+        scale = recorded_scale(record) if scale is None else scale
     if not provenance:
         raise StoreError(
             f"{url}: no 'atlinter_ray.provenance' attribute, so the run that writes it "
@@ -280,7 +289,7 @@ def montage_png(
     rows: list[list[np.ndarray]] = [[], [], []] if truth is not None else [[]]
     for s in range(left, right + 1):
         raw = _plane(arr, axis, s)
-        img = _plane_bgr(raw, ds, axis)
+        img = _plane_bgr(raw, ds, axis, scale)
         zoom = max(1, -(-_MIN_TILE // img.shape[0]))
         record = by_slice[s]
         bar = np.zeros((_STRIP * 3, img.shape[1] * zoom, 3), np.uint8)
@@ -292,7 +301,8 @@ def montage_png(
         if truth is not None:
             true = np.moveaxis(np.take(truth, s, axis=axis), -1, 0) if ds.channels > 1 \
                 else np.take(truth, s, axis=axis)
-            tiles += [_plane_bgr(true, ds, axis), _error_bgr(raw, true, ds, axis)]
+            tiles += [_plane_bgr(true, ds, axis),
+                      _error_bgr(in_data_units(raw, scale), true, ds, axis)]
         for k, (row, tile) in enumerate(zip(rows, tiles)):
             tile = np.ascontiguousarray(tile.repeat(zoom, 0).repeat(zoom, 1))
             if k == 0:

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 
 from atlinter_ray.dataset import NPY_FORMAT, Dataset, read_sections
-from atlinter_ray.dtypes import to_dtype
+from atlinter_ray.dtypes import in_data_units, recorded_scale, to_dtype
 from atlinter_ray.engine import predict
 from atlinter_ray.errors import DatasetError, DatasetNotFoundError
 from atlinter_ray.metrics import score_stack, summarize
@@ -78,11 +78,18 @@ def take_slices(volume: np.ndarray, axis: int, slices: Sequence[int], channel_fi
 def score_run(
     store: VolumeStore, ds: Dataset, truth: np.ndarray, placement: str
 ) -> dict[str, dict[str, float]]:
-    """Scores of the run's predicted slices and of ``linear`` on the same slices."""
+    """Scores of the run's predicted slices and of ``linear`` on the same slices.
+
+    Both are compared with the truth in the data's units: values written scaled
+    (``output.dtype_scaling``) are mapped back with the scale the image records, and
+    ``linear`` goes through the same cast, so both carry the same quantisation.
+    """
     tasks = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, placement)
     predicted = [j.slice for t in tasks for j in t.predicted]
+    scale = recorded_scale(store.image_attrs(ds.id).get("atlinter_ray", {}))
     volume = store.read_volume(ds.id)
-    ours = take_slices(volume, ds.axis_index, predicted, ds.channels > 1)
+    dtype = volume.dtype.name
+    ours = in_data_units(take_slices(volume, ds.axis_index, predicted, ds.channels > 1), scale)
     true = take_slices(truth, ds.axis_index, predicted, False)
     linear = LinearInterpolator()
     frames = []
@@ -90,7 +97,7 @@ def score_run(
         if task.predicted:
             a, b = read_sections(ds, task.pair)
             out = predict(linear, a[None], b[None], task.positions, ds.peak)
-            frames.append(to_dtype(out.frames[0], ours.dtype.name))
+            frames.append(in_data_units(to_dtype(out.frames[0], dtype, scale), scale))
     base = np.concatenate(frames)  # (N, C, H, W)
     base = np.moveaxis(base, 1, -1) if ds.channels > 1 else base[:, 0]
     gaps = sorted({t.pair[1] - t.pair[0] for t in tasks if t.predicted})

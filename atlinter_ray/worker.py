@@ -137,6 +137,9 @@ class WorkerSpec:
     tuning: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: The image generation and input fingerprint each dataset's markers are bound to.
     images: Mapping[str, ImageIdentity] = field(default_factory=dict)
+    #: Dataset id -> the factor values are multiplied by before the cast to its output
+    #: dtype (``output.dtype_scaling``; absent: 1.0, written as they are).
+    scales: Mapping[str, float] = field(default_factory=dict)
 
 
 def _identity(model: Any) -> WorkerIdentity:
@@ -201,6 +204,7 @@ class TaskWorker:
             sys.modules["torch"].set_num_threads(spec.threads)
         self.datasets: dict[str, Dataset] = dict(spec.datasets)
         self.dtypes = dict(spec.dtypes)
+        self.scales = dict(spec.scales)
         self.images = dict(spec.images)
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
@@ -284,7 +288,7 @@ class TaskWorker:
             ) from exc
 
     def _chunks(self, tasks: Sequence[SlabTask]) -> list[_Chunk]:
-        """Tasks grouped by image shape, channels, peak and output dtype, cut into chunks.
+        """Tasks grouped by image shape, channels, peak, output dtype and scale, cut into chunks.
 
         Positions are not part of the key: items of any positions share a batch. Tasks
         with nothing to predict (edges) go apart, so a model failure never takes them.
@@ -292,13 +296,14 @@ class TaskWorker:
         groups: dict[tuple[Any, ...], list[SlabTask]] = defaultdict(list)
         for task in tasks:
             ds = self.datasets[task.dataset_id]
-            key = (ds.image_shape, ds.channels, ds.peak, self.dtypes[ds.id], not task.predicted)
+            key = (ds.image_shape, ds.channels, ds.peak, self.dtypes[ds.id],
+                   self.scales.get(ds.id, 1.0), not task.predicted)
             groups[key].append(task)
         target = CHUNK_BATCHES * self.runtime.batch_size if self.runtime else 1
         if self.reference is not None:
             target = 1
         chunks = []
-        for (_, _, peak, _, _), group in groups.items():
+        for (_, _, peak, _, _, _), group in groups.items():
             items = target  # every group starts a chunk
             for task in group:
                 if items >= target:
@@ -384,7 +389,7 @@ class TaskWorker:
         frames: Mapping[str, Sequence[Any]],
         calls: Mapping[str, int],
     ) -> list[tuple[Callable[[], np.ndarray], int]]:
-        """Each task's slices in the output dtype, converted where they were predicted.
+        """Each task's slices in the output dtype (scaled as configured), converted where they were predicted.
 
         A block holds the task's whole slab; slices that no job lists stay zeros.
 
@@ -393,37 +398,44 @@ class TaskWorker:
         writes a block waits for that copy, not the main thread.
         """
         dtype = self.dtypes[tasks[0].dataset_id]
+        scale = self.scales.get(tasks[0].dataset_id, 1.0)
         parts: list[list[Any]] = []
+        predicted: list[list[bool]] = []  # per slice: a model frame, still to be converted
         for task in tasks:
             made: Any = frames.get(task.task_id)
             ds = self.datasets[task.dataset_id]
             k = 0
             part: list[Any] = [np.zeros((ds.channels, *ds.image_shape), dtype)] * (
                 task.stop - task.first)
+            fresh = [False] * len(part)
             for job in task.jobs:
                 if job.source is not None:
                     part[job.slice - task.first] = to_dtype(
-                        sections[task.dataset_id, job.source], dtype)
+                        sections[task.dataset_id, job.source], dtype, scale)
                 else:
                     part[job.slice - task.first] = made[k]
+                    fresh[job.slice - task.first] = True
                     k += 1
             parts.append(part)
+            predicted.append(fresh)
         on_device = (
             self.runtime is not None and self.reference is None and bool(frames)
             and _device_dtype(dtype)
         )
         if not on_device:
             return [
-                (_given(np.stack([to_dtype(_host(x), dtype) for x in part])),
+                (_given(np.stack([to_dtype(_host(x), dtype, scale if new else 1.0)
+                                  for x, new in zip(part, fresh)])),
                  calls.get(task.task_id, 0))
-                for task, part in zip(tasks, parts)
+                for task, part, fresh in zip(tasks, parts, predicted)
             ]
         from atlinter_ray.models.torch_runtime import download, to_dtype_tensor
 
         device_parts = [
-            [to_dtype_tensor(self.runtime.upload(x) if isinstance(x, np.ndarray) else x, dtype)
-             for x in part]
-            for part in parts
+            [to_dtype_tensor(self.runtime.upload(x) if isinstance(x, np.ndarray) else x, dtype,
+                             scale if new else 1.0)
+             for x, new in zip(part, fresh)]
+            for part, fresh in zip(parts, predicted)
         ]
         import torch
 

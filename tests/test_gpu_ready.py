@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from atlinter_ray import worker as worker_module
 from atlinter_ray.config import Config, ResourcesConfig
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.dtypes import to_dtype
@@ -229,11 +230,12 @@ def _dataset(tmp_path, rgb=False, step=8):
     return load_dataset(str(tmp_path / "g"), vol.shape[:3], {})
 
 
-def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None, slab=8):
+def _worker(tmp_path, ds, name, params, dtype="uint8", checkpoint=None, slab=8, scale=1.0):
     store = VolumeStore(str(tmp_path / f"out-{name}"))
     state = prepare_image(store, ds, dtype, {"model": name}, Layout(slab=slab))
     spec = WorkerSpec(name, checkpoint, params, {ds.id: ds}, {ds.id: dtype},
-                      str(tmp_path / f"out-{name}"), images={ds.id: state.identity})
+                      str(tmp_path / f"out-{name}"), images={ds.id: state.identity},
+                      scales={ds.id: scale})
     return TaskWorker(spec), store
 
 
@@ -310,6 +312,28 @@ def test_device_path_gives_the_host_paths_bytes(tmp_path, name, rgb, placement):
     for s, frame in expected.items():
         got = volume[:, s] if rgb else volume[s]
         np.testing.assert_array_equal(got, frame if rgb else frame[0], err_msg=f"slice {s}")
+
+
+def test_scaled_output_is_the_same_bytes_on_the_device_and_the_host(tmp_path, monkeypatch):
+    """output.dtype_scaling: float [0, 1] sections scaled onto uint8 on either path."""
+    vol = real_volume().astype(np.float32) / 255
+    secs = list(range(2, vol.shape[0], 8))
+    write_dataset(tmp_path, "g", sections_of(vol, secs, "coronal"), secs)
+    ds = load_dataset(str(tmp_path / "g"), vol.shape, {})
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy"),
+                       ds.n_slices, 8)
+    volumes = []
+    for path in ("device", "host"):
+        if path == "host":
+            monkeypatch.setattr(worker_module, "_device_dtype", lambda dtype: False)
+        worker, store = _worker(tmp_path / path, ds, "test_blend",
+                                {"device": "cpu", "batch_size": 2}, scale=255.0)
+        assert all(r.done for r in worker.run(tasks))
+        volumes.append(store.read_volume(ds.id))
+    np.testing.assert_array_equal(volumes[0], volumes[1])
+    np.testing.assert_array_equal(volumes[0][secs], np.rint(vol[secs] * np.float32(255)))
+    between = [s for s in range(secs[0] + 1, secs[-1]) if s not in secs]
+    assert volumes[0][between].max() > 200  # predicted slices scaled too, not left in [0, 1]
 
 
 def test_slab_tasks_in_one_chunk_predict_a_shared_gap_once(tmp_path):

@@ -489,15 +489,18 @@ _TORCH_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int16": torch.in
 DEVICE_DTYPES = tuple(_TORCH_DTYPES)
 
 
-def to_dtype_tensor(frames: torch.Tensor, dtype: str) -> torch.Tensor:
-    """:func:`atlinter_ray.dtypes.to_dtype` on the device: round and clip for integers.
+def to_dtype_tensor(frames: torch.Tensor, dtype: str, scale: float = 1.0) -> torch.Tensor:
+    """:func:`atlinter_ray.dtypes.to_dtype` on the device: scale, round and clip for integers.
 
-    Same arithmetic (round half to even, clip, cast), so the same bytes.
+    Same arithmetic (the product in at least float32, round half to even, clip, cast),
+    so the same bytes.
     """
     dt = np.dtype(dtype)
     target = _TORCH_DTYPES.get(dt.name)
     if target is None:
         raise ValueError(f"output dtype {dtype} is converted on the host")
+    if scale != 1.0:
+        frames = frames.to(torch.promote_types(frames.dtype, torch.float32)) * scale
     if frames.dtype == target or dt.kind not in "ui":
         return frames.to(target)
     info = np.iinfo(dt)
