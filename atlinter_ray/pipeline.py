@@ -6,7 +6,9 @@
     check the model, its reach and the reference volume           -- nothing written yet
     take the output's lease (one driver per output root)
     check every existing image against this run (parallel)        -- refuse conflicts
-    create the missing images; list each image's markers of its generation
+    create the missing images; prove each complete image again, object by object
+        (ledger.py: what is missing or damaged is redone or rebuilt)
+    list each image's markers of its generation
     run the tasks not marked done; a dataset's last task brings its finishing job
         (verify markers against the store, pyramid, pictures, metadata: finishing.py);
         tasks whose output finishing finds missing are redone once
@@ -35,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from atlinter_ray import __version__
+from atlinter_ray import __version__, ledger
 from atlinter_ray.config import Config, DataConfig
 from atlinter_ray.dataset import Dataset, dataset_urls
 from atlinter_ray.dtypes import output_dtype
@@ -59,7 +61,7 @@ from atlinter_ray.execution import (
 from atlinter_ray.finishing import FinishJob
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.inputs import THREADS, Inputs, load_inputs
-from atlinter_ray.layout import DEFAULT_SLAB, Layout, key_slab
+from atlinter_ray.layout import DEFAULT_SLAB, Layout
 from atlinter_ray.lease import OutputLease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
@@ -295,7 +297,7 @@ def run(cfg: Config) -> RunSummary:
     try:
         with _usable(cfg.output.root):
             states = _prepare(store, inputs, dtypes, run_info, layout, cfg.output.overwrite)
-            states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
+            states = _in_parallel(lambda ds: ledger.recheck(store, ds, states[ds.id],
                                                       tasks_by_ds[ds.id], layout.slab), datasets)
             done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
                                 datasets)
@@ -437,26 +439,6 @@ def _prepare(
         missing,
     )
     return {ds.id: created.get(ds.id) or found[ds.id] for ds in datasets}
-
-
-def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
-             tasks: Sequence[SlabTask], slab: int) -> ImageState:
-    """Reopen a complete image whose objects went missing since (a lifecycle rule, an rm).
-
-    One listing against the objects verified at completion; the tasks owning lost
-    objects lose their markers and are redone.
-    """
-    if not state.complete or state.objects is None:
-        return state
-    lost = store.lost_objects(ds.id, state.objects)
-    if not lost:
-        return state
-    slabs = {key_slab(key, ds.axis_index) for key in lost}
-    redo = [t.task_id for t in tasks if t.first // slab in slabs]
-    log.warning("%s: %d stored object(s) went missing since it was completed; redoing %d "
-                "task(s)", ds.id, len(lost), len(redo))
-    store.drop_markers(state.identity, redo)
-    return dataclasses.replace(state, complete=False, objects=None)
 
 
 class _Tracker:

@@ -85,8 +85,8 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
     for blob in store.objects.get_many(paths).values():
-        for key, size in json.loads(blob)["objects"].items():
-            assert key in stored and (size is None or stored[key] == size), key
+        for key, entry in json.loads(blob)["objects"].items():
+            assert key in stored and stored[key] == entry["size"], key
 
 
 def test_an_image_deleted_with_its_markers_kept_is_rebuilt(tmp_path: Path) -> None:
