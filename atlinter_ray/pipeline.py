@@ -45,6 +45,7 @@ from atlinter_ray.engine import build_for_validation, check_reachable, model_con
 from atlinter_ray.errors import (
     AtlinterRayError,
     ConfigError,
+    DamagedObjectError,
     OutputRootError,
     StoreError,
     is_storage_error,
@@ -335,7 +336,10 @@ def run(cfg: Config) -> RunSummary:
         tracker = _Tracker(tasks_by_ds, todo, states, cfg)
         outcome = _execute(tracker, spec, cfg, lease)
         lease.check()
-        scores = _scores(store, datasets, tracker.complete, cfg)
+        scores, damaged = _scores(store, datasets, tracker.complete, cfg)
+        for ds_id, why in damaged.items():
+            tracker.complete.discard(ds_id)
+            tracker.failed[ds_id] = why
         rows = outcome.rows
         if not outcome.stopped:  # a store that failed is not asked again
             try:
@@ -624,18 +628,24 @@ def committed_rows(
 
 def _scores(
     store: VolumeStore, datasets: Sequence[Dataset], complete: set[str], cfg: Config
-) -> dict[str, Any]:
-    """Scores of the complete datasets that have held-out truth."""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Scores of the complete datasets that have held-out truth, and the datasets whose
+    level 0 turned out not to decode, with the reason (no longer complete)."""
     wanted = [ds for ds in datasets if ds.id in complete and ds.id in cfg.data.truth]
     if not wanted:
-        return {}
+        return {}, {}
     from atlinter_ray.scoring import load_truth, score_run  # imports scikit-image
 
-    scores = {}
+    scores: dict[str, Any] = {}
+    damaged: dict[str, str] = {}
     for ds in wanted:
         truth = load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options)
-        scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        try:
+            scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        except DamagedObjectError as exc:
+            damaged[ds.id] = str(exc)
+            continue
         if cfg.output.quicklook and scores[ds.id]["model"]["gaps"]:
             # the montage again, now with the true slices and the error beside the predicted
             store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds, truth=truth))
-    return scores
+    return scores, damaged

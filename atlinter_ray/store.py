@@ -39,11 +39,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zstandard
 from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
-from atlinter_ray.errors import StoreError
+from atlinter_ray.errors import DamagedObjectError, StoreError
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
@@ -379,7 +380,8 @@ class VolumeStore:
         Its shards are fetched in one batch and decoded here
         (:meth:`~atlinter_ray.layout.ShardEncoder.decode`): zarr's reader pays a fixed
         cost per inner chunk, 3.5 s for a full-size grey gene against 1.2 s here
-        (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr.
+        (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr; one
+        that does not decode raises :class:`~atlinter_ray.errors.DamagedObjectError`.
         """
         arr = self.open_array(dataset_id, level)
         encoder = self._encoder(dataset_id, level, arr)
@@ -392,7 +394,14 @@ class VolumeStore:
             blob = found.get(_join(folder, key))
             if blob is not None:
                 where = tuple(slice(i * s, (i + 1) * s) for i, s in zip(cell, encoder.shards))
-                padded[where] = encoder.decode(blob)
+                try:
+                    padded[where] = encoder.decode(blob)
+                except (ValueError, zstandard.ZstdError) as exc:
+                    raise DamagedObjectError(
+                        f"{_join(self.image_url(dataset_id), level, key)} does not decode "
+                        f"({exc}): it was damaged after it was written. Fix: rerun the same "
+                        "command; it proves every object and redoes the damaged ones."
+                    ) from exc
         volume: np.ndarray = padded[tuple(slice(0, n) for n in arr.shape)]
         return volume
 

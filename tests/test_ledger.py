@@ -19,7 +19,8 @@ import pytest
 import zarr
 from omegaconf import OmegaConf
 
-from atlinter_ray import ledger, store as store_module
+from atlinter_ray import ledger
+from atlinter_ray import store as store_module
 from atlinter_ray.cli import guarded, interpolate
 from atlinter_ray.config import Config
 from atlinter_ray.errors import StoreError
@@ -188,3 +189,21 @@ def test_an_image_record_of_another_dataset_is_foreign(tmp_path: Path) -> None:
     assert ledger.image_owner(objects, "g.ome.zarr", "g") is Verdict.OK
     assert json.loads(objects.get(f"g.ome.zarr/{ledger.IMAGE_RECORD}") or b"")["dataset"] == "g"
     assert fsspec.filesystem("file").exists(str(tmp_path / "g.ome.zarr"))
+
+
+def test_level0_damaged_after_its_proof_is_reported_then_redone(tmp_path: Path, clean,
+                                                                  monkeypatch) -> None:
+    """Scoring reads level 0 whole: an object that no longer decodes there (damaged after
+    the rerun proved it) makes the dataset incomplete with the cause, never a crash, and
+    the next rerun redoes it: no endless "rerun to finish"."""
+    cfg = _config(tmp_path, truth=True)
+    assert run(cfg).ok
+    _scramble(tmp_path / "out" / "g.ome.zarr" / "0" / "c" / "5" / "0" / "0")
+    monkeypatch.setattr(ledger, "recheck", lambda store, ds, state, *args: state)
+    damaged = run(cfg)
+    assert not damaged.ok and "g" not in damaged.complete and "g" not in damaged.scores
+    assert "0/c/5/0/0 does not decode" in damaged.incomplete["g"]
+    monkeypatch.undo()
+    again = run(cfg)
+    assert again.ok and again.tasks_done == 1 and "g" in again.scores
+    assert _levels(cfg.output.root) == clean
