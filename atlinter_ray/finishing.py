@@ -251,7 +251,8 @@ def _pyramid(
     store: VolumeStore, ds: Dataset, layout: Layout, reductions: Iterable[Reduction]
 ) -> tuple[dict[str, dict[str, Any]], list[np.ndarray]]:
     """Level 1 from the reductions, levels 2.. from it; return ``(inventory, quick-look
-    planes)``: the inventory names every object written ``{level/key: record}``."""
+    planes)``: the inventory names every object written (metadata included),
+    ``{level/key: record}``."""
     arr = store.open_array(ds.id)
     lead = arr.ndim - 3
     axis = lead + ds.axis_index
@@ -287,8 +288,9 @@ def _pyramid(
         if number > 1:
             level = downsample2(level)
         assert level.shape == shape
-        store.create_level(ds, str(number), array_spec(ds, layout, shape[-3:]), str(arr.dtype),
-                           layout.zstd_level)
+        inventory[f"{number}/zarr.json"] = store.create_level(
+            ds, str(number), array_spec(ds, layout, shape[-3:]), str(arr.dtype),
+            layout.zstd_level)
         written = store.write_slabs(ds, str(number), 0, level)
         inventory.update({f"{number}/{key}": entry for key, entry in written.items()})
     return inventory, planes

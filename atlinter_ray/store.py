@@ -272,8 +272,9 @@ class VolumeStore:
         return self._arrays[key]
 
     def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
-                     zstd_level: int) -> None:
-        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside."""
+                     zstd_level: int) -> dict[str, Any]:
+        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside;
+        return the record (:func:`~atlinter_ray.ledger.object_sum`) of its ``zarr.json``."""
         location, options = self.zarr_location(ds.id, level)
         zarr.create_array(
             location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
@@ -283,6 +284,7 @@ class VolumeStore:
         for cache in (self._arrays, self._encoders):
             for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
                 del cache[key]
+        return object_sum(self.objects.get(self._image_path(ds.id, level, "zarr.json")) or b"")
 
     def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, dict[str, Any]]:
         """Write ``(K, C, H, W)`` consecutive slices from ``first`` (whole slabs) to level 0."""

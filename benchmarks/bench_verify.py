@@ -55,8 +55,9 @@ def write_gene(root: str, folder: Path, dtype: str, options: dict[str, Any]) -> 
     for number, shape in enumerate(pyramid_shapes(volume.shape, 1, DEFAULT_LAYOUT.pyramid_min), 1):
         level = downsample2(level)
         assert level.shape == shape
-        store.create_level(ds, str(number), array_spec(ds, DEFAULT_LAYOUT, shape), dtype,
-                           DEFAULT_LAYOUT.zstd_level)
+        inventory[f"{number}/zarr.json"] = store.create_level(
+            ds, str(number), array_spec(ds, DEFAULT_LAYOUT, shape), dtype,
+            DEFAULT_LAYOUT.zstd_level)
         written = store.write_slabs(ds, str(number), 0, level)
         inventory.update({f"{number}/{k}": v for k, v in written.items()})
     return {"store": store, "inventory": inventory, "write_s": time.perf_counter() - start}

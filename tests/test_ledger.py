@@ -50,10 +50,11 @@ def _config(tmp_path: Path, out: str = "out", truth: bool = False) -> Config:
 
 
 def _levels(root: str) -> dict[str, str]:
-    """sha256 of every object of every level of the image (the metadata left out)."""
+    """sha256 of every object of every level of the image, its metadata included (the
+    group's, which names the generation, left out)."""
     image = Path(root) / "g.ome.zarr"
     return {p.relative_to(image).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(image.rglob("*")) if p.is_file() and p.name != "zarr.json"}
+            for p in sorted(image.rglob("*")) if p.is_file() and p.parent != image}
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -78,13 +79,16 @@ def _scramble(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["level 1 deleted", "a level-2 object deleted",
-                                    "a level-2 object overwritten, same size"])
+                                    "a level-2 object overwritten, same size",
+                                    "level 3's metadata deleted"])
 def test_a_damaged_pyramid_is_rebuilt_by_the_rerun(tmp_path: Path, clean, damage) -> None:
     cfg = _config(tmp_path)
     assert run(cfg).ok
     image = tmp_path / "out" / "g.ome.zarr"
     if damage == "level 1 deleted":
         shutil.rmtree(image / "1")
+    elif damage == "level 3's metadata deleted":
+        (image / "3" / "zarr.json").unlink()
     elif damage == "a level-2 object deleted":
         (image / "2" / "c" / "1" / "0" / "0").unlink()
     else:
