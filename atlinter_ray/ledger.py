@@ -21,7 +21,9 @@ A verdict is one of :class:`Verdict`: ``ok``, ``missing``, ``corrupt`` (other si
 checksum, or a record that is not ours to read) or ``foreign`` (an image we did not make).
 
 The checksum is CRC32C of the whole stored object, computed from the bytes at write time
-(no extra request): 9 GB/s here with ``google-crc32c``, against 0.44 GB/s for blake2b
+(no extra request): 9 GB/s here with ``google-crc32c``, against 0.44 GB/s for blake2b;
+0.01 s per full-size gene (134 objects, 49 MB) against 0.15 s, where writing them takes
+2.5 s and proving them again on a rerun 0.06 s locally, 0.5-1.2 s on S3 on loopback
 (``benchmarks/bench_verify.py``). zarr's ``crc32c`` codec in the inner-chunk chain would
 guard each inner chunk for readers, but proves nothing about the object as a whole (its
 index is guarded already) and still needs every object read to verify.

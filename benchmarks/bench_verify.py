@@ -109,7 +109,7 @@ def main() -> None:
                                "shape": list(SHAPE)}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("uint8", "float32"):
-            results[f"local {dtype}"] = measure(f"{tmp}/out", Path(tmp), dtype, {})
+            results[f"local {dtype}"] = measure(f"{tmp}/out-{dtype}", Path(tmp), dtype, {})
             print(f"local {dtype}: {results[f'local {dtype}']}", flush=True)
         from atlinter_ray.testing.faulty_s3 import S3Server
 
