@@ -34,15 +34,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-def run_serial(
-    tasks: list[SlabTask], spec: WorkerSpec, tasks_per_batch: int = 1
-) -> Iterator[TaskResult]:
-    """Run every task in this process (no Ray): for debugging and small data."""
-    worker = TaskWorker(spec)
-    for start in range(0, len(tasks), tasks_per_batch):
-        yield from worker.run(tasks[start : start + tasks_per_batch])
-
-
 def connect(resources: ResourcesConfig) -> None:
     """Connect to the cluster (``resources.address`` or ``RAY_ADDRESS``) or start one.
 
@@ -160,13 +151,6 @@ def pool_spec(resources: ResourcesConfig) -> PoolSpec:
                         else resources.task_timeout_s * resources.tasks_per_batch),
         heartbeat_s=resources.heartbeat_s,
     )
-
-
-def run_on_ray(
-    tasks: list[SlabTask], spec: WorkerSpec, resources: ResourcesConfig
-) -> Iterator[TaskResult]:
-    """Run ``tasks`` on an autoscaling actor pool; yield results as they finish."""
-    yield from map_batches(tasks, TaskWorker, spec, resources, failed_result)
 
 
 def map_batches(

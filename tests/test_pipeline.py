@@ -15,7 +15,7 @@ import zarr
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
-from atlinter_ray.execution import run_on_ray, run_serial
+from atlinter_ray.execution import batches, run_work
 from atlinter_ray.pipeline import committed_rows, run
 from atlinter_ray.planning import plan_dataset, plan_slabs
 from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, sidecar_name
@@ -23,6 +23,15 @@ from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_o
 from atlinter_ray.worker import WorkerSpec, failed_result
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
+
+
+def _run_tasks(tasks, spec, resources=None, tasks_per_batch=1):
+    """The tasks' rows through the job's own path (:func:`run_work`): on Ray when given
+    ``resources``, else in this process."""
+    serial = resources is None
+    resources = resources or Config().resources
+    return list(run_work(batches(tasks, tasks_per_batch), spec, resources, lambda _: [], serial))
+
 #: One task per slab of 8 of the 91 slices.
 TASKS = 12
 
@@ -164,7 +173,7 @@ def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: state.identity})
     cfg.resources.gpus_per_worker = 1
-    rows = list(run_on_ray(tasks, spec, cfg.resources))
+    rows = _run_tasks(tasks, spec, cfg.resources)
     assert all(r.done for r in rows)
     by_pid = {r.worker.pid: (",".join(r.worker.gpu_ids), r.worker.cuda_visible_devices) for r in rows}
     assert len(by_pid) == 2
@@ -182,11 +191,11 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
     spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
-    rows = list(run_serial(tasks, spec))
+    rows = _run_tasks(tasks, spec)
     assert all(not r.done and "vanished.npy" in r.error for r in rows)
     assert store.done_records(ds.id, identity) == {}
     good = dataclasses.replace(spec, datasets={ds.id: ds})
-    assert all(r.done for r in run_serial(tasks, good, tasks_per_batch=4))
+    assert all(r.done for r in _run_tasks(tasks, good, tasks_per_batch=4))
     assert len(store.done_records(ds.id, identity)) == len(tasks)
 
 
@@ -216,7 +225,7 @@ def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
     committed = tasks[: len(tasks) // 2]
-    assert all(r.done for r in run_serial(committed, spec))
+    assert all(r.done for r in _run_tasks(committed, spec))
     lost = [failed_result(t, "ActorDiedError: the node was lost") for t in tasks]
     rows = committed_rows(store, {ds.id: identity}, lost)
     assert {r.task_id for r in rows if r.done} == {t.task_id for t in committed}

@@ -15,8 +15,8 @@ import pytest
 
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
-from atlinter_ray.execution import run_on_ray
-from atlinter_ray.planning import plan_dataset
+from atlinter_ray.execution import batches, run_work
+from atlinter_ray.planning import plan_dataset, plan_slabs
 from atlinter_ray.quiet import quiet_failures, traceback_log
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
@@ -91,8 +91,9 @@ def test_worker_tracebacks_reach_stderr_only_with_debug(ray_cluster, tmp_path: P
     resources.min_workers = resources.max_workers = 1
     quiet_failures(debug)
     try:
-        rows = list(run_on_ray(plan_dataset(ds.id, ds.section_numbers, ds.n_slices)[:2], spec,
-                               resources))
+        tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices,
+                           8)[:2]
+        rows = list(run_work(batches(tasks, 1), spec, resources, lambda _: []))
     finally:
         quiet_failures(False)
     assert all(not r.done and "vanished.npy" in r.error for r in rows)
