@@ -17,8 +17,8 @@ the pyramid and pictures, the driver (:mod:`atlinter_ray.pipeline`) asks what to
                       or damaged level-0 object redoes its task; a damaged pyramid
                       object reopens the dataset, whose finishing rebuilds the pyramid
 
-A verdict is one of :class:`Verdict`: ``ok``, ``missing``, ``corrupt`` (other size or
-checksum, or a record that is not ours to read) or ``foreign`` (an image we did not make).
+A verdict is one of :class:`Verdict`: ``ok``, ``missing``, ``corrupt`` (another size or
+checksum) or ``foreign`` (an image we did not make).
 
 The checksum is CRC32C of the whole stored object, computed from the bytes at write time
 (no extra request): 9 GB/s here with ``google-crc32c``, against 0.44 GB/s for blake2b;
