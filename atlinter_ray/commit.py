@@ -1,15 +1,10 @@
-"""Committing one finished task to the output store: its slices first, then its marker.
+"""Committing one finished task from a worker: the ledger's commit, with its errors named.
 
-The worker decides when and from where a task is committed (the compute path); this
-module decides what committing means. The order is what makes a crash harmless: a task
-whose marker exists has every object written, and a task without one is simply
-redone. Between the two goes the task's reduction (what finishing needs of its slices,
-:class:`~atlinter_ray.finishing.Reduction`), so finishing need not read them back.
-The marker is bound to the image generation and input fingerprint it was written for
-(``identity``) and names every object the task stored with its size (a slab task owns
-whole shard objects: :mod:`atlinter_ray.layout`), and the slab's slices ``first`` and
-``count``, so finishing can prove the dataset complete from one listing of the store.
-The marker stays one record per task, so a checksum per object can join the sizes.
+The worker decides when and from where a task is committed (the compute path); what
+committing means (objects with their checksums, then the reduction, then the marker) is
+:func:`atlinter_ray.ledger.commit`'s. Here the task's reduction is made (what finishing
+needs of its slices, :class:`~atlinter_ray.finishing.Reduction`), and a failing store
+becomes a :class:`~atlinter_ray.errors.StorageError` naming the task and the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from atlinter_ray import ledger
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.errors import StorageError, is_storage_error
 from atlinter_ray.finishing import reduce_slab
@@ -37,20 +33,15 @@ def commit_task(
     model_calls: int,
     identity: ImageIdentity,
 ) -> None:
-    """Write ``block`` (the task's whole slab ``(K, C, H, W)`` in the output dtype), then its marker.
+    """Commit ``block`` (the task's whole slab ``(K, C, H, W)`` in the output dtype).
 
     ``records`` is the per-slice provenance, in slice order, that the marker carries;
     ``identity`` the image generation and input fingerprint the task was planned for.
     A failing store raises :class:`~atlinter_ray.errors.StorageError` naming the task.
     """
     try:
-        objects = store.write_slices(ds, task.first, block)
-        reduction = reduce_slab(ds, as_slab(ds, block), task.first)
-        store.write_reduction(identity, task.task_id, reduction.to_bytes())
-        store.mark_done(identity, task.task_id, {
-            "slices": list(records), "model_calls": model_calls, "objects": objects,
-            "first": task.first, "count": task.stop - task.first,
-        })
+        reduction = reduce_slab(ds, as_slab(ds, block), task.first).to_bytes()
+        ledger.commit(store, ds, identity, task, block, reduction, records, model_calls)
     except Exception as exc:
         if not is_storage_error(exc) or isinstance(exc, StorageError):
             raise

@@ -2,19 +2,20 @@
 
 ::
 
-    markers of this generation ──> every planned task has one?   no ─> redo those tasks
-    listing of level 0          ──> every object a marker names
-                                    is stored, with its size?      no ─> drop their markers,
-                                                                         redo those tasks
+    the ledger: every planned task has a marker, and every
+    object a marker names is stored with its size?               no ─> drop their markers,
+                                                                       redo those tasks
     the tasks' reductions, in slice order (level 0 read only where one is lost)
         ├─> level 1 of the pyramid (2x2x2 means), then 2, 3 ... from it, in memory
         └─> the three mid planes of the quick-look
     quick-look and montage PNGs (atomic), provenance merged in slice order
-    image metadata: multiscales of every level, provenance, complete=<generation>  (last)
+    the ledger's finalize: multiscales of every level, provenance, every object of every
+        level with its checksum, complete=<generation>                          (last)
 
-Only then is the dataset complete: a rerun finds ``complete`` equal to the image's
-generation and every marker present, and does nothing. Everything here runs where the
-store is, on a worker; the driver only receives a :class:`FinishResult`.
+Only then is the dataset complete: a rerun proves every object of every level against
+that record (:func:`atlinter_ray.ledger.recheck`) and, when all hold, does nothing.
+Everything here runs where the store is, on a worker; the driver only receives a
+:class:`FinishResult`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from typing import Any
 import numcodecs
 import numpy as np
 
+from atlinter_ray import ledger
 from atlinter_ray.dataset import Dataset
 from atlinter_ray.dtypes import recorded_scale
-from atlinter_ray.errors import IncompleteOutputError, is_storage_error
+from atlinter_ray.errors import is_storage_error
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import (
     Layout,
@@ -95,15 +97,14 @@ def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishRes
     start = time.perf_counter()
     result = FinishResult(ds.id)
     try:
-        records = store.done_records(ds.id, job.identity)
-        redo = sorted(set(job.task_ids) - set(records)) or _missing_objects(store, ds, records)
+        records, redo = ledger.unfinished_tasks(store, ds.id, job.identity, job.task_ids)
         if not redo:
             try:
                 result.outputs = _finish(store, ds, job, records)
                 result.status = "done"
             except UnreadableSlicesError as exc:
                 redo = sorted({task_id for task_id, record in records.items()
-                               if set(range(*_span(record))) & exc.slices})
+                               if set(range(*ledger.task_span(record))) & exc.slices})
         if redo:
             store.drop_markers(job.identity, [t for t in redo if t in records])
             log.warning("%s: %d task(s) lost their output and will be redone", ds.id, len(redo))
@@ -116,42 +117,15 @@ def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishRes
     return result
 
 
-def _missing_objects(
-    store: VolumeStore, ds: Dataset, records: Mapping[str, Mapping[str, Any]]
-) -> list[str]:
-    """Tasks naming an object that the store does not hold (or holds with another size)."""
-    lost = store.lost_objects(ds.id, _objects(records))
-    return sorted(task_id for task_id, record in records.items()
-                  if lost & set(record.get("objects", {})))
-
-
-def _objects(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
-    """Every object the markers name, with its size."""
-    return {key: size for record in records.values()
-            for key, size in record.get("objects", {}).items()}
-
-
-def _span(record: Mapping[str, Any]) -> tuple[int, int]:
-    """``(first, stop)``: the slices a task's marker says its objects hold."""
-    return int(record["first"]), int(record["first"]) + int(record["count"])
-
-
 def _finish(
     store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, str]:
     """Pyramid, pictures and metadata of a verified dataset; the metadata goes last."""
-    attrs = store.image_attrs(ds.id)
-    meta = dict(attrs["atlinter_ray"])
-    if meta.get("generation") != job.identity.generation:
-        raise IncompleteOutputError(
-            f"{store.image_url(ds.id)} was replaced while this run wrote it (generation "
-            f"{meta.get('generation')}, this run's {job.identity.generation}). Fix: make "
-            "sure one job at a time writes this output.root, then rerun the same command."
-        )
+    meta = ledger.image_record_of(store, ds.id, job.identity)
     provenance = sorted((s for r in records.values() for s in r["slices"]),
                         key=lambda s: s["slice"])
-    levels, planes = _pyramid(store, ds, Layout.from_json(meta["layout"]),
-                              _reductions(store, ds, job.identity, records))
+    pyramid, planes = _pyramid(store, ds, Layout.from_json(meta["layout"]),
+                               _reductions(store, ds, job.identity, records))
     outputs = {"image": store.image_url(ds.id)}
     if job.quicklook:
         status = [""] * ds.n_slices
@@ -166,9 +140,10 @@ def _finish(
                 f"{ds.id}.montage.png",
                 montage_png(store, ds, provenance=provenance, scale=recorded_scale(meta)))
     dtype = str(store.open_array(ds.id).dtype)
-    meta.update(provenance=provenance, objects=dict(sorted(_objects(records).items())),
-                complete=job.identity.generation)
-    store.update_attrs(ds.id, {"ome": ome_metadata(ds, dtype, levels), "atlinter_ray": meta})
+    levels = 1 + len({key.split("/", 1)[0] for key in pyramid})
+    meta["provenance"] = provenance
+    ledger.finalize(store, ds.id, job.identity, meta, ome_metadata(ds, dtype, levels),
+                    {**ledger.level0_inventory(records), **pyramid})
     return outputs
 
 
@@ -236,7 +211,7 @@ def _reductions(
     arr = store.open_array(ds.id)
     n = arr.shape[arr.ndim - 3 + ds.axis_index]
     ranges = sorted((first, stop - 1, task_id) for task_id, r in records.items()
-                    for first, stop in [_span(r)])
+                    for first, stop in [ledger.task_span(r)])
     made = 0
     blobs: dict[str, bytes] = {}
     for number, (lo, hi, task_id) in enumerate(ranges):
@@ -277,8 +252,10 @@ def _reduce_level0(arr: Any, ds: Dataset, start: int, stop: int) -> Iterator[Red
 
 def _pyramid(
     store: VolumeStore, ds: Dataset, layout: Layout, reductions: Iterable[Reduction]
-) -> tuple[int, list[np.ndarray]]:
-    """Level 1 from the reductions, levels 2.. from it; return ``(levels, quick-look planes)``."""
+) -> tuple[dict[str, dict[str, Any]], list[np.ndarray]]:
+    """Level 1 from the reductions, levels 2.. from it; return ``(inventory, quick-look
+    planes)``: the inventory names every object written (metadata included),
+    ``{level/key: record}``."""
     arr = store.open_array(ds.id)
     lead = arr.ndim - 3
     axis = lead + ds.axis_index
@@ -308,15 +285,18 @@ def _pyramid(
             half: list[Any] = [slice(None)] * arr.ndim
             half[axis] = slice(start // 2, start // 2 + -(-sums.shape[axis] // 2))
             level[tuple(half)] = mean_of_eight(pair_sums(sums, (axis,)), arr.dtype)
+    inventory = {}
     for number, shape in enumerate(shapes, start=1):
         assert level is not None
         if number > 1:
             level = downsample2(level)
         assert level.shape == shape
-        store.create_level(ds, str(number), array_spec(ds, layout, shape[-3:]), str(arr.dtype),
-                           layout.zstd_level)
-        store.write_slabs(ds, str(number), 0, level)
-    return 1 + len(shapes), planes
+        inventory[f"{number}/zarr.json"] = store.create_level(
+            ds, str(number), array_spec(ds, layout, shape[-3:]), str(arr.dtype),
+            layout.zstd_level)
+        written = store.write_slabs(ds, str(number), 0, level)
+        inventory.update({f"{number}/{key}": entry for key, entry in written.items()})
+    return inventory, planes
 
 
 def _read_slab(arr: Any, index: list[Any], axis: int) -> np.ndarray:

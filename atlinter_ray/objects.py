@@ -22,6 +22,7 @@ import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -114,10 +115,27 @@ def _unknown(name: str) -> ConfigError:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a store guarantees, for the protocols built on it (:mod:`atlinter_ray.ledger`,
+    :mod:`atlinter_ray.lease`)."""
+
+    #: :meth:`Objects.put_if` is refused by the store itself when the object exists or
+    #: changed (S3's ``If-None-Match``/``If-Match``); else the caller must read back.
+    conditional_create: bool
+    #: A listing shows every object written before it began, at its final size.
+    consistent_listing: bool
+
+
 class Objects(ABC):
     """Whole-object reads and writes under one root (keys relative to it)."""
 
     url: str
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this store guarantees (:class:`Capabilities`)."""
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
@@ -189,6 +207,11 @@ class FsspecObjects(Objects):
         self.root = root.rstrip("/") or root
         self._made_dirs: set[str] = set()
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """No conditional writes through fsspec; listings are fresh (its cache bypassed)."""
+        return Capabilities(conditional_create=False, consistent_listing=True)
+
     def path(self, key: str) -> str:
         """The filesystem path of ``key``."""
         return posixpath.join(self.root, key) if key else self.root
@@ -225,8 +248,13 @@ class FsspecObjects(Objects):
             self._made_dirs.add(parent)
 
     def put(self, key: str, data: bytes) -> None:
-        """Write through a temporary sibling on local disk; one PUT elsewhere."""
+        """Write through a temporary sibling on local disk; one PUT elsewhere.
+
+        The folder is made every time (the cache of made folders serves batches): a
+        single record may follow someone's removal of its folder.
+        """
         path = self.path(key)
+        self._made_dirs.discard(posixpath.dirname(path))
         self._parents([path])
         write_atomic(self.fs, path, data)
 
@@ -292,6 +320,11 @@ class S3Objects(Objects):
         self._settings: dict[str, Any] = {"config": config, "client_options": client or None,
                                           "retry_config": retry or None}
         self.store = self._store(self.prefix)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Conditional PUTs and strongly consistent listings (S3 since December 2020)."""
+        return Capabilities(conditional_create=True, consistent_listing=True)
 
     def _store(self, prefix: str) -> Any:
         """An obstore ``S3Store`` on ``prefix`` of the bucket."""

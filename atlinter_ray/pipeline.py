@@ -6,7 +6,9 @@
     check the model, its reach and the reference volume           -- nothing written yet
     take the output's lease (one driver per output root)
     check every existing image against this run (parallel)        -- refuse conflicts
-    create the missing images; list each image's markers of its generation
+    create the missing images; prove each complete image again, object by object
+        (ledger.py: what is missing or damaged is redone or rebuilt)
+    list each image's markers of its generation
     run the tasks not marked done; a dataset's last task brings its finishing job
         (verify markers against the store, pyramid, pictures, metadata: finishing.py);
         tasks whose output finishing finds missing are redone once
@@ -35,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from atlinter_ray import __version__
+from atlinter_ray import __version__, ledger
 from atlinter_ray.config import Config, DataConfig
 from atlinter_ray.dataset import Dataset, dataset_urls
 from atlinter_ray.dtypes import SCALING_KEY, output_dtype, output_scale, scaling_record
@@ -43,6 +45,7 @@ from atlinter_ray.engine import build_for_validation, check_reachable, model_con
 from atlinter_ray.errors import (
     AtlinterRayError,
     ConfigError,
+    DamagedObjectError,
     OutputRootError,
     StoreError,
     is_storage_error,
@@ -59,7 +62,7 @@ from atlinter_ray.execution import (
 from atlinter_ray.finishing import FinishJob
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.inputs import THREADS, Inputs, load_inputs
-from atlinter_ray.layout import DEFAULT_SLAB, Layout, key_slab
+from atlinter_ray.layout import DEFAULT_SLAB, Layout
 from atlinter_ray.lease import OutputLease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
@@ -298,7 +301,7 @@ def run(cfg: Config) -> RunSummary:
         with _usable(cfg.output.root):
             states = _prepare(store, inputs, _image_runs(run_info, dtypes, scales), layout,
                               cfg.output.overwrite)
-            states = _in_parallel(lambda ds: _recheck(store, ds, states[ds.id],
+            states = _in_parallel(lambda ds: ledger.recheck(store, ds, states[ds.id],
                                                       tasks_by_ds[ds.id], layout.slab), datasets)
             done = _in_parallel(lambda ds: store.done_task_ids(ds.id, states[ds.id].identity),
                                 datasets)
@@ -337,7 +340,10 @@ def run(cfg: Config) -> RunSummary:
         tracker = _Tracker(tasks_by_ds, todo, states, cfg)
         outcome = _execute(tracker, spec, cfg, lease)
         lease.check()
-        scores = _scores(store, datasets, tracker.complete, cfg)
+        scores, damaged = _scores(store, datasets, tracker.complete, cfg)
+        for ds_id, why in damaged.items():
+            tracker.complete.discard(ds_id)
+            tracker.failed[ds_id] = why
         rows = outcome.rows
         if not outcome.stopped:  # a store that failed is not asked again
             try:
@@ -453,26 +459,6 @@ def _prepare(
         missing,
     )
     return {ds.id: created.get(ds.id) or found[ds.id] for ds in datasets}
-
-
-def _recheck(store: VolumeStore, ds: Dataset, state: ImageState,
-             tasks: Sequence[SlabTask], slab: int) -> ImageState:
-    """Reopen a complete image whose objects went missing since (a lifecycle rule, an rm).
-
-    One listing against the objects verified at completion; the tasks owning lost
-    objects lose their markers and are redone.
-    """
-    if not state.complete or state.objects is None:
-        return state
-    lost = store.lost_objects(ds.id, state.objects)
-    if not lost:
-        return state
-    slabs = {key_slab(key, ds.axis_index) for key in lost}
-    redo = [t.task_id for t in tasks if t.first // slab in slabs]
-    log.warning("%s: %d stored object(s) went missing since it was completed; redoing %d "
-                "task(s)", ds.id, len(lost), len(redo))
-    store.drop_markers(state.identity, redo)
-    return dataclasses.replace(state, complete=False, objects=None)
 
 
 class _Tracker:
@@ -658,18 +644,24 @@ def committed_rows(
 
 def _scores(
     store: VolumeStore, datasets: Sequence[Dataset], complete: set[str], cfg: Config
-) -> dict[str, Any]:
-    """Scores of the complete datasets that have held-out truth."""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Scores of the complete datasets that have held-out truth, and the datasets whose
+    level 0 turned out not to decode, with the reason (no longer complete)."""
     wanted = [ds for ds in datasets if ds.id in complete and ds.id in cfg.data.truth]
     if not wanted:
-        return {}
+        return {}, {}
     from atlinter_ray.scoring import load_truth, score_run  # imports scikit-image
 
-    scores = {}
+    scores: dict[str, Any] = {}
+    damaged: dict[str, str] = {}
     for ds in wanted:
         truth = load_truth(cfg.data.truth[ds.id], ds, cfg.data.storage_options)
-        scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        try:
+            scores[ds.id] = score_run(store, ds, truth, cfg.interpolation.placement)
+        except DamagedObjectError as exc:
+            damaged[ds.id] = str(exc)
+            continue
         if cfg.output.quicklook and scores[ds.id]["model"]["gaps"]:
             # the montage again, now with the true slices and the error beside the predicted
             store.write_bytes(f"{ds.id}.montage.png", montage_png(store, ds, truth=truth))
-    return scores
+    return scores, damaged

@@ -3,6 +3,7 @@
 Layout under the output root (a local path, ``s3://`` or any fsspec URL)::
 
     <root>/<dataset>.ome.zarr/                   OME-Zarr 0.5 image (Zarr v3)
+        atlinter_ray.json                        our image record, written first
         zarr.json                                group metadata, written last
         0/ 1/ 2/ ...                             level 0 and the pyramid (layout.py)
     <root>/_progress/<dataset>/<generation>/<lo>-<hi>.json    one task's done marker
@@ -11,14 +12,15 @@ Layout under the output root (a local path, ``s3://`` or any fsspec URL)::
     <root>/run_summary.json
     <root>/.atlinter_ray.lock or _lease.json     the driver's lease (lease.py)
 
-An image is created atomically: leftovers and the dataset's old markers are removed,
+An image is ours when it holds our image record (``atlinter_ray.json``), written
+first when we create it: then our leftovers and the dataset's old markers are removed,
 the arrays are created, and the group's ``zarr.json`` (with the run, the input
-fingerprint, the layout and a fresh generation id) is written last, so an image without
-it is a half-made one and is made again. A task writes its slices, then its marker,
-under the image's generation (:mod:`atlinter_ray.identity`); a marker names every
-object it wrote and its size, which :mod:`atlinter_ray.finishing` checks against a
-listing of the store before the dataset is declared complete. Every object is read
-and written through :mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
+fingerprint, the layout and a fresh generation id) is written last, so an image of ours
+without it is a half-made one and is made again. An image without our record, whatever
+its ``zarr.json`` holds, is someone else's: refused, or replaced with
+``output.overwrite``. What a task commits and how a dataset is proved complete is
+:mod:`atlinter_ray.ledger`'s. Every object is read and written through
+:mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
 
 Every object a task owns is stored, even when it holds only zeros (a task encodes and
 stores its whole shards itself, :meth:`VolumeStore.write_slabs`), so a claimed object
@@ -37,11 +39,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zstandard
 from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
-from atlinter_ray.errors import StoreError
+from atlinter_ray.errors import DamagedObjectError, StoreError
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
@@ -55,6 +58,7 @@ from atlinter_ray.layout import (
     shard_encoder,
 )
 from atlinter_ray.lease import OutputLease
+from atlinter_ray.ledger import IMAGE_RECORD, Verdict, claim_image, image_owner, object_sum
 from atlinter_ray.objects import open_objects
 
 log = logging.getLogger(__name__)
@@ -85,8 +89,9 @@ class ImageState:
     identity: ImageIdentity
     complete: bool
     created: bool
-    #: ``{object key: size}`` of level 0 as verified when the image was completed.
-    objects: Mapping[str, int | None] | None = None
+    #: The complete record's inventory: ``{level/key: {"size", "crc32c"}}`` of every
+    #: object of every level, as written when the image was completed.
+    objects: Mapping[str, Mapping[str, Any]] | None = None
 
 
 class VolumeStore:
@@ -103,6 +108,10 @@ class VolumeStore:
     def image_url(self, dataset_id: str) -> str:
         """URL of the dataset's OME-Zarr image."""
         return _join(self.root, f"{dataset_id}.ome.zarr")
+
+    def image_key(self, dataset_id: str) -> str:
+        """The key of the dataset's image folder under the root."""
+        return self._image_path(dataset_id)
 
     def _fs_path(self, *parts: str) -> str:
         """The key of an object or folder under the root."""
@@ -146,11 +155,23 @@ class VolumeStore:
         edge policy, dtype), ``fingerprint`` the input, ``layout`` the arrays. An image
         made by another run or from other input is refused (a resume would mix two
         reconstructions in one volume), or replaced with ``overwrite``; an image of
-        this very run is resumed either way, so ``overwrite`` jobs resume too. Reads
-        only: nothing is written before every dataset has been checked.
+        this very run is resumed either way, so ``overwrite`` jobs resume too. An image
+        without our record (:mod:`atlinter_ray.ledger`) is someone else's: refused, or
+        replaced with ``overwrite``. Reads only: nothing is written before every dataset
+        has been checked.
         """
         url = self.image_url(ds.id)
-        meta = self._image_meta(ds.id)
+        owner = image_owner(self.objects, self._image_path(ds.id), ds.id)
+        if owner is Verdict.FOREIGN:
+            if not overwrite:
+                raise StoreError(
+                    f"{url} exists but was not written by atlinter_ray (it holds no "
+                    "atlinter_ray.json record of ours), so it is left untouched. Fix: choose "
+                    "another output.root, or set output.overwrite=true to replace it."
+                )
+            log.warning("%s: replacing an image that is not ours (output.overwrite=true)", url)
+            return None
+        meta = self._image_meta(ds.id) if owner is Verdict.OK else None
         if meta is None:
             return None
         previous = meta.get("input") or {}
@@ -196,7 +217,7 @@ class VolumeStore:
         try:
             meta = json.loads(blob)["attributes"]["atlinter_ray"]
         except (ValueError, KeyError, TypeError):
-            return None  # not ours, or torn: made again
+            return None  # torn: our half-made image, made again
         if not isinstance(meta, dict) or "generation" not in meta:
             return None
         return self._with_sidecar(dataset_id, meta) if meta.get("complete") else meta
@@ -209,10 +230,14 @@ class VolumeStore:
         fingerprint: InputFingerprint,
         layout: Layout,
     ) -> ImageState:
-        """Remove the old image and markers, create the arrays, write the group metadata last."""
-        for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id),
-                     self._image_path(ds.id)):
+        """Claim the image (our record first), remove its other objects and the dataset's
+        markers, create the arrays, write the group metadata last."""
+        image = self._image_path(ds.id)
+        claim_image(self.objects, image, ds.id)
+        for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id)):
             self.objects.delete_prefix(path)
+        record = self._image_path(ds.id, IMAGE_RECORD)
+        self.objects.delete([key for key in self.objects.sizes(image) if key != record])
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
         self.create_level(ds, "0", array_spec(ds, layout), dtype, layout.zstd_level)
         generation = new_generation()
@@ -247,8 +272,9 @@ class VolumeStore:
         return self._arrays[key]
 
     def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
-                     zstd_level: int) -> None:
-        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside."""
+                     zstd_level: int) -> dict[str, Any]:
+        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside;
+        return the record (:func:`~atlinter_ray.ledger.object_sum`) of its ``zarr.json``."""
         location, options = self.zarr_location(ds.id, level)
         zarr.create_array(
             location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
@@ -258,13 +284,17 @@ class VolumeStore:
         for cache in (self._arrays, self._encoders):
             for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
                 del cache[key]
+        return object_sum(self.objects.get(self._image_path(ds.id, level, "zarr.json")) or b"")
 
-    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, int]:
+    def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, dict[str, Any]]:
         """Write ``(K, C, H, W)`` consecutive slices from ``first`` (whole slabs) to level 0."""
         return self.write_slabs(ds, "0", first, as_slab(ds, frames))
 
-    def write_slabs(self, ds: Dataset, level: str, first: int, block: np.ndarray) -> dict[str, int]:
-        """Write whole slabs of one level from slice ``first``; return ``{object key: size}``.
+    def write_slabs(
+        self, ds: Dataset, level: str, first: int, block: np.ndarray
+    ) -> dict[str, dict[str, Any]]:
+        """Write whole slabs of one level from slice ``first``; return each object's record
+        ``{object key: {"size", "crc32c"}}`` (:func:`~atlinter_ray.ledger.object_sum`).
 
         ``block`` is in array order ``([C,] z, y, x)`` and starts at a slab boundary; it
         ends at one too, or at the end of the array. Each slab is one shard object,
@@ -284,7 +314,7 @@ class VolumeStore:
             part = np.take(block, range(start, min(start + depth, count)), axis=axis)
             blobs[chunk_key(grid)] = encoder.encode(part)
         self._put_many(self._image_path(ds.id, level), blobs)
-        return {key: len(blob) for key, blob in blobs.items()}
+        return {key: object_sum(blob) for key, blob in blobs.items()}
 
     def _encoder(self, dataset_id: str, level: str, arr: Any) -> ShardEncoder:
         """The shard encoder of one level's array (cached); StoreError if not our layout."""
@@ -309,12 +339,6 @@ class VolumeStore:
         folder = self._image_path(dataset_id, level) + "/"
         found = self.objects.sizes(folder + "c")
         return {key[len(folder):]: size for key, size in found.items() if key.startswith(folder)}
-
-    def lost_objects(self, dataset_id: str, expected: Mapping[str, int | None]) -> set[str]:
-        """Keys of ``expected`` that level 0 does not hold, or holds with another size."""
-        stored = self.stored_objects(dataset_id)
-        return {key for key, size in expected.items()
-                if key not in stored or (size is not None and stored[key] != size)}
 
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
@@ -358,7 +382,8 @@ class VolumeStore:
         Its shards are fetched in one batch and decoded here
         (:meth:`~atlinter_ray.layout.ShardEncoder.decode`): zarr's reader pays a fixed
         cost per inner chunk, 3.5 s for a full-size grey gene against 1.2 s here
-        (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr.
+        (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr; one
+        that does not decode raises :class:`~atlinter_ray.errors.DamagedObjectError`.
         """
         arr = self.open_array(dataset_id, level)
         encoder = self._encoder(dataset_id, level, arr)
@@ -371,7 +396,14 @@ class VolumeStore:
             blob = found.get(_join(folder, key))
             if blob is not None:
                 where = tuple(slice(i * s, (i + 1) * s) for i, s in zip(cell, encoder.shards))
-                padded[where] = encoder.decode(blob)
+                try:
+                    padded[where] = encoder.decode(blob)
+                except (ValueError, zstandard.ZstdError) as exc:
+                    raise DamagedObjectError(
+                        f"{_join(self.image_url(dataset_id), level, key)} does not decode "
+                        f"({exc}): it was damaged after it was written. Fix: rerun the same "
+                        "command; it proves every object and redoes the damaged ones."
+                    ) from exc
         volume: np.ndarray = padded[tuple(slice(0, n) for n in arr.shape)]
         return volume
 

@@ -177,7 +177,7 @@ def viewer_reads(folder: Path) -> dict[str, Any]:
     return {
         "level 0": {"shape": list(SHAPE), "dtype": "uint8",
                     "raw_bytes": int(volume.nbytes)},
-        "slab layout": {"objects": len(objects), "stored_bytes": sum(objects.values()),
+        "slab layout": {"objects": len(objects), "stored_bytes": sum(o["size"] for o in objects.values()),
                         "write_seconds": slab_write, "layout": _layout().to_json(),
                         "whole level read by VolumeStore.read_volume, seconds": our_read,
                         "reads": plane_reads(folder / "slab" / "g.ome.zarr" / "0")},

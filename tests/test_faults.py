@@ -85,8 +85,8 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
     for blob in store.objects.get_many(paths).values():
-        for key, size in json.loads(blob)["objects"].items():
-            assert key in stored and (size is None or stored[key] == size), key
+        for key, entry in json.loads(blob)["objects"].items():
+            assert key in stored and stored[key] == entry["size"], key
 
 
 def test_an_image_deleted_with_its_markers_kept_is_rebuilt(tmp_path: Path) -> None:
@@ -374,6 +374,27 @@ def test_a_recreated_empty_bucket_is_rebuilt(faulty_s3, s3_input, clean_s3):
     again = run(cfg)
     assert again.ok and again.tasks_done == TASKS
     assert content(fs, "atlas-scratch/rebucket") == clean_s3
+
+
+@pytest.mark.ray
+def test_a_lost_pyramid_level_on_s3_is_rebuilt(faulty_s3, s3_input, ray_cluster):
+    fs = _direct_fs(faulty_s3)
+    clean = _s3(faulty_s3, s3_input, "pyramid-clean")
+    clean.output.pyramid_min = 16  # levels 1, 2 and 3
+    assert run(clean).ok
+    expected = content(fs, "atlas-out/pyramid-clean")
+    cfg = _s3(faulty_s3, s3_input, "pyramid")
+    cfg.output.pyramid_min = 16
+    assert run(cfg).ok
+    image = "atlas-out/pyramid/g.ome.zarr"
+    fs.rm([p for p in fs.find(f"{image}/1") if "/c/" in p])  # every object of level 1
+    again = run(cfg)
+    assert again.ok and again.tasks_done == 0 and again.complete == ["g"]
+    assert content(fs, "atlas-out/pyramid") == expected
+    fs.rm(f"{image}/2/c/0/1/0/0")  # one object of level 2 (RGB: channels first)
+    again = run(cfg)
+    assert again.ok and again.tasks_done == 0 and again.complete == ["g"]
+    assert content(fs, "atlas-out/pyramid") == expected
 
 
 def _job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from unittest import mock
 import zarr
 
 from atlinter_ray import store as store_module
-from atlinter_ray.objects import Objects, open_objects
+from atlinter_ray.objects import Capabilities, Objects, open_objects
 
 
 class Killed(BaseException):
@@ -63,6 +63,11 @@ class FaultyObjects(Objects):
 
     def __init__(self, inner: Objects, fuse: Fuse) -> None:
         self.inner, self.fuse, self.url = inner, fuse, inner.url
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The wrapped store's guarantees."""
+        return self.inner.capabilities
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None."""
