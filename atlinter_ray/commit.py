@@ -10,6 +10,9 @@ The marker is bound to the image generation and input fingerprint it was written
 whole shard objects: :mod:`atlinter_ray.layout`), and the slab's slices ``first`` and
 ``count``, so finishing can prove the dataset complete from one listing of the store.
 The marker stays one record per task, so a checksum per object can join the sizes.
+Right before the marker, the driver's fencing token is checked against the output's
+lease (:func:`~atlinter_ray.lease.check_fence`) and recorded in the marker: a worker of
+a driver whose lease another driver took over never marks a task done.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from atlinter_ray.errors import StorageError, is_storage_error
 from atlinter_ray.finishing import reduce_slab
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import as_slab
+from atlinter_ray.lease import FenceToken, check_fence
 from atlinter_ray.planning import SlabTask
 from atlinter_ray.store import VolumeStore
 
@@ -36,20 +40,24 @@ def commit_task(
     records: Sequence[Mapping[str, Any]],
     model_calls: int,
     identity: ImageIdentity,
+    fence: FenceToken | None = None,
 ) -> None:
     """Write ``block`` (the task's whole slab ``(K, C, H, W)`` in the output dtype), then its marker.
 
     ``records`` is the per-slice provenance, in slice order, that the marker carries;
-    ``identity`` the image generation and input fingerprint the task was planned for.
+    ``identity`` the image generation and input fingerprint the task was planned for;
+    ``fence`` the driver's lease token (None: unfenced), checked before the marker.
     A failing store raises :class:`~atlinter_ray.errors.StorageError` naming the task.
     """
     try:
         objects = store.write_slices(ds, task.first, block)
         reduction = reduce_slab(ds, as_slab(ds, block), task.first)
         store.write_reduction(identity, task.task_id, reduction.to_bytes())
+        check_fence(store.objects, fence, task.task_id)
         store.mark_done(identity, task.task_id, {
             "slices": list(records), "model_calls": model_calls, "objects": objects,
             "first": task.first, "count": task.stop - task.first,
+            **({} if fence is None else {"fence": fence.epoch}),
         })
     except Exception as exc:
         if not is_storage_error(exc) or isinstance(exc, StorageError):

@@ -65,6 +65,10 @@ class IncompleteOutputError(AtlinterRayError, RuntimeError):
     exit_status: ClassVar[int] = 1
 
 
+class SupersededError(IncompleteOutputError):
+    """Another driver took the output's lease over: this run's commits are refused."""
+
+
 #: Top-level packages whose exceptions mean that talking to a store failed.
 _STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
                      "urllib3", "requests", "obstore")

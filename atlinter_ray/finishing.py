@@ -10,7 +10,9 @@
         ├─> level 1 of the pyramid (2x2x2 means), then 2, 3 ... from it, in memory
         └─> the three mid planes of the quick-look
     quick-look and montage PNGs (atomic), provenance merged in slice order
-    image metadata: multiscales of every level, provenance, complete=<generation>  (last)
+    image metadata: multiscales of every level, provenance, complete=<generation>  (last;
+        fenced: refused if another driver took the lease over, and written only over the
+        version of zarr.json read when finishing began: If-Match on object stores)
 
 Only then is the dataset complete: a rerun finds ``complete`` equal to the image's
 generation and every marker present, and does nothing. Everything here runs where the
@@ -41,6 +43,7 @@ from atlinter_ray.layout import (
     pair_sums,
     pyramid_shapes,
 )
+from atlinter_ray.lease import FenceToken, check_fence
 from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
 from atlinter_ray.store import VolumeStore
 
@@ -89,8 +92,13 @@ class FinishResult:
         return self.status == "done"
 
 
-def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishResult:
-    """Verify the dataset's markers against the store, then write pyramid, pictures, metadata."""
+def finish_dataset(
+    store: VolumeStore, ds: Dataset, job: FinishJob, fence: FenceToken | None = None
+) -> FinishResult:
+    """Verify the dataset's markers against the store, then write pyramid, pictures, metadata.
+
+    ``fence`` is the driver's lease token (None: unfenced), checked before the metadata.
+    """
     start = time.perf_counter()
     result = FinishResult(ds.id)
     try:
@@ -98,7 +106,7 @@ def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishRes
         redo = sorted(set(job.task_ids) - set(records)) or _missing_objects(store, ds, records)
         if not redo:
             try:
-                result.outputs = _finish(store, ds, job, records)
+                result.outputs = _finish(store, ds, job, records, fence)
                 result.status = "done"
             except UnreadableSlicesError as exc:
                 redo = sorted({task_id for task_id, record in records.items()
@@ -136,9 +144,11 @@ def _span(record: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _finish(
-    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]]
+    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]],
+    fence: FenceToken | None,
 ) -> dict[str, str]:
     """Pyramid, pictures and metadata of a verified dataset; the metadata goes last."""
+    seen = store.metadata_version(ds.id)  # before it is read: any later change is refused
     attrs = store.image_attrs(ds.id)
     meta = dict(attrs["atlinter_ray"])
     if meta.get("generation") != job.identity.generation:
@@ -165,7 +175,9 @@ def _finish(
     dtype = str(store.open_array(ds.id).dtype)
     meta.update(provenance=provenance, objects=dict(sorted(_objects(records).items())),
                 complete=job.identity.generation)
-    store.update_attrs(ds.id, {"ome": ome_metadata(ds, dtype, levels), "atlinter_ray": meta})
+    check_fence(store.objects, fence, store.image_url(ds.id))
+    store.update_attrs(ds.id, {"ome": ome_metadata(ds, dtype, levels), "atlinter_ray": meta},
+                       if_match=seen)
     return outputs
 
 

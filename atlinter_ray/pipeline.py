@@ -326,6 +326,7 @@ def run(cfg: Config) -> RunSummary:
             placement=cfg.interpolation.placement,
             tuning=tuning,
             images={k: s.identity for k, s in states.items()},
+            fence=lease.token,
         )
         skipped = sum(len(done[ds.id]) for ds in datasets)
         log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo),
