@@ -59,6 +59,10 @@ class StorageError(AtlinterRayError, OSError):
     exit_status: ClassVar[int] = 1
 
 
+class StoreHungError(StorageError):
+    """A store stopped answering: a request got no answer in the time given."""
+
+
 class IncompleteOutputError(AtlinterRayError, RuntimeError):
     """The store does not hold what the run's markers claim, or the run lost its lease."""
 
