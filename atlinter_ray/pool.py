@@ -164,7 +164,7 @@ class _ActorPool(Generic[T, R]):
         self.start(min(spec.max_workers, max(len(items), spec.min_workers if items else 0)))
         since = time.monotonic()  # of the last event: an actor up or down, a result
         quiet = since  # of the last result or heartbeat line
-        unplaced = ""
+        gave_up = ""  # why the wait for a worker ended (start_timeout_s)
         while self.calls or (self.queue and self.actors):
             waiting = [k for k, a in self.actors.items() if not a.ready] + list(self.calls)
             done, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(quiet))
@@ -175,6 +175,7 @@ class _ActorPool(Generic[T, R]):
                     waited = now - self.unready_since
                     unplaced = _unplaced(spec, waited, self.last_error)
                     if spec.start_timeout_s is not None and waited >= spec.start_timeout_s:
+                        gave_up = unplaced
                         break
                     if now - quiet >= spec.warn_every_s:
                         log.warning("%s", unplaced)
@@ -190,7 +191,7 @@ class _ActorPool(Generic[T, R]):
             if not self.queue:
                 _shrink(list(self.actors.values()), spec.min_workers, self.release)
         for entry in self.queue:  # no actor could be started or kept alive
-            yield self.failed(entry.item, unplaced or self.last_error
+            yield self.failed(entry.item, gave_up or self.last_error
                               or "no worker could be started")
 
     def _wait_s(self, quiet: float) -> float:
