@@ -243,6 +243,35 @@ def test_a_second_driver_on_one_output_is_refused_before_writing(tmp_path: Path)
     assert run(cfg).ok  # and once it is gone, this one runs
 
 
+@pytest.mark.parametrize("fault", ["error", "hang"])
+def test_a_summary_the_store_does_not_take_is_reported_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """The last write of a run, its run_summary.json, fails or never returns: the run ends
+    (after resources.heartbeat_s at most), not ok, saying the summary is not written."""
+    cfg = _local(tmp_path)
+    cfg.resources.heartbeat_s = 3.0
+    released = threading.Event()
+    write = VolumeStore.write_bytes
+
+    def failing(self: VolumeStore, name: str, data: bytes) -> str:
+        if name == "run_summary.json":
+            if fault == "error":
+                raise PermissionError(13, "Permission denied", name)
+            released.wait(600)  # a store that never answers
+        return write(self, name, data)
+
+    monkeypatch.setattr(VolumeStore, "write_bytes", failing)
+    try:
+        summary = run(cfg)
+    finally:
+        released.set()
+    assert not summary.ok and "complete 1, incomplete 0" in summary.to_text()
+    assert "run_summary.json could not be written" in summary.stopped
+    assert ("got no answer in 3 s" if fault == "hang" else "PermissionError") in summary.stopped
+    assert "run summary" not in summary.files
+
+
 # -- on S3, through the fault proxy, on the real Ray cluster ----------------------------
 
 @pytest.fixture(scope="module")
