@@ -96,7 +96,8 @@ def _run(server: S3Server, src: Path, name: str, settings: list[str], limit_s: f
                     proc.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     closing = [line.rstrip()[:400] for line in lines
-               if line.startswith(("STOPPED", "atlinter_ray: error", "FAILED g/0-7"))]
+               if line.startswith(("STOPPED", "atlinter_ray: error", "FAILED g/0-7",
+                                   "task g/0-7 failed"))]
     return {"ended_s_after_hang": round(ended_s, 1), "exit_status": status, "closing": closing}
 
 
