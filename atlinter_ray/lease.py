@@ -174,8 +174,8 @@ class OutputLease:
         held, etag = self._read()
         if not (held.get("released") or _dead_here(held)):
             held, etag = self._watch(held, etag)
-        log.warning("taking over the %s lease of %s",
-                    "released" if held.get("released") else "expired", _describe(held))
+        if not held.get("released"):  # a released lease is the normal case: no warning
+            log.warning("taking over the expired lease of %s", _describe(held))
         self.epoch = _epoch(held) + 1
         try:
             self._put(etag)
