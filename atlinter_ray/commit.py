@@ -4,7 +4,9 @@ The worker decides when and from where a task is committed (the compute path); w
 committing means (objects with their checksums, then the reduction, then the marker) is
 :func:`atlinter_ray.ledger.commit`'s. Here the task's reduction is made (what finishing
 needs of its slices, :class:`~atlinter_ray.finishing.Reduction`), and a failing store
-becomes a :class:`~atlinter_ray.errors.StorageError` naming the task and the fix.
+becomes a :class:`~atlinter_ray.errors.StorageError` naming the task and the fix. The
+driver's fencing token travels with the commit: a worker of a driver whose lease another
+driver took over never marks a task done (:func:`~atlinter_ray.lease.check_fence`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from atlinter_ray.errors import StorageError, is_storage_error
 from atlinter_ray.finishing import reduce_slab
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import as_slab
+from atlinter_ray.lease import FenceToken
 from atlinter_ray.planning import SlabTask
 from atlinter_ray.store import VolumeStore
 
@@ -32,16 +35,19 @@ def commit_task(
     records: Sequence[Mapping[str, Any]],
     model_calls: int,
     identity: ImageIdentity,
+    fence: FenceToken | None = None,
 ) -> None:
     """Commit ``block`` (the task's whole slab ``(K, C, H, W)`` in the output dtype).
 
     ``records`` is the per-slice provenance, in slice order, that the marker carries;
-    ``identity`` the image generation and input fingerprint the task was planned for.
+    ``identity`` the image generation and input fingerprint the task was planned for;
+    ``fence`` the driver's lease token (None: unfenced), checked before the marker.
     A failing store raises :class:`~atlinter_ray.errors.StorageError` naming the task.
     """
     try:
         reduction = reduce_slab(ds, as_slab(ds, block), task.first).to_bytes()
-        ledger.commit(store, ds, identity, task, block, reduction, records, model_calls)
+        ledger.commit(store, ds, identity, task, block, reduction, records, model_calls,
+                      fence)
     except Exception as exc:
         if not is_storage_error(exc) or isinstance(exc, StorageError):
             raise

@@ -84,8 +84,10 @@ class OutputConfig:
     #: Pyramid levels (2x2x2 means) are added until the largest side is at most this;
     #: 0: no pyramid.
     pyramid_min: int = 64
-    #: Seconds after its last heartbeat that an object-store lease of a killed driver
-    #: (on another machine) is taken over; a local lock is freed when its process ends.
+    #: Seconds a driver watches an object-store lease nobody renews (its holder killed on
+    #: another machine) before taking it over, on its own clock: no two hosts' clocks are
+    #: compared; the holder renews it every third of this. A local lock is freed when
+    #: its process ends.
     lease_ttl_s: float = 60.0
 
 
@@ -158,11 +160,13 @@ class ResourcesConfig:
     start_timeout_s: float | None = 900.0
     #: Slab tasks handed to a worker per call (tasks of one batch share a gap's work).
     tasks_per_batch: int = 1
-    #: Seconds one task may run before its worker is ended and the task rerun (a store
-    #: that stops answering); None: no limit. A call of ``tasks_per_batch`` tasks gets
-    #: that many times this.
+    #: Seconds one task may run before its worker is ended and the task rerun, or the job
+    #: stopped when the output store no longer answers; None: no limit. A call of
+    #: ``tasks_per_batch`` tasks gets that many times this.
     task_timeout_s: float | None = 1800.0
-    #: Seconds without a finished task after which a progress line is logged.
+    #: Seconds without a finished task after which a progress line is logged; also how
+    #: long the output store may take to answer one small read after a task timed out
+    #: (no answer: the job stops, naming the store) and to take ``run_summary.json``.
     heartbeat_s: float = 60.0
     #: The job stops early, with the cause, after this many storage failures in a row.
     max_storage_errors: int = 5

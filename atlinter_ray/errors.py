@@ -59,6 +59,10 @@ class StorageError(AtlinterRayError, OSError):
     exit_status: ClassVar[int] = 1
 
 
+class StoreHungError(StorageError):
+    """A store stopped answering: a request got no answer in the time given."""
+
+
 class IncompleteOutputError(AtlinterRayError, RuntimeError):
     """The store does not hold what the run's markers claim, or the run lost its lease."""
 
@@ -67,6 +71,10 @@ class IncompleteOutputError(AtlinterRayError, RuntimeError):
 
 class DamagedObjectError(IncompleteOutputError):
     """A stored object of an image does not decode (damaged since it was written)."""
+
+
+class SupersededError(IncompleteOutputError):
+    """Another driver took the output's lease over: this run's commits are refused."""
 
 
 #: Top-level packages whose exceptions mean that talking to a store failed.

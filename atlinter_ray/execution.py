@@ -193,12 +193,15 @@ def run_work(
     follow_up: Callable[[WorkResult], list[WorkItem]],
     serial: bool = False,
     stats: PoolStats | None = None,
+    stalled: Callable[[], None] | None = None,
 ) -> Generator[WorkResult, None, None]:
     """Run task batches and finishing jobs, in this process or on the actor pool.
 
     ``follow_up(result)`` returns the work a result brings (a dataset's finishing job
     after its last task, tasks to redo after finishing found them lost); it runs before
-    the rest of the queue. Closing the iterator early ends every worker.
+    the rest of the queue. ``stalled()`` is called after calls ran past
+    ``resources.task_timeout_s``; what it raises ends the run (:mod:`atlinter_ray.pool`).
+    Closing the iterator early ends every worker.
     """
     if serial:
         yield from _serial(TaskWorker(spec), items, follow_up)
@@ -216,7 +219,8 @@ def run_work(
         return [new for result in _listed(results) for new in follow_up(result)]
 
     for results in map_unordered(
-        TaskWorker, (spec,), list(items), pool_spec(resources), failed, method, more, stats
+        TaskWorker, (spec,), list(items), pool_spec(resources), failed, method, more, stats,
+        stalled,
     ):
         yield from _listed(results)
 

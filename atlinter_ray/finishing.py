@@ -10,7 +10,9 @@
         └─> the three mid planes of the quick-look
     quick-look and montage PNGs (atomic), provenance merged in slice order
     the ledger's finalize: multiscales of every level, provenance, every object of every
-        level with its checksum, complete=<generation>                          (last)
+        level with its checksum, complete=<generation>  (last; fenced: refused if another
+        driver took the lease over, and written only over the version of zarr.json read
+        when finishing began: If-Match on object stores)
 
 Only then is the dataset complete: a rerun proves every object of every level against
 that record (:func:`atlinter_ray.ledger.recheck`) and, when all hold, does nothing.
@@ -44,6 +46,7 @@ from atlinter_ray.layout import (
     pair_sums,
     pyramid_shapes,
 )
+from atlinter_ray.lease import FenceToken
 from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
 from atlinter_ray.store import VolumeStore
 
@@ -92,15 +95,20 @@ class FinishResult:
         return self.status == "done"
 
 
-def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishResult:
-    """Verify the dataset's markers against the store, then write pyramid, pictures, metadata."""
+def finish_dataset(
+    store: VolumeStore, ds: Dataset, job: FinishJob, fence: FenceToken | None = None
+) -> FinishResult:
+    """Verify the dataset's markers against the store, then write pyramid, pictures, metadata.
+
+    ``fence`` is the driver's lease token (None: unfenced), checked before the metadata.
+    """
     start = time.perf_counter()
     result = FinishResult(ds.id)
     try:
         records, redo = ledger.unfinished_tasks(store, ds.id, job.identity, job.task_ids)
         if not redo:
             try:
-                result.outputs = _finish(store, ds, job, records)
+                result.outputs = _finish(store, ds, job, records, fence)
                 result.status = "done"
             except UnreadableSlicesError as exc:
                 redo = sorted({task_id for task_id, record in records.items()
@@ -118,9 +126,11 @@ def finish_dataset(store: VolumeStore, ds: Dataset, job: FinishJob) -> FinishRes
 
 
 def _finish(
-    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]]
+    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]],
+    fence: FenceToken | None,
 ) -> dict[str, str]:
     """Pyramid, pictures and metadata of a verified dataset; the metadata goes last."""
+    seen = store.metadata_version(ds.id)  # before it is read: any later change is refused
     meta = ledger.image_record_of(store, ds.id, job.identity)
     provenance = sorted((s for r in records.values() for s in r["slices"]),
                         key=lambda s: s["slice"])
@@ -143,7 +153,7 @@ def _finish(
     levels = 1 + len({key.split("/", 1)[0] for key in pyramid})
     meta["provenance"] = provenance
     ledger.finalize(store, ds.id, job.identity, meta, ome_metadata(ds, dtype, levels),
-                    {**ledger.level0_inventory(records), **pyramid})
+                    {**ledger.level0_inventory(records), **pyramid}, fence, seen)
     return outputs
 
 

@@ -49,6 +49,7 @@ import numpy as np
 from atlinter_ray.errors import IncompleteOutputError
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.layout import key_slab
+from atlinter_ray.lease import FenceToken, check_fence
 from atlinter_ray.objects import Objects
 
 if TYPE_CHECKING:
@@ -157,15 +158,21 @@ def commit(
     reduction: bytes,
     slices: Sequence[Mapping[str, Any]],
     model_calls: int,
+    fence: FenceToken | None = None,
 ) -> None:
     """Commit one task: its whole slab (``(K, C, H, W)``), its reduction, then its marker.
 
     The order makes a crash harmless: a task with a marker has every object written, one
-    without is redone. The marker write below is the task's commit point.
+    without is redone. The marker write below is the task's commit point; right before it
+    the driver's fencing token ``fence`` is checked against the lease (None: unfenced) and
+    then recorded in the marker.
     """
     objects = store.write_slices(ds, task.first, block)
     store.write_reduction(identity, task.task_id, reduction)
     record = task_record(objects, task.first, task.stop - task.first, slices, model_calls)
+    check_fence(store.objects, fence, task.task_id)
+    if fence is not None:
+        record["fence"] = fence.epoch
     store.mark_done(identity, task.task_id, record)
 
 
@@ -254,13 +261,18 @@ def finalize(
     meta: Mapping[str, Any],
     ome: Mapping[str, Any],
     inventory: Mapping[str, Mapping[str, Any]],
+    fence: FenceToken | None = None,
+    seen: str | None = None,
 ) -> None:
     """Declare a dataset complete: the complete record (every object of every level with
     its checksum) and the OME metadata, in the image's metadata, written last.
 
-    Conditional: refused when the image was replaced since this run made its identity.
+    Conditional: refused when the image was replaced since this run made its identity,
+    when another driver took the lease over (``fence``), and, on object stores, when
+    ``zarr.json`` is no longer the version ``seen`` (its ETag when finishing began).
     """
     image_record_of(store, dataset_id, identity)
     record = {**meta, "objects": dict(sorted(inventory.items())),
               "complete": identity.generation}
-    store.update_attrs(dataset_id, {"ome": dict(ome), "atlinter_ray": record})
+    check_fence(store.objects, fence, store.image_url(dataset_id))
+    store.update_attrs(dataset_id, {"ome": dict(ome), "atlinter_ray": record}, if_match=seen)

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import socket
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from atlinter_ray import __version__, ledger
-from atlinter_ray.config import Config, DataConfig
+from atlinter_ray.config import Config, DataConfig, ResourcesConfig
 from atlinter_ray.dataset import Dataset, dataset_urls
 from atlinter_ray.dtypes import SCALING_KEY, output_dtype, output_scale, scaling_record
 from atlinter_ray.engine import build_for_validation, check_reachable, model_context
@@ -48,6 +47,7 @@ from atlinter_ray.errors import (
     DamagedObjectError,
     OutputRootError,
     StoreError,
+    StoreHungError,
     is_storage_error,
 )
 from atlinter_ray.execution import (
@@ -63,7 +63,7 @@ from atlinter_ray.finishing import FinishJob
 from atlinter_ray.identity import ImageIdentity
 from atlinter_ray.inputs import THREADS, Inputs, load_inputs
 from atlinter_ray.layout import DEFAULT_SLAB, Layout
-from atlinter_ray.lease import OutputLease
+from atlinter_ray.lease import OutputLease, read_lease
 from atlinter_ray.models.base import PairInterpolator, is_torch_model
 from atlinter_ray.models.reference_guided import reference_estimator
 from atlinter_ray.planning import EdgePolicy, SlabTask, plan_dataset, plan_slabs
@@ -73,6 +73,7 @@ from atlinter_ray.reference import ReferenceVolume, prepare_reference, reference
 from atlinter_ray.secrets import env_secrets, redact, scrub, secret_values
 from atlinter_ray.storage_hints import store_fix
 from atlinter_ray.store import ImageState, VolumeStore
+from atlinter_ray.timebox import call_within
 from atlinter_ray.tuning import TuneJob, TuneSpec, is_tunable, run_tuning
 from atlinter_ray.worker import TaskResult, WorkerSpec, failed_result
 
@@ -297,6 +298,7 @@ def run(cfg: Config) -> RunSummary:
     lease = store.lease(cfg.output.lease_ttl_s)
     with _usable(cfg.output.root):
         lease.acquire()
+    hung = False  # the output store stopped answering: nothing more is asked of it
     try:
         with _usable(cfg.output.root):
             states = _prepare(store, inputs, _image_runs(run_info, dtypes, scales), layout,
@@ -333,14 +335,17 @@ def run(cfg: Config) -> RunSummary:
             tuning=tuning,
             images={k: s.identity for k, s in states.items()},
             scales={k: v for k, v in scales.items() if v != 1.0},
+            fence=lease.token,
         )
         skipped = sum(len(done[ds.id]) for ds in datasets)
         log.info("%d datasets, %d tasks to run, %d already done", len(datasets), len(todo),
                  skipped)
         tracker = _Tracker(tasks_by_ds, todo, states, cfg)
-        outcome = _execute(tracker, spec, cfg, lease)
-        lease.check()
-        scores, damaged = _scores(store, datasets, tracker.complete, cfg)
+        outcome = _execute(tracker, spec, cfg, lease, store)
+        hung = outcome.hung
+        if not hung:  # a lease lost to a hung store: the store is the cause to report
+            lease.check()
+        scores, damaged = ({}, {}) if hung else _scores(store, datasets, tracker.complete, cfg)
         for ds_id, why in damaged.items():
             tracker.complete.discard(ds_id)
             tracker.failed[ds_id] = why
@@ -383,12 +388,51 @@ def run(cfg: Config) -> RunSummary:
             tasks_retried=outcome.stats.retries,
             stopped=outcome.stopped,
         )
-        secrets = secret_values(asdict(cfg)) | env_secrets()
-        text = scrub(json.dumps(asdict(summary), indent=2), secrets)
-        summary.files["run summary"] = store.write_bytes("run_summary.json", text.encode())
+        summary = _write_summary(store, summary, cfg, hung)
     finally:
-        lease.release()
+        _release(lease, hung)
     return summary
+
+
+#: Seconds the lease's release may take at the end (best effort: an unrenewed lease is
+#: taken over by the next run anyway).
+RELEASE_TIMEOUT_S = 10.0
+
+
+def _write_summary(store: VolumeStore, summary: RunSummary, cfg: Config,
+                   hung: bool) -> RunSummary:
+    """``summary`` after writing it to ``run_summary.json`` (secrets removed), within
+    ``resources.heartbeat_s``; one that could not be written says so and is not ``ok``."""
+    url = f"{store.root}/run_summary.json"
+    if hung:
+        return _unwritten(summary, f"{url} was not written: the output store does not answer")
+    secrets = secret_values(asdict(cfg)) | env_secrets()
+    text = scrub(json.dumps(asdict(summary), indent=2), secrets)
+    try:
+        summary.files["run summary"] = call_within(
+            lambda: store.write_bytes("run_summary.json", text.encode()),
+            cfg.resources.heartbeat_s, f"writing {url}")
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        return _unwritten(summary, f"{url} could not be written ({type(exc).__name__}: "
+                                   f"{str(exc)[:300]})")
+    return summary
+
+
+def _unwritten(summary: RunSummary, why: str) -> RunSummary:
+    """``summary`` stopped with ``why`` (its file is missing: the run is not ``ok``)."""
+    log.error("%s", why)
+    return dataclasses.replace(summary, stopped="; ".join(x for x in (summary.stopped, why) if x))
+
+
+def _release(lease: OutputLease, hung: bool) -> None:
+    """Give the lease back within :data:`RELEASE_TIMEOUT_S`; to a hung store, without waiting."""
+    try:
+        call_within(lease.release, 0.0 if hung else RELEASE_TIMEOUT_S, "releasing the lease")
+    except Exception as exc:  # noqa: BLE001 - best effort: the next run takes it over
+        why = "the output store does not answer" if hung else f"{type(exc).__name__}: {exc}"
+        log.warning("the output lease is left for the next run to take over (%s)", why)
 
 
 @contextlib.contextmanager
@@ -549,9 +593,12 @@ class _Outcome:
     rows: list[TaskResult]
     stats: PoolStats
     stopped: str = ""
+    #: The output store stopped answering (:func:`store_answers`).
+    hung: bool = False
 
 
-def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLease) -> _Outcome:
+def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLease,
+             store: VolumeStore) -> _Outcome:
     """Run the work with one progress bar over every slice; stop early on a failing store."""
     stats = PoolStats()
     items = tracker.initial()
@@ -559,9 +606,10 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
         return _Outcome([], stats)
     if not cfg.run.serial:
         connect(cfg.resources)
-    stream = run_work(items, spec, cfg.resources, tracker.follow_up, cfg.run.serial, stats)
+    stream = run_work(items, spec, cfg.resources, tracker.follow_up, cfg.run.serial, stats,
+                      lambda: store_answers(store, cfg.resources))
     total = sum(len(tracker.by_id[t].jobs) for ids in tracker.pending.values() for t in ids)
-    in_a_row, stopped, last = 0, "", ""
+    in_a_row, stopped, last, hung = 0, "", "", False
     n_datasets = len(tracker.task_ids)
     with tqdm(total=total, unit="slice", disable=not cfg.run.progress, smoothing=0.1,
               desc=f"atlinter_ray {__version__}") as bar:
@@ -590,6 +638,9 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
                     log.error("stopping early: %s", stopped)
                     break
                 lease.check()
+        except StoreHungError as exc:
+            stopped, hung = str(exc), True
+            log.error("stopping early: %s", stopped)
         finally:
             stream.close()
     rows = list(tracker.results.values())
@@ -597,7 +648,30 @@ def _execute(tracker: _Tracker, spec: WorkerSpec, cfg: Config, lease: OutputLeas
         for task_id in sorted(ids - set(tracker.results)):
             rows.append(failed_result(tracker.by_id[task_id],
                                       f"not run: {stopped or 'the run ended before a worker took it'}"))
-    return _Outcome(rows, stats, stopped)
+    return _Outcome(rows, stats, stopped, hung)
+
+
+def store_answers(store: VolumeStore, resources: ResourcesConfig) -> None:
+    """Raise :class:`StoreHungError` when the output store does not answer one small read
+    (its lease record) within ``resources.heartbeat_s``.
+
+    What the actor pool asks after a call ran past ``resources.task_timeout_s``: a hung
+    store ends the run at once with its name, where a slow model or a lost node only
+    has its task rerun.
+    """
+    try:
+        call_within(lambda: read_lease(store.objects), resources.heartbeat_s,
+                    f"a read of {store.root}")
+    except TimeoutError:
+        raise StoreHungError(
+            f"the output store {store.root} stopped answering: a task ran past "
+            f"resources.task_timeout_s={resources.task_timeout_s:g} s and a read of its lease "
+            f"record got no answer in resources.heartbeat_s={resources.heartbeat_s:g} s. "
+            "Fix: check that the store answers (its server, endpoint_url, network), then "
+            "rerun the same command: committed work is kept"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - it answered, with an error: not hung
+        log.debug("the output store answered the probe with %s", type(exc).__name__)
 
 
 #: Seconds the end-of-run marker listing may take before failures are kept as reported.
@@ -615,29 +689,14 @@ def committed_rows(
     A worker can commit a task and die before its result comes back (its node lost):
     the pool then reports the task failed, though its slices and marker are stored.
     One marker listing per dataset with failures makes the counts match the store. The
-    listings run in a daemon thread given ``timeout_s``: a hung store raises
-    ``TimeoutError`` here instead of holding the run (and the process's exit) forever.
+    listings are given ``timeout_s`` (:func:`~atlinter_ray.timebox.call_within`): a hung
+    store raises ``TimeoutError`` here instead of holding the run forever.
     """
     failing = sorted({r.dataset_id for r in rows if not r.done})
     if not failing:
         return list(rows)
-    stored: dict[str, set[str]] = {}
-    errors: list[BaseException] = []
-
-    def listing() -> None:
-        try:
-            for ds in failing:
-                stored[ds] = store.done_task_ids(ds, identities[ds])
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
-            errors.append(exc)
-
-    thread = threading.Thread(target=listing, name="committed-rows", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if errors:
-        raise errors[0]
-    if thread.is_alive():
-        raise TimeoutError(f"listing the done markers took over {timeout_s:.0f} s")
+    stored = call_within(lambda: {ds: store.done_task_ids(ds, identities[ds]) for ds in failing},
+                         timeout_s, "listing the done markers")
     return [dataclasses.replace(r, status="done", error="", storage_error=False)
             if not r.done and r.task_id in stored[r.dataset_id] else r for r in rows]
 

@@ -16,7 +16,9 @@ it), its items go back to the queue, up to
 or that no actor is left to run, becomes a failure result instead, so the caller
 always gets one result per item. Items must therefore be idempotent to run twice. A
 call that runs longer than ``call_timeout_s`` counts as a death: its actor is killed
-(a hung store client never returns by itself) and the item goes back to the queue.
+(a hung store client never returns by itself) and the item goes back to the queue;
+``stalled()``, when given, is then called once, and an exception it raises (the driver's
+probe found the store hung) ends every actor and reaches the caller.
 Every rerun is counted in :class:`PoolStats`. When nothing finishes for
 ``heartbeat_s``, a log line says what is running and for how long. Each actor filters
 its failure logs as the driver does (:mod:`atlinter_ray.quiet`): the caller reports
@@ -105,15 +107,18 @@ def map_unordered(
     method: str | Callable[[T], str] = "run",
     more: Callable[[R], Sequence[T]] | None = None,
     stats: PoolStats | None = None,
+    stalled: Callable[[], None] | None = None,
 ) -> Iterator[R]:
     """Yield ``worker_class(*args).<method>(item)`` for every item, as actors finish them.
 
     ``failed(item, error)`` builds the result of an item that could not be run;
     ``method`` may name the method per item; ``more(result)`` returns follow-up items
-    (run before the rest of the queue); ``stats`` counts reruns. Closing the iterator
-    early ends every actor.
+    (run before the rest of the queue); ``stats`` counts reruns; ``stalled()`` is called
+    after calls timed out, and what it raises ends the pool. Closing the iterator early
+    ends every actor.
     """
-    pool = _ActorPool(worker_class, args, spec, failed, method, more, stats or PoolStats())
+    pool = _ActorPool(worker_class, args, spec, failed, method, more, stats or PoolStats(),
+                      stalled)
     try:
         yield from pool.run(items)
     finally:
@@ -132,6 +137,7 @@ class _ActorPool(Generic[T, R]):
         method: str | Callable[[T], str],
         more: Callable[[R], Sequence[T]] | None,
         stats: PoolStats,
+        stalled: Callable[[], None] | None = None,
     ) -> None:
         import ray
 
@@ -139,12 +145,15 @@ class _ActorPool(Generic[T, R]):
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus or None, max_restarts=0
         )
         self.args, self.spec, self.failed, self.method = args, spec, failed, method
-        self.more, self.stats = more, stats
+        self.more, self.stats, self.stalled = more, stats, stalled
         self.queue: deque[_Entry[T]] = deque()
         self.actors: dict[Any, _Actor] = {}  # by the ref that resolves when it is ready
         self.calls: dict[Any, tuple[_Actor, _Entry[T]]] = {}
         self.replacements = 2 * spec.max_workers  # for actors that died
-        self.last_error = "no worker could be started"
+        #: The last failure of an actor or call ("" while none failed).
+        self.last_error = ""
+        #: Since when no actor has been ready (monotonic seconds; None while one is).
+        self.unready_since: float | None = None
 
     def run(self, items: Sequence[T]) -> Iterator[R]:
         """Feed every item to the actors; yield each result (or failure) once."""
@@ -155,19 +164,21 @@ class _ActorPool(Generic[T, R]):
         self.start(min(spec.max_workers, max(len(items), spec.min_workers if items else 0)))
         since = time.monotonic()  # of the last event: an actor up or down, a result
         quiet = since  # of the last result or heartbeat line
+        gave_up = ""  # why the wait for a worker ended (start_timeout_s)
         while self.calls or (self.queue and self.actors):
             waiting = [k for k, a in self.actors.items() if not a.ready] + list(self.calls)
-            done, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(since, quiet))
+            done, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(quiet))
             now = time.monotonic()
             if not done:
                 yield from self.expire(now)
-                if not any(a.ready for a in self.actors.values()):
-                    waited = now - since
-                    self.last_error = _unplaced(spec, waited)
+                if self.unready_since is not None:
+                    waited = now - self.unready_since
+                    unplaced = _unplaced(spec, waited, self.last_error)
                     if spec.start_timeout_s is not None and waited >= spec.start_timeout_s:
+                        gave_up = unplaced
                         break
                     if now - quiet >= spec.warn_every_s:
-                        log.warning("%s", self.last_error)
+                        log.warning("%s", unplaced)
                         quiet = now
                 elif now - quiet >= spec.heartbeat_s:
                     log.info("%s", self.heartbeat(now, now - since))
@@ -180,15 +191,15 @@ class _ActorPool(Generic[T, R]):
             if not self.queue:
                 _shrink(list(self.actors.values()), spec.min_workers, self.release)
         for entry in self.queue:  # no actor could be started or kept alive
-            yield self.failed(entry.item, self.last_error)
+            yield self.failed(entry.item, gave_up or self.last_error
+                              or "no worker could be started")
 
-    def _wait_s(self, since: float, quiet: float) -> float:
+    def _wait_s(self, quiet: float) -> float:
         """How long to wait for the next event: until a deadline, a heartbeat or a warning."""
         spec, now = self.spec, time.monotonic()
-        ends = [quiet + (spec.heartbeat_s if any(a.ready for a in self.actors.values())
-                         else spec.warn_every_s)]
-        if spec.start_timeout_s is not None and not any(a.ready for a in self.actors.values()):
-            ends.append(since + spec.start_timeout_s)
+        ends = [quiet + (spec.heartbeat_s if self.unready_since is None else spec.warn_every_s)]
+        if spec.start_timeout_s is not None and self.unready_since is not None:
+            ends.append(self.unready_since + spec.start_timeout_s)
         if spec.call_timeout_s is not None:
             ends += [a.since + spec.call_timeout_s for a in self.actors.values() if a.calls]
         return max(0.01, min(ends) - now)
@@ -200,10 +211,13 @@ class _ActorPool(Generic[T, R]):
         limit = self.spec.call_timeout_s
         if limit is None:
             return
-        for actor in [a for a in self.actors.values() if a.calls and now - a.since >= limit]:
+        expired = [a for a in self.actors.values() if a.calls and now - a.since >= limit]
+        for actor in expired:
             self.stats.timeouts += 1
             ray.kill(actor.handle)
             yield from self.lost(actor, f"timed out after {limit:.0f} s (resources.task_timeout_s)")
+        if expired and self.stalled is not None:
+            self.stalled()
 
     def heartbeat(self, now: float, idle: float) -> str:
         """One line on what the pool is doing while nothing finishes."""
@@ -220,6 +234,7 @@ class _ActorPool(Generic[T, R]):
             try:
                 ray.get(ref)
                 self.actors[ref].ready = True
+                self.unready_since = None
             except ray.exceptions.RayError as exc:
                 yield from self.lost(self.actors[ref], _describe(exc))
             return
@@ -251,6 +266,12 @@ class _ActorPool(Generic[T, R]):
             handle = self.remote.remote(*self.args)
             ready_ref = handle.__ray_ready__.remote()
             self.actors[ready_ref] = _Actor(handle, ready_ref)
+        self._note_unready()
+
+    def _note_unready(self) -> None:
+        """Start the clock of :func:`_unplaced` when no actor is ready any more."""
+        if self.unready_since is None and not any(a.ready for a in self.actors.values()):
+            self.unready_since = time.monotonic()
 
     def release(self, actor: _Actor) -> None:
         """Forget ``actor`` and end it."""
@@ -258,6 +279,7 @@ class _ActorPool(Generic[T, R]):
 
         del self.actors[actor.ready_ref]
         ray.kill(actor.handle)
+        self._note_unready()
 
     def feed(self) -> None:
         """Keep ``calls_per_actor`` calls queued on every ready actor."""
@@ -276,6 +298,7 @@ class _ActorPool(Generic[T, R]):
         """Forget a dead actor; requeue or fail its items; start a replacement."""
         self.last_error = error
         del self.actors[actor.ready_ref]
+        self._note_unready()
         for position, ref in enumerate(actor.calls):
             _, entry = self.calls.pop(ref)
             if position:  # queued behind the running call: it never ran
@@ -323,10 +346,14 @@ def _shrink(actors: list[_Actor], keep: int, release: Callable[[_Actor], None]) 
         release(actor)
 
 
-def _unplaced(spec: PoolSpec, waited: float) -> str:
-    """Why no worker runs yet, and what to change."""
+def _unplaced(spec: PoolSpec, waited: float, last_error: str = "") -> str:
+    """Why no worker runs, and what to change; after ``last_error`` (the failure that ended
+    the last worker), that failure first: a worker that died of it says nothing of resources."""
     import ray
 
+    if last_error:
+        return (f"{last_error}; no replacement worker started in the {waited:.0f} s that "
+                "followed")
     return (
         f"no worker started in {waited:.0f} s: each asks for {spec.num_cpus} CPU and "
         f"{spec.num_gpus} GPU, and the cluster now has {ray.available_resources()}. Fix: "  # type: ignore[no-untyped-call]

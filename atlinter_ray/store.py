@@ -44,7 +44,7 @@ from zarr.codecs import ZstdCodec
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
-from atlinter_ray.errors import DamagedObjectError, StoreError
+from atlinter_ray.errors import DamagedObjectError, StoreError, SupersededError
 from atlinter_ray.identity import ImageIdentity, InputFingerprint, new_generation
 from atlinter_ray.layout import (
     DEFAULT_LAYOUT,
@@ -350,11 +350,20 @@ class VolumeStore:
             attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
         return attrs
 
-    def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
+    def metadata_version(self, dataset_id: str) -> str | None:
+        """The ETag of the image's ``zarr.json`` now (None where the store has none)."""
+        found = self.objects.get_tagged(self._image_path(dataset_id, "zarr.json"))
+        return None if found is None else found[1]
+
+    def update_attrs(self, dataset_id: str, attrs: Mapping[str, Any],
+                     if_match: str | None = None) -> None:
         """Replace top-level attributes of the image group (one metadata write).
 
         The bulky parts of the ``atlinter_ray`` record (:data:`SIDECAR_KEYS`) go to the
         image's sidecar, written first, so the OME metadata that viewers parse stays lean.
+        With ``if_match`` (an ETag of :meth:`metadata_version`), ``zarr.json`` is written
+        only over that version (If-Match); another version raises
+        :class:`~atlinter_ray.errors.SupersededError`.
         """
         attrs = dict(attrs)
         ours = attrs.get("atlinter_ray")
@@ -362,8 +371,29 @@ class VolumeStore:
             side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
             self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
             attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
+        if if_match is not None:
+            self._put_group_attrs(dataset_id, attrs, if_match)
+            return
         group, options = self.zarr_location(dataset_id)
         zarr.open_group(group, mode="r+", storage_options=options).attrs.update(attrs)
+
+    def _put_group_attrs(self, dataset_id: str, attrs: Mapping[str, Any], if_match: str) -> None:
+        """Merge ``attrs`` into ``zarr.json`` (as zarr writes it) with If-Match ``if_match``."""
+        key = self._image_path(dataset_id, "zarr.json")
+        found = self.objects.get_tagged(key)
+        meta = json.loads(found[0]) if found is not None else {}
+        meta["attributes"] = {**meta.get("attributes", {}), **attrs}
+        try:
+            if found is None or found[1] != if_match:
+                raise FileExistsError(key)
+            self.objects.put_if(key, json.dumps(meta, indent=2, allow_nan=True).encode(),
+                                if_match)
+        except FileExistsError:
+            raise SupersededError(
+                f"{self.image_url(dataset_id)}: not marked complete: its metadata changed "
+                "while this run finished it (another driver wrote it). Fix: make sure one "
+                "job at a time writes this output.root, then rerun the same command."
+            ) from None
 
     def _with_sidecar(self, dataset_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         """``meta`` with its sidecar's records merged in, when they are of its generation."""

@@ -53,6 +53,7 @@ from atlinter_ray.engine import (
 from atlinter_ray.errors import FatalWorkerError, is_storage_error
 from atlinter_ray.finishing import FinishJob, FinishResult, finish_dataset
 from atlinter_ray.identity import ImageIdentity
+from atlinter_ray.lease import FenceToken
 from atlinter_ray.models.base import ContextInterpolator, FlowEstimator, PairInterpolator
 from atlinter_ray.models.reference_guided import (
     predict_gap_from_reference,
@@ -140,6 +141,9 @@ class WorkerSpec:
     #: Dataset id -> the factor values are multiplied by before the cast to its output
     #: dtype (``output.dtype_scaling``; absent: 1.0, written as they are).
     scales: Mapping[str, float] = field(default_factory=dict)
+    #: The driver's lease token, checked before every marker and final metadata write
+    #: (:func:`~atlinter_ray.lease.check_fence`); None: unfenced.
+    fence: FenceToken | None = None
 
 
 def _identity(model: Any) -> WorkerIdentity:
@@ -206,6 +210,7 @@ class TaskWorker:
         self.dtypes = dict(spec.dtypes)
         self.scales = dict(spec.scales)
         self.images = dict(spec.images)
+        self.fence = spec.fence
         self.store = VolumeStore(spec.output_root, spec.output_storage_options)
         self.provenance = self.model.provenance()
         self.placement = spec.placement
@@ -272,7 +277,7 @@ class TaskWorker:
 
     def finish(self, job: FinishJob) -> FinishResult:
         """Verify a dataset whose tasks are all done and write its finishing work."""
-        return finish_dataset(self.store, self.datasets[job.dataset_id], job)
+        return finish_dataset(self.store, self.datasets[job.dataset_id], job, self.fence)
 
     def _fatal(self, exc: BaseException) -> None:
         """Raise :class:`FatalWorkerError` for an error that leaves the device unusable."""
@@ -492,7 +497,7 @@ class TaskWorker:
                         record["tuned"] = {k: tuned[k] for k in ("members", "curved", "key")}
                 records.append(record)
         commit_task(self.store, self.datasets[task.dataset_id], task, block(), records, model_calls,
-                    self.images[task.dataset_id])
+                    self.images[task.dataset_id], self.fence)
 
 
 def _device_dtype(dtype: str) -> bool:

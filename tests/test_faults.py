@@ -243,6 +243,35 @@ def test_a_second_driver_on_one_output_is_refused_before_writing(tmp_path: Path)
     assert run(cfg).ok  # and once it is gone, this one runs
 
 
+@pytest.mark.parametrize("fault", ["error", "hang"])
+def test_a_summary_the_store_does_not_take_is_reported_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """The last write of a run, its run_summary.json, fails or never returns: the run ends
+    (after resources.heartbeat_s at most), not ok, saying the summary is not written."""
+    cfg = _local(tmp_path)
+    cfg.resources.heartbeat_s = 3.0
+    released = threading.Event()
+    write = VolumeStore.write_bytes
+
+    def failing(self: VolumeStore, name: str, data: bytes) -> str:
+        if name == "run_summary.json":
+            if fault == "error":
+                raise PermissionError(13, "Permission denied", name)
+            released.wait(600)  # a store that never answers
+        return write(self, name, data)
+
+    monkeypatch.setattr(VolumeStore, "write_bytes", failing)
+    try:
+        summary = run(cfg)
+    finally:
+        released.set()
+    assert not summary.ok and "complete 1, incomplete 0" in summary.to_text()
+    assert "run_summary.json could not be written" in summary.stopped
+    assert ("got no answer in 3 s" if fault == "hang" else "PermissionError") in summary.stopped
+    assert "run summary" not in summary.files
+
+
 # -- on S3, through the fault proxy, on the real Ray cluster ----------------------------
 
 @pytest.fixture(scope="module")
@@ -338,6 +367,60 @@ def test_a_store_that_is_down_stops_the_job_early_with_the_cause(faulty_s3, s3_i
     _marked_objects_are_stored(store, "g")
     cfg.output.storage_options = dict(faulty_s3.options)
     assert run(cfg).ok  # the same command finishes it
+
+
+@pytest.mark.ray
+def test_a_store_that_hangs_for_good_ends_the_job_naming_it(faulty_s3, s3_input, clean_s3):
+    """The output store stops answering mid-run, for good: the real job ends, exit 1, within a
+    generous bound of task_timeout_s + heartbeat_s, naming the store (not the resources) in
+    the stop and in every failed task, and reporting that the summary was not written; the
+    same command, once the store answers again, ends in a clean run's bytes."""
+    timeout_s, heartbeat_s = 20, 5
+    args = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
+            "output.root=s3://atlas-out/hung-for-good", "run.progress=false",
+            "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
+            f"resources.task_timeout_s={timeout_s}", f"resources.heartbeat_s={heartbeat_s}",
+            "resources.max_storage_errors=3",
+            *[f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
+              for k, v in faulty_s3.direct.items() if k != "endpoint_url"],
+            f"+data.storage_options.endpoint_url={faulty_s3.direct['endpoint_url']}",
+            f"+output.storage_options.endpoint_url={faulty_s3.proxy.endpoint_url}"]
+    # the first marker write hangs; from then on every request to the output does
+    first = faulty_s3.proxy.add("hang", method="PUT", path="/atlas-out/hung-for-good/_progress/")
+    ray_tmp = tempfile.mkdtemp(prefix="i20h", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    try:
+        driver = subprocess.Popen([sys.executable, "-m", "atlinter_ray", *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 300
+        while first.hits == 0 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.hits >= 1, "the job never reached its first commit"
+        faulty_s3.proxy.add("hang", path="/atlas-out/hung-for-good")
+        hung_at = time.monotonic()
+        output, _ = driver.communicate(timeout=600)
+        ended_after = time.monotonic() - hung_at
+    finally:
+        _end_processes_of(ray_tmp)
+        faulty_s3.proxy.heal()
+    assert driver.returncode == 1, output
+    # generous: the old pool took over 10x this, blaming resources.gpus_per_worker
+    assert ended_after < 3 * (timeout_s + heartbeat_s), (ended_after, output)
+    cause = "the output store s3://atlas-out/hung-for-good stopped answering"
+    assert f"STOPPED: {cause}" in output
+    failed = [line for line in output.splitlines() if line.startswith("FAILED ")]
+    assert failed and all(cause in line for line in failed), failed
+    assert "no worker started" not in output and "gpus_per_worker" not in output
+    assert "run_summary.json was not written: the output store does not answer" in output
+    try:
+        again = _job(args, {"RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"})
+    finally:
+        _end_processes_of(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "complete 1, incomplete 0" in again.stdout
+    assert content(_direct_fs(faulty_s3), "atlas-out/hung-for-good") == clean_s3
 
 
 @pytest.mark.ray

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from atlinter_ray.errors import FatalWorkerError
+from atlinter_ray.errors import FatalWorkerError, StoreHungError
 from atlinter_ray.pool import PoolSpec, PoolStats, map_unordered
 
 pytestmark = pytest.mark.ray
@@ -63,6 +63,19 @@ class Unbuildable:
 
     def run(self, item: str) -> dict:  # pragma: no cover - never built
         return {"item": item}
+
+
+class StartsOnce:
+    """A worker whose node is lost after it: every later constructor waits for good."""
+
+    def __init__(self, crash_dir: str) -> None:
+        built = Path(crash_dir) / "built"
+        if built.exists():
+            time.sleep(600)  # a replacement the cluster never brings up
+        built.touch()
+
+    def run(self, item: str) -> dict:
+        os._exit(1)  # its node is lost
 
 
 def failed(item: str, error: str) -> dict:
@@ -175,3 +188,25 @@ def test_the_start_timeout_is_kept_to_the_second_not_to_the_next_warning(ray_clu
                   warn_every_s=600.0)
     assert "no worker started in 2 s" in got["a"]["failed"]
     assert time.monotonic() - started < 60  # before, the first check came after warn_every_s
+
+
+def test_a_pool_without_workers_after_a_loss_names_the_loss_not_resources(ray_cluster, tmp_path):
+    """The last worker died and no replacement comes up: its death is the cause given."""
+    got = results(StartsOnce, ["a"], tmp_path, max_workers=1, start_timeout_s=3.0)
+    error = got["a"]["failed"]
+    assert "ActorDiedError" in error and "no replacement worker started in the 3 s" in error
+    assert "gpus_per_worker" not in error
+
+
+def test_a_timed_out_call_asks_stalled_and_what_it_raises_ends_the_pool(ray_cluster, tmp_path):
+    asked = []
+
+    def stalled() -> None:
+        asked.append(time.monotonic())
+        raise StoreHungError("the store stopped answering")
+
+    with pytest.raises(StoreHungError, match="stopped answering"):
+        list(map_unordered(Echo, (str(tmp_path),), ["hang", "fine"],
+                           PoolSpec(max_workers=1, call_timeout_s=3.0), failed,
+                           stalled=stalled))
+    assert len(asked) == 1

@@ -237,28 +237,29 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lock_is_free(tmp_path: Path)
 def test_object_store_lease_is_exclusive_expires_and_is_lost(s3_servers) -> None:
     """On moto and on SeaweedFS (whose 412 has no <Condition>): a conflict is OutputBusyError."""
     store = VolumeStore("s3://atlas-out/lease-test", s3_servers.direct)
-    ttl = 60.0  # generous: a loaded machine never misses a renewal by this much
-    first = store.lease(ttl_s=ttl)
+    first = store.lease(ttl_s=6.0)  # renews every 2 s
     first.acquire()
     try:
-        with pytest.raises(OutputBusyError, match="last heartbeat"):
-            store.lease(ttl_s=ttl).acquire()
-        # the first driver freezes (its heartbeat stops) for longer than the TTL: its
-        # record's last heartbeat is set that far back instead of sleeping that long
+        # a second driver watches the record, sees it renewed, and is refused
+        with pytest.raises(OutputBusyError, match="is being written by another driver"):
+            store.lease(ttl_s=60.0).acquire()
+        # the first driver freezes (its heartbeat stops): a driver that watches the record
+        # unchanged for its own TTL (seconds of its own clock) takes it over
         first._stop.set()
-        record = json.loads(store.objects.get("_lease.json") or b"{}")
-        record["heartbeat"] -= 2 * ttl
-        store.objects.put("_lease.json", json.dumps(record).encode())
-        second = store.lease(ttl_s=ttl)
+        assert first._thread is not None
+        first._thread.join()
+        second = store.lease(ttl_s=3.0)
         second.acquire()
+        assert second.token.epoch == first.token.epoch + 1
         first._stop.clear()
         assert not first._renew()  # what its heartbeat finds when it wakes up
         with pytest.raises(IncompleteOutputError, match="lost its lease"):
             first.check()
         second.release()
-        assert store.objects.get("_lease.json") is None
+        assert json.loads(store.objects.get("_lease.json") or b"{}")["released"]
     finally:
         first._stop.set()
+        store.objects.delete(["_lease.json"])
 
 
 def test_two_takers_of_an_expired_lease_one_wins(s3_servers) -> None:
