@@ -3,8 +3,9 @@
 The worker decides when and from where a task is committed (the compute path); this
 module decides what committing means. The order is what makes a crash harmless: a task
 whose marker exists has every object written, and a task without one is simply
-redone. Between the two goes the task's reduction (what finishing needs of its slices,
-:class:`~atlinter_ray.finishing.Reduction`), so finishing need not read them back.
+redone. The marker carries the task's reduction (what finishing needs of its slices,
+:class:`~atlinter_ray.finishing.Reduction`), so finishing need not read them back, and a
+commit is two requests on an object store: the slab's shard(s), then the marker.
 The marker is bound to the image generation and input fingerprint it was written for
 (``identity``) and names every object the task stored with its size (a slab task owns
 whole shard objects: :mod:`atlinter_ray.layout`), and the slab's slices ``first`` and
@@ -46,11 +47,10 @@ def commit_task(
     try:
         objects = store.write_slices(ds, task.first, block)
         reduction = reduce_slab(ds, as_slab(ds, block), task.first)
-        store.write_reduction(identity, task.task_id, reduction.to_bytes())
         store.mark_done(identity, task.task_id, {
             "slices": list(records), "model_calls": model_calls, "objects": objects,
             "first": task.first, "count": task.stop - task.first,
-        })
+        }, reduction.to_bytes())
     except Exception as exc:
         if not is_storage_error(exc) or isinstance(exc, StorageError):
             raise

@@ -23,10 +23,12 @@ compressor per thread: creating a context per chunk, as zarr's codec does, cost 
 third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
-side is at most ``output.pyramid_min``), sharded the same way (slabs of K along the
-section axis, the same inner chunks), written once per dataset by its finishing job (a
-single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
-:mod:`atlinter_ray.finishing`).
+side is at most ``output.pyramid_min``), written once per dataset by its finishing job
+(a single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
+:mod:`atlinter_ray.finishing`). Having one writer, each level is **one shard object**
+(the whole level), with the same inner chunks as level 0 (K deep, ``h x w`` in-plane),
+so a viewer reads it by byte range as it reads level 0, and the pyramid costs one PUT
+per level instead of one per slab (64 of a 528-slice gene's 543 requests at K = 8).
 """
 
 from __future__ import annotations
@@ -111,16 +113,18 @@ class ArraySpec:
     shape: tuple[int, ...]
     #: Inner chunk shape (what a reader fetches by byte range).
     chunks: tuple[int, ...]
-    #: Shard shape: one stored object, ``slab`` slices deep, the whole plane wide.
+    #: Shard shape: one stored object, the whole plane wide; one slab deep at level 0,
+    #: the whole level at pyramid levels.
     shards: tuple[int, ...]
     dims: tuple[str, ...]
 
 
 def array_spec(ds: Dataset, layout: Layout, space: Sequence[int] | None = None) -> ArraySpec:
-    """A level of ``ds`` under ``layout`` (level 0 unless ``space``, its ``(z, y, x)``, is given).
+    """A level of ``ds`` under ``layout``: level 0, or a pyramid level of ``(z, y, x)`` ``space``.
 
-    Shards are ``layout.slab`` slices deep along the section axis and hold the whole
-    plane; inner chunks are as deep as the shard and ``layout.chunks`` in-plane.
+    Inner chunks are ``layout.slab`` slices deep along the section axis and
+    ``layout.chunks`` in-plane. Level 0's shards are one slab deep (a task's object) and
+    hold the whole plane; a pyramid level's one shard holds the whole level.
     """
     shape = list(space if space is not None else ds.reference_shape)
     plane = [n for i, n in enumerate(shape) if i != ds.axis_index]
@@ -130,7 +134,8 @@ def array_spec(ds: Dataset, layout: Layout, space: Sequence[int] | None = None) 
     depth = min(layout.slab, shape[ds.axis_index])
     chunks, shards = list(inner), list(outer)
     chunks.insert(ds.axis_index, depth)
-    shards.insert(ds.axis_index, depth)
+    shards.insert(ds.axis_index, depth if space is None
+                  else math.ceil(shape[ds.axis_index] / depth) * depth)
     lead = (ds.channels,) if ds.channels > 1 else ()
     dims = (("c",) if lead else ()) + SPACE_AXES
     return ArraySpec(shape=(*lead, *shape), chunks=(*lead, *chunks),

@@ -32,7 +32,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
 from atlinter_ray.layout import DEFAULT_SLAB, downsample2
 from atlinter_ray.pipeline import run
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.store import VolumeStore, decode_marker, encode_marker
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
@@ -85,7 +85,9 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
     for blob in store.objects.get_many(paths).values():
-        for key, size in json.loads(blob)["objects"].items():
+        marker = decode_marker(blob)
+        assert marker is not None
+        for key, size in marker.record["objects"].items():
             assert key in stored and (size is None or stored[key] == size), key
 
 
@@ -181,8 +183,9 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
 def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     tmp_path: Path, axis: str
 ) -> None:
-    """No slice is read back when every task left its reduction; where one is lost or
-    torn, its slices are read from level 0 instead, and the output is the same bytes."""
+    """No slice is read back when every task's marker carries its reduction; a marker
+    without one costs a read of its slices from level 0, a torn marker reads as absent
+    (its task is redone), and the output is the same bytes either way."""
     reads: list[tuple[int, int]] = []
     original = finishing._read_slab
 
@@ -193,7 +196,6 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     cfg = _local(tmp_path, [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72], axis)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finishing, "_read_slab", counted)
-        mp.setattr(finishing, "READ_BATCH", 5)  # 12 tasks: read in three batches
         assert run(cfg).ok
         assert reads == []
         levels = [np.asarray(zarr.open_array(f"{cfg.output.root}/g.ome.zarr/{k}")[...])
@@ -207,15 +209,18 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
                 run(cfg)
         n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
         last = (n - 1) // DEFAULT_SLAB * DEFAULT_SLAB
-        sums = sorted((tmp_path / "out" / "_progress" / "g").rglob("*.sums"))
-        assert len(sums) == -(-n // DEFAULT_SLAB)  # one per task: one per slab
-        (sums[0].parent / f"{DEFAULT_SLAB}-{2 * DEFAULT_SLAB - 1}.sums").unlink()  # lost
-        (sums[0].parent / f"{last}-{n - 1}.sums").write_bytes(b"torn")
+        markers = sorted((tmp_path / "out" / "_progress" / "g").rglob("*"))
+        markers = [m for m in markers if m.is_file()]
+        assert len(markers) == -(-n // DEFAULT_SLAB)  # one object per task: one per slab
+        second = markers[0].parent / f"{DEFAULT_SLAB}-{2 * DEFAULT_SLAB - 1}.json"
+        marker = decode_marker(second.read_bytes())
+        assert marker is not None and marker.reduction
+        second.write_bytes(encode_marker(marker.record, None))  # a marker without one
+        (markers[0].parent / f"{last}-{n - 1}.json").write_bytes(b'{"torn')
         again = run(cfg)
-    assert again.ok and again.tasks_done == 0
+    assert again.ok and again.tasks_done == 1  # the torn marker's task
     read = sorted(s for start, stop in reads for s in range(start, stop))
-    # only the slices of those two tasks
-    assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB), *range(last, n)]
+    assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB)]  # only the second task's slices
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
