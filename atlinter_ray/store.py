@@ -42,6 +42,10 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.storage import MemoryStore
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
@@ -77,6 +81,12 @@ def _join(root: str, *parts: str) -> str:
 #: viewer parses, and napari-ome-zarr prints), in a sidecar beside the image
 #: (:func:`sidecar_name`): the per-slice provenance and the object inventory.
 SIDECAR_KEYS = ("provenance", "objects")
+
+
+def _zarr_json(metadata: Any) -> bytes:
+    """The ``zarr.json`` bytes zarr writes for an array's or a group's metadata."""
+    blob: bytes = metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    return blob
 
 
 def sidecar_name(dataset_id: str) -> str:
@@ -138,6 +148,7 @@ class VolumeStore:
         self.objects = open_objects(self.root, self.storage_options)
         self._arrays: dict[str, Any] = {}
         self._encoders: dict[str, ShardEncoder] = {}
+        self._levels: dict[str, Any] = {}
 
     # -- locations ------------------------------------------------------------------
     def image_url(self, dataset_id: str) -> str:
@@ -250,16 +261,15 @@ class VolumeStore:
         layout: Layout,
     ) -> ImageState:
         """Remove the old image and markers, create the arrays, write the group metadata last."""
-        for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id),
-                     self._image_path(ds.id)):
-            self.objects.delete_prefix(path)
-        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
+        self.objects.delete([self._image_path(ds.id, "zarr.json")])  # half-made from here
+        for folder in (self._progress_path(ds.id), self._image_path(ds.id)):
+            self.objects.delete_prefix(folder)
+        for cache in (self._arrays, self._encoders, self._levels):
+            for key in [k for k in cache if k.startswith(f"{ds.id}:")]:
+                del cache[key]
         self.create_level(ds, "0", array_spec(ds, layout), dtype, layout.zstd_level)
         generation = new_generation()
-        group, options = self.zarr_location(ds.id)
-        zarr.create_group(
-            group, zarr_format=3, storage_options=options,
-            attributes={
+        self._put_group(ds.id, {
                 "ome": ome_metadata(ds, dtype),
                 "atlinter_ray": {
                     "generation": generation,
@@ -271,8 +281,7 @@ class VolumeStore:
                     "axis": ds.axis,
                     "section_numbers": sorted(ds.section_numbers),
                 },
-            },
-        )
+            })
         return ImageState(ImageIdentity(generation, fingerprint.digest), False, True)
 
     def open_array(self, dataset_id: str, level: str = "0", mode: str = "r") -> Any:
@@ -282,22 +291,44 @@ class VolumeStore:
             location, options = self.zarr_location(dataset_id, level)
             config = {"write_empty_chunks": True} if mode != "r" else None
             self._arrays[key] = zarr.open_array(
-                location, mode=mode, storage_options=options, config=config
+                location, mode=mode, storage_options=options, config=config, zarr_format=3
             )
         return self._arrays[key]
 
     def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
                      zstd_level: int) -> None:
-        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside."""
-        location, options = self.zarr_location(ds.id, level)
-        zarr.create_array(
-            location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
-            fill_value=0, dimension_names=spec.dims, compressors=ZstdCodec(level=zstd_level),
-            zarr_format=3, overwrite=True, storage_options=options,
-        )
-        for cache in (self._arrays, self._encoders):
+        """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside.
+
+        Only its ``zarr.json`` is written (one PUT, made by zarr itself in memory): the
+        level's objects are whole shards that their one writer overwrites (the same grid
+        whenever the same image makes the level again), and :meth:`create_image` empties
+        the image before level 0, so nothing stale needs listing and deleting.
+        """
+        metadata = zarr.create_array(
+            MemoryStore(), shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+            dtype=dtype, fill_value=0, dimension_names=spec.dims,
+            compressors=ZstdCodec(level=zstd_level), zarr_format=3,
+        ).metadata
+        self.objects.put(self._image_path(ds.id, level, "zarr.json"), _zarr_json(metadata))
+        for cache in (self._arrays, self._encoders, self._levels):
             for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
                 del cache[key]
+        self._levels[f"{ds.id}:{level}:"] = metadata
+
+    def _level(self, dataset_id: str, level: str) -> Any:
+        """One level's zarr array metadata (cached per store; one GET of its ``zarr.json``)."""
+        key = f"{dataset_id}:{level}:"
+        if key not in self._levels:
+            blob = self.objects.get(self._image_path(dataset_id, level, "zarr.json"))
+            try:
+                self._levels[key] = ArrayV3Metadata.from_dict(json.loads(blob or b""))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(
+                    f"{_join(self.image_url(dataset_id), level)} has no readable zarr.json "
+                    f"({type(exc).__name__}: {exc}). Fix: rerun the same command; it makes "
+                    "a half-made image again."
+                ) from exc
+        return self._levels[key]
 
     def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, int]:
         """Write ``(K, C, H, W)`` consecutive slices from ``first`` (whole slabs) to level 0."""
@@ -310,7 +341,7 @@ class VolumeStore:
         ends at one too, or at the end of the array. Each slab is one shard object,
         encoded here (:class:`~atlinter_ray.layout.ShardEncoder`) and stored in one batch.
         """
-        arr = self.open_array(ds.id, level, mode="r+")
+        arr = self._level(ds.id, level)
         encoder = self._encoder(ds.id, level, arr)
         axis = arr.ndim - 3 + ds.axis_index
         depth, count, total = encoder.shards[axis], block.shape[axis], arr.shape[axis]
@@ -326,12 +357,13 @@ class VolumeStore:
         self._put_many(self._image_path(ds.id, level), blobs)
         return {key: len(blob) for key, blob in blobs.items()}
 
-    def _encoder(self, dataset_id: str, level: str, arr: Any) -> ShardEncoder:
-        """The shard encoder of one level's array (cached); StoreError if not our layout."""
+    def _encoder(self, dataset_id: str, level: str, metadata: Any) -> ShardEncoder:
+        """The shard encoder of one level's array metadata (cached); StoreError if not our
+        layout."""
         cache = f"{dataset_id}:{level}:encoder"
         if cache not in self._encoders:
             try:
-                self._encoders[cache] = shard_encoder(arr.metadata)
+                self._encoders[cache] = shard_encoder(metadata)
             except ValueError as exc:
                 raise StoreError(
                     f"{_join(self.image_url(dataset_id), level)} is not laid out as this "
@@ -359,8 +391,7 @@ class VolumeStore:
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
         record's provenance and object inventory read back from its sidecar."""
-        group, options = self.zarr_location(dataset_id)
-        attrs = dict(zarr.open_group(group, mode="r", storage_options=options).attrs)
+        attrs = self._group_attrs(dataset_id)
         ours = attrs.get("atlinter_ray")
         if isinstance(ours, dict):
             attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
@@ -378,8 +409,26 @@ class VolumeStore:
             side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
             self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
             attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
-        group, options = self.zarr_location(dataset_id)
-        zarr.open_group(group, mode="r+", storage_options=options).attrs.update(attrs)
+        self._put_group(dataset_id, {**self._group_attrs(dataset_id), **attrs})
+
+    def _group_attrs(self, dataset_id: str) -> dict[str, Any]:
+        """The image group's attributes as stored (one GET of its ``zarr.json``)."""
+        blob = self.objects.get(self._image_path(dataset_id, "zarr.json"))
+        try:
+            attrs = json.loads(blob or b"")["attributes"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"{self.image_url(dataset_id)}/zarr.json is missing or not a zarr group "
+                f"({type(exc).__name__}: {exc}). Fix: rerun the same command; it makes a "
+                "half-made image again."
+            ) from exc
+        return dict(attrs)
+
+    def _put_group(self, dataset_id: str, attrs: Mapping[str, Any]) -> None:
+        """Write the image group's ``zarr.json`` with ``attrs`` (zarr's own serialisation,
+        one PUT, whole or not at all)."""
+        metadata = GroupMetadata(attributes=dict(attrs), zarr_format=3)
+        self.objects.put(self._image_path(dataset_id, "zarr.json"), _zarr_json(metadata))
 
     def _with_sidecar(self, dataset_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         """``meta`` with its sidecar's records merged in, when they are of its generation."""
@@ -400,13 +449,14 @@ class VolumeStore:
         cost per inner chunk, 3.5 s for a full-size grey gene against 1.2 s here
         (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr.
         """
-        arr = self.open_array(dataset_id, level)
+        arr = self._level(dataset_id, level)
         encoder = self._encoder(dataset_id, level, arr)
         grid = [-(-n // s) for n, s in zip(arr.shape, encoder.shards)]
         keys = {chunk_key(cell): cell for cell in np.ndindex(*grid)}
         folder = self._image_path(dataset_id, level)
         found = self.objects.get_many([_join(folder, key) for key in keys])
-        padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)], dtype=arr.dtype)
+        padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)],
+                          dtype=arr.dtype.to_native_dtype())
         for key, cell in keys.items():
             blob = found.get(_join(folder, key))
             if blob is not None:
