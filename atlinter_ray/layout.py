@@ -2,7 +2,7 @@
 
 Level ``"0"`` is the full-resolution volume in reference orientation, ``([C,] z, y, x)``.
 Tasks write it concurrently, so one rule holds whatever the configuration: **along the
-section axis an object is one slab of** ``output.slab`` **slices deep** (K, default 8),
+section axis an object is one slab of** ``output.slab`` **slices deep** (K, default 16),
 covering the whole section plane, and a task owns whole slabs
 (:func:`~atlinter_ray.planning.plan_slabs`), so every object has exactly one writer
 (writers sharing a shard lose data). Each object is a zarr v3 shard (``sharding_indexed``
@@ -11,7 +11,15 @@ codec); inside it, inner chunks of ``K x h x w`` (``output.chunks=[h, w]``, defa
 drawing a plane across the sections reads only the inner chunks the plane cuts: for a
 528 x 320 x 456 volume a sagittal plane reads 32/456 and an axial one 32/320 of level 0
 (``benchmarks/bench_slab.py``), against every slice object of the one-slice-deep layout.
-On an object store, a 528-slice volume is 66 objects at level 0 instead of 528.
+On an object store, a 528-slice volume is 33 objects at level 0 instead of 528.
+
+Why K = 16 by default (``benchmarks/bench_scale.py``, ``benchmarks/bench_slab.py``): a
+task costs an object store four requests whatever K is (its input read, its shard, its
+marker, and finishing's read of the marker), so a job makes about ``4/K`` requests per
+slice plus a few per gene: 0.34 at K = 16 against 0.59 at K = 8 for a 528-slice gene.
+Larger slabs also repeat fewer model calls where a gap crosses a slab boundary. A task
+holds K slices (16 RGB 320 x 456 float32 slices: 28 MB), and a coronal plane's reader
+fetches one slab-deep row of inner chunks (1.3 MB of a grey gene).
 
 The shard's index (offset and size of every inner chunk, little-endian uint64) carries
 a CRC32C checksum of itself (zarr's default ``index_codecs``: bytes then ``crc32c``); the
@@ -49,7 +57,7 @@ from atlinter_ray.errors import ConfigError
 
 SPACE_AXES = ("z", "y", "x")
 #: Slices per level-0 object along the section axis (``output.slab``).
-DEFAULT_SLAB = 8
+DEFAULT_SLAB = 16
 #: In-plane inner chunk ``(h, w)`` inside a shard (``output.chunks``).
 DEFAULT_CHUNKS = (32, 32)
 

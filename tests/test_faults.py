@@ -30,15 +30,17 @@ import zarr
 from atlinter_ray import finishing
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
-from atlinter_ray.layout import DEFAULT_SLAB, downsample2
+from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore, decode_marker, encode_marker
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
-#: One task per slab of the 91 coronal slices.
-TASKS = -(-91 // DEFAULT_SLAB)
+#: Slabs of 8 slices (finer than the default ``output.slab``): the faults below hit one
+#: task among 12 of the 91 coronal slices.
+SLAB = 8
+TASKS = -(-91 // SLAB)
 
 
 def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal") -> Config:
@@ -49,6 +51,7 @@ def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal"
     cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["g"]
     cfg.output.root = str(tmp_path / "out")
     cfg.model.name = "linear"
+    cfg.output.slab = SLAB
     cfg.run.serial, cfg.run.progress = True, False
     return cfg
 
@@ -208,11 +211,11 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
             with pytest.raises(Killed):
                 run(cfg)
         n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
-        last = (n - 1) // DEFAULT_SLAB * DEFAULT_SLAB
+        last = (n - 1) // SLAB * SLAB
         markers = sorted((tmp_path / "out" / "_progress" / "g").rglob("*"))
         markers = [m for m in markers if m.is_file()]
-        assert len(markers) == -(-n // DEFAULT_SLAB)  # one object per task: one per slab
-        second = markers[0].parent / f"{DEFAULT_SLAB}-{2 * DEFAULT_SLAB - 1}.json"
+        assert len(markers) == -(-n // SLAB)  # one object per task: one per slab
+        second = markers[0].parent / f"{SLAB}-{2 * SLAB - 1}.json"
         marker = decode_marker(second.read_bytes())
         assert marker is not None and marker.reduction
         second.write_bytes(encode_marker(marker.record, None))  # a marker without one
@@ -220,7 +223,7 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
         again = run(cfg)
     assert again.ok and again.tasks_done == 1  # the torn marker's task
     read = sorted(s for start, stop in reads for s in range(start, stop))
-    assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB)]  # only the second task's slices
+    assert read == [*range(SLAB, 2 * SLAB)]  # only the second task's slices
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
@@ -270,6 +273,7 @@ def _s3(servers, s3_input: str, name: str, **storage: object) -> Config:
     cfg.output.root = f"s3://atlas-out/{name}"
     cfg.output.storage_options = {**servers.options, **storage}
     cfg.model.name = "linear"
+    cfg.output.slab = SLAB
     cfg.run.progress = False
     cfg.resources.min_workers = cfg.resources.max_workers = 2
     return cfg

@@ -16,6 +16,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.execution import run_on_ray, run_serial
+from atlinter_ray.layout import Layout
 from atlinter_ray.pipeline import committed_rows, run
 from atlinter_ray.planning import plan_dataset, plan_slabs
 from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, sidecar_name
@@ -23,7 +24,8 @@ from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_o
 from atlinter_ray.worker import WorkerSpec, failed_result
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
-#: One task per slab of 8 of the 91 slices.
+#: Slabs of 8 slices (finer than the default ``output.slab``): 12 tasks of the 91 slices.
+SLAB = 8
 TASKS = 12
 
 
@@ -35,6 +37,7 @@ def _config(tmp_path: Path, **resources) -> Config:
     cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["rgbgene"]
     cfg.output.root = str(tmp_path / "out")
     cfg.model.name, cfg.model.params = "dis", {"preset": "fast"}
+    cfg.output.slab = SLAB
     cfg.run.progress = False
     for key, value in {"min_workers": 2, "max_workers": 2, **resources}.items():
         setattr(cfg.resources, key, value)
@@ -158,9 +161,9 @@ def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) 
 def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
-    state = prepare_image(VolumeStore(cfg.output.root), ds)
+    state = prepare_image(VolumeStore(cfg.output.root), ds, layout=Layout(slab=SLAB))
     # enough to reach both: the second actor may take seconds to start on a busy machine
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8) * 12
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB) * 12
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: state.identity})
     cfg.resources.gpus_per_worker = 1
@@ -177,8 +180,8 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
-    identity = prepare_image(store, ds).identity
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
+    identity = prepare_image(store, ds, layout=Layout(slab=SLAB)).identity
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB)
     broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
     spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
@@ -211,8 +214,8 @@ def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
-    identity = prepare_image(store, ds).identity
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
+    identity = prepare_image(store, ds, layout=Layout(slab=SLAB)).identity
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB)
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
     committed = tasks[: len(tasks) // 2]

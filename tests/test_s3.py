@@ -10,6 +10,7 @@ import s3fs
 
 from atlinter_ray.config import Config
 from atlinter_ray.errors import StorageCredentialsError
+from atlinter_ray.layout import DEFAULT_SLAB
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
@@ -37,7 +38,7 @@ def test_pipeline_reads_and_writes_s3(ray_cluster, s3_servers) -> None:
     summary = run(cfg)
     assert summary.ok and summary.slices_written == 91
     requests = list(s3_servers.proxy.seen)
-    tasks = -(-91 // 8)  # one per slab of 8 slices
+    tasks = -(-91 // DEFAULT_SLAB)  # one per slab
     # requests are what an object store bills and waits on: each task reads the sections
     # it needs in one ranged GET, without a HEAD; finishing reads back no slice of level 0
     # (the montage reads the two slabs of one gap: each shard's index, then its 3 x 3
