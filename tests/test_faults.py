@@ -150,7 +150,7 @@ def _die_on_call(n: int, original, when=lambda *a, **k: True):
 
 #: Where a run dies: (what, object patched, attribute, call it dies at, which calls count).
 KILL_POINTS = {
-    "image arrays made, metadata not": (zarr, "create_group", 1, None),
+    "image arrays made, metadata not": (VolumeStore, "_put_group", 1, None),
     "slices of 3 tasks written, 3rd marker not": (VolumeStore, "mark_done", 3, None),
     "last task's slices written, marker not": (VolumeStore, "mark_done", TASKS, None),
     "pyramid and pictures written, metadata not": (VolumeStore, "update_attrs", 1, None),
