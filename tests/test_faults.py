@@ -436,7 +436,8 @@ def _end_processes_of(ray_tmp: str) -> None:
 @pytest.mark.ray
 def test_a_killed_driver_is_finished_by_rerunning_the_command(faulty_s3, s3_input, clean_s3):
     args = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
-            "output.root=s3://atlas-out/driver-killed", "run.progress=false",
+            "output.root=s3://atlas-out/driver-killed", f"output.slab={SLAB}",
+            "run.progress=false",
             "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
             *[f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
               for k, v in faulty_s3.direct.items() if k != "endpoint_url"],

@@ -24,7 +24,7 @@ from atlinter_ray.errors import (
     StoreError,
 )
 from atlinter_ray.identity import fingerprint
-from atlinter_ray.layout import Layout, array_spec, shard_encoder
+from atlinter_ray.layout import DEFAULT_SLAB, Layout, array_spec, shard_encoder
 from atlinter_ray.objects import s3_settings
 from atlinter_ray.pipeline import layout_of
 from atlinter_ray.store import VolumeStore, decode_marker
@@ -221,7 +221,7 @@ def test_a_half_made_image_is_made_again(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
     state = prepare_image(store, ds)
-    store.write_slices(ds, 0, np.ones((8, 1, *ds.image_shape), np.uint8))
+    store.write_slices(ds, 0, np.ones((DEFAULT_SLAB, 1, *ds.image_shape), np.uint8))
     (tmp_path / "out" / "g.ome.zarr" / "zarr.json").unlink()  # killed before the metadata
     again = prepare_image(store, ds)
     assert again.created and again.identity.generation != state.identity.generation
