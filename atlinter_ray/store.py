@@ -5,8 +5,8 @@ Layout under the output root (a local path, ``s3://`` or any fsspec URL)::
     <root>/<dataset>.ome.zarr/                   OME-Zarr 0.5 image (Zarr v3)
         zarr.json                                group metadata, written last
         0/ 1/ 2/ ...                             level 0 and the pyramid (layout.py)
-    <root>/_progress/<dataset>/<generation>/<lo>-<hi>.json    one task's done marker,
-                                                              its reduction inside
+    <root>/_progress/<dataset>/<generation>/<lo>-<hi>.done    one task's done marker:
+                                            a line of JSON, then its reduction
     <root>/<dataset>.quicklook.png, <dataset>.montage.png
     <root>/run_summary.json
     <root>/.atlinter_ray.lock or _lease.json     the driver's lease (lease.py)
@@ -30,8 +30,6 @@ under the same prefixes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import posixpath
@@ -39,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
@@ -67,9 +66,9 @@ from atlinter_ray.objects import open_objects
 
 log = logging.getLogger(__name__)
 
-#: Suffix of a task's done marker (``<lo>-<hi>.json``).
-MARKER_SUFFIX = ".json"
-#: Field of a marker that carries the task's reduction (base64; see :func:`encode_marker`).
+#: Suffix of a task's done marker (``<lo>-<hi>.done``).
+MARKER_SUFFIX = ".done"
+#: Field of a marker's record that names the reduction after it (:func:`encode_marker`).
 REDUCTION_FIELD = "reduction"
 
 
@@ -114,29 +113,38 @@ class TaskMarker:
 
 
 def encode_marker(record: Mapping[str, Any], reduction: bytes | None) -> bytes:
-    """The stored bytes of a marker: the record as JSON, the reduction in it as base64.
+    """The stored bytes of a marker: the record as one line of JSON, then the reduction.
 
-    One JSON object, so a marker stays readable with any tool and a torn one fails to
-    parse (:func:`decode_marker`); base64 costs a third more bytes of a small object and
-    about 1 ms per task, where a second object cost two requests.
+    The record names the reduction's size and CRC32C (``reduction``), so a torn or
+    damaged marker fails :func:`decode_marker` and reads as absent. The reduction
+    travels as it is: base64 inside the JSON cost ~60 ms per 2.8 MB task (encode, JSON,
+    decode) where this costs a CRC32C (< 1 ms).
     """
     body = dict(record)
+    tail = b""
     if reduction is not None:
-        body[REDUCTION_FIELD] = base64.b64encode(reduction).decode("ascii")
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        tail = bytes(reduction)
+        body[REDUCTION_FIELD] = {"bytes": len(tail), "crc32c": google_crc32c.value(tail)}
+    head = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return head + b"\n" + tail
 
 
 def decode_marker(blob: bytes) -> TaskMarker | None:
     """The marker :func:`encode_marker` stored, or None when its bytes are not one (torn)."""
+    head, newline, tail = bytes(blob).partition(b"\n")
     try:
-        body = json.loads(blob)
-        packed = body.pop(REDUCTION_FIELD, None) if isinstance(body, dict) else None
-        reduction = None if packed is None else base64.b64decode(packed, validate=True)
-    except (ValueError, TypeError, binascii.Error):
+        body = json.loads(head)
+    except ValueError:
         return None
-    if not isinstance(body, dict) or "task_id" not in body:
+    if not newline or not isinstance(body, dict) or "task_id" not in body:
         return None
-    return TaskMarker(body, reduction)
+    carried = body.pop(REDUCTION_FIELD, None)
+    if carried is None:
+        return TaskMarker(body, None) if not tail else None
+    if not isinstance(carried, dict) or carried.get("bytes") != len(tail) or carried.get(
+            "crc32c") != google_crc32c.value(tail):
+        return None
+    return TaskMarker(body, tail)
 
 
 class VolumeStore:

@@ -322,7 +322,7 @@ def profile_writes(folder: Path, slices: int = 64) -> None:
 #: Which part of a job a request serves, by its path (first match).
 REQUEST_KINDS = {
     "level 0 slices": r"\.ome\.zarr/0/c/", "pyramid": r"\.ome\.zarr/[1-9]\d*/c/",
-    "input": r"^/atlas-in/", "markers": r"/_progress/.*\.json",
+    "input": r"^/atlas-in/", "markers": r"/_progress/.*\.done",
     "listings": r"\?list-type", "metadata": r"zarr\.json$", "lease": r"/_lease\.json$",
     "pictures, sidecar, summary": r"\.png$|\.provenance\.json$|/run_summary\.json$",
     "deletes": r"\?delete", "": r"",

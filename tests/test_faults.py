@@ -215,11 +215,11 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
         markers = sorted((tmp_path / "out" / "_progress" / "g").rglob("*"))
         markers = [m for m in markers if m.is_file()]
         assert len(markers) == -(-n // SLAB)  # one object per task: one per slab
-        second = markers[0].parent / f"{SLAB}-{2 * SLAB - 1}.json"
+        second = markers[0].parent / f"{SLAB}-{2 * SLAB - 1}.done"
         marker = decode_marker(second.read_bytes())
         assert marker is not None and marker.reduction
         second.write_bytes(encode_marker(marker.record, None))  # a marker without one
-        (markers[0].parent / f"{last}-{n - 1}.json").write_bytes(b'{"torn')
+        (markers[0].parent / f"{last}-{n - 1}.done").write_bytes(b'{"torn')
         again = run(cfg)
     assert again.ok and again.tasks_done == 1  # the torn marker's task
     read = sorted(s for start, stop in reads for s in range(start, stop))

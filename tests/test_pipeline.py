@@ -108,8 +108,8 @@ def test_rerun_skips_done_tasks_and_redoes_lost_ones_bytes_identical(ray_cluster
     assert _snapshot(out) == first
     # a crash after writing slices but before the marker, and a lost shard
     (markers,) = (out / "_progress" / "rgbgene").iterdir()  # one image generation
-    (markers / "16-23.json").unlink()
-    (markers / "40-47.json").unlink()
+    (markers / "16-23.done").unlink()
+    (markers / "40-47.done").unlink()
     shard = out / "rgbgene.ome.zarr" / "0" / "c" / "0" / "7" / "0" / "0"  # slices 56-63
     shard.write_bytes(b"garbage")
     redo = run(cfg)

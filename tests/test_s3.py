@@ -73,7 +73,7 @@ def test_pipeline_reads_and_writes_s3(ray_cluster, s3_servers) -> None:
     assert fs.exists("atlas-out/run1/g1.quicklook.png")
     (generation,) = fs.ls("atlas-out/run1/_progress/g1")  # markers of one image generation
     # one object per task: its marker, which carries its reduction
-    assert sorted(p.rsplit(".", 1)[1] for p in fs.ls(generation)) == ["json"] * tasks
+    assert sorted(p.rsplit(".", 1)[1] for p in fs.ls(generation)) == ["done"] * tasks
     text = fs.cat_file("atlas-out/run1/run_summary.json").decode()
     assert "testing-secret-value" not in text and "testing-key" not in text
     # resume on S3: everything is skipped

@@ -180,16 +180,18 @@ def test_a_marker_is_one_object_with_its_reduction_and_a_torn_one_reads_as_absen
     store.mark_done(identity, "g/0-7", {"slices": [], "objects": {"c/0/0/0": 12}}, reduction)
     store.mark_done(identity, "g/8-15", {"slices": [], "objects": {}})  # none carried
     folder = tmp_path / "out" / "_progress" / "g" / identity.generation
-    assert sorted(p.name for p in folder.iterdir()) == ["0-7.json", "8-15.json"]
-    assert json.loads((folder / "0-7.json").read_bytes())["objects"] == {"c/0/0/0": 12}
+    assert sorted(p.name for p in folder.iterdir()) == ["0-7.done", "8-15.done"]
+    head = (folder / "0-7.done").read_bytes().split(b"\n", 1)[0]  # the record: a JSON line
+    assert json.loads(head)["objects"] == {"c/0/0/0": 12}
     markers = store.done_markers("g", identity)
     assert markers["g/0-7"].reduction == reduction and markers["g/8-15"].reduction is None
     assert "reduction" not in markers["g/0-7"].record
     assert store.done_records("g", identity)["g/0-7"]["objects"] == {"c/0/0/0": 12}
-    whole = (folder / "0-7.json").read_bytes()
-    for torn in (whole[: len(whole) // 2], whole[:-1], b"", b"[]",
-                 whole.replace(b'"reduction":"', b'"reduction":"#')):
-        (folder / "0-7.json").write_bytes(torn)
+    whole = (folder / "0-7.done").read_bytes()
+    flipped = whole[:-1] + bytes([whole[-1] ^ 1])  # a damaged reduction: its CRC32C fails
+    for torn in (whole[: len(whole) // 2], whole[:-1], whole + b"x", flipped, head, b"",
+                 b"[]\n"):
+        (folder / "0-7.done").write_bytes(torn)
         assert decode_marker(torn) is None
         assert set(store.done_markers("g", identity)) == {"g/8-15"}  # its task is redone
     assert store.done_task_ids("g", identity) == {"g/0-7", "g/8-15"}  # a listing of keys
