@@ -64,7 +64,7 @@ class OutputConfig:
     #: identity, like the layout settings below.
     zstd_level: int = 1
     #: Slices per stored object (a zarr shard) along the section axis at level 0; a task
-    #: owns whole slabs of this many slices (atlinter_ray/layout.py). 16: 0.36 S3
+    #: owns whole slabs of this many slices (atlinter_ray/layout.py). 16: 0.34 S3
     #: requests per slice (8: 0.59) and fewer model calls repeated at slab boundaries
     #: (bisection 8 %, flow 25 %; 8: 14 %, 38 %), for 16 slices held per task.
     slab: int = 16

@@ -16,7 +16,7 @@ On an object store, a 528-slice volume is 33 objects at level 0 instead of 528.
 Why K = 16 by default (``benchmarks/bench_scale.py``, ``benchmarks/bench_slab.py``): a
 task costs an object store four requests whatever K is (its input read, its shard, its
 marker, and finishing's read of the marker), so a job makes about ``4/K`` requests per
-slice plus a few per gene: 0.36 at K = 16 against 0.59 at K = 8 for a 528-slice gene.
+slice plus a few per gene: 0.34 at K = 16 against 0.59 at K = 8 for a 528-slice gene.
 Larger slabs also repeat fewer model calls where a gap crosses a slab boundary. A task
 holds K slices (16 RGB 320 x 456 float32 slices: 28 MB), and a coronal plane's reader
 fetches one slab-deep row of inner chunks (1.3 MB of a grey gene).
