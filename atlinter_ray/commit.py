@@ -1,7 +1,7 @@
 """Committing one finished task from a worker: the ledger's commit, with its errors named.
 
 The worker decides when and from where a task is committed (the compute path); what
-committing means (objects with their checksums, then the reduction, then the marker) is
+committing means (objects with their checksums, then the marker, which carries the reduction) is
 :func:`atlinter_ray.ledger.commit`'s. Here the task's reduction is made (what finishing
 needs of its slices, :class:`~atlinter_ray.finishing.Reduction`), and a failing store
 becomes a :class:`~atlinter_ray.errors.StorageError` naming the task and the fix. The

@@ -5,7 +5,8 @@
     the ledger: every planned task has a marker, and every
     object a marker names is stored with its size?               no ─> drop their markers,
                                                                        redo those tasks
-    the tasks' reductions, in slice order (level 0 read only where one is lost)
+    the tasks' reductions (in their markers), in slice order (level 0 read only for a
+    marker without one)
         ├─> level 1 of the pyramid (2x2x2 means), then 2, 3 ... from it, in memory
         └─> the three mid planes of the quick-look
     quick-look and montage PNGs (atomic), provenance merged in slice order
@@ -48,14 +49,12 @@ from atlinter_ray.layout import (
 )
 from atlinter_ray.lease import FenceToken
 from atlinter_ray.quicklook import mid_positions, montage_gaps, montage_png, quicklook_png
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.store import TaskMarker, VolumeStore
 
 log = logging.getLogger(__name__)
 
 #: Slices of level 0 read per step (an even number: level 1 halves it).
 SLAB = 16
-#: Task reductions read per batch (concurrently on object stores).
-READ_BATCH = 16
 
 
 class UnreadableSlicesError(Exception):
@@ -105,10 +104,11 @@ def finish_dataset(
     start = time.perf_counter()
     result = FinishResult(ds.id)
     try:
-        records, redo = ledger.unfinished_tasks(store, ds.id, job.identity, job.task_ids)
+        markers, redo = ledger.unfinished_tasks(store, ds.id, job.identity, job.task_ids)
+        records = {task_id: marker.record for task_id, marker in markers.items()}
         if not redo:
             try:
-                result.outputs = _finish(store, ds, job, records, fence)
+                result.outputs = _finish(store, ds, job, markers, fence)
                 result.status = "done"
             except UnreadableSlicesError as exc:
                 redo = sorted({task_id for task_id, record in records.items()
@@ -126,16 +126,17 @@ def finish_dataset(
 
 
 def _finish(
-    store: VolumeStore, ds: Dataset, job: FinishJob, records: Mapping[str, Mapping[str, Any]],
+    store: VolumeStore, ds: Dataset, job: FinishJob, markers: Mapping[str, TaskMarker],
     fence: FenceToken | None,
 ) -> dict[str, str]:
     """Pyramid, pictures and metadata of a verified dataset; the metadata goes last."""
+    records = {task_id: marker.record for task_id, marker in markers.items()}
     seen = store.metadata_version(ds.id)  # before it is read: any later change is refused
     meta = ledger.image_record_of(store, ds.id, job.identity)
     provenance = sorted((s for r in records.values() for s in r["slices"]),
                         key=lambda s: s["slice"])
     pyramid, planes = _pyramid(store, ds, Layout.from_json(meta["layout"]),
-                               _reductions(store, ds, job.identity, records))
+                               _reductions(store, ds, markers))
     outputs = {"image": store.image_url(ds.id)}
     if job.quicklook:
         status = [""] * ds.n_slices
@@ -165,8 +166,8 @@ class Reduction:
     in array order with the section axis ``count`` long: finishing pairs them across
     tasks into level 1 of the pyramid. ``cuts[a]`` is the slices' part of the quick-look
     plane across reference axis ``a`` (for the section axis, the whole mid slice, when
-    these slices hold it). A task stores its reduction beside its marker, so finishing
-    reads one small object per task instead of every slice of level 0.
+    these slices hold it). A task stores its reduction in its marker, so finishing reads
+    one small object per task instead of every slice of level 0.
     """
 
     first: int
@@ -214,25 +215,23 @@ def reduce_slab(ds: Dataset, slab: np.ndarray, first: int) -> Reduction:
 
 
 def _reductions(
-    store: VolumeStore, ds: Dataset, identity: ImageIdentity,
-    records: Mapping[str, Mapping[str, Any]],
+    store: VolumeStore, ds: Dataset, markers: Mapping[str, TaskMarker]
 ) -> Iterator[Reduction]:
-    """Reductions of every slice in order: the tasks' own, or made from level 0 where lost."""
+    """Reductions of every slice in order: the tasks' own, or made from level 0 where a
+    marker has none. Each is decoded only when its turn comes (the markers hold them
+    compressed), so memory stays flat in the slices."""
     arr = store.open_array(ds.id)
     n = arr.shape[arr.ndim - 3 + ds.axis_index]
-    ranges = sorted((first, stop - 1, task_id) for task_id, r in records.items()
-                    for first, stop in [ledger.task_span(r)])
+    ranges = sorted((first, stop - 1, task_id) for task_id, m in markers.items()
+                    for first, stop in [ledger.task_span(m.record)])
     made = 0
-    blobs: dict[str, bytes] = {}
-    for number, (lo, hi, task_id) in enumerate(ranges):
-        if number % READ_BATCH == 0:  # a few at a time: memory stays flat in the slices
-            batch = ranges[number : number + READ_BATCH]
-            blobs = store.read_reductions(identity, [task for *_, task in batch])
+    for lo, hi, task_id in ranges:
         if made < lo:
             yield from _reduce_level0(arr, ds, made, lo)
-        reduction = _stored_reduction(blobs.get(task_id), lo, hi)
+        reduction = _stored_reduction(markers[task_id].reduction, lo, hi)
         if reduction is None:
-            log.info("%s: no reduction stored for %s; reading its slices", ds.id, task_id)
+            log.info("%s: no reduction in the marker of %s; reading its slices", ds.id,
+                     task_id)
             yield from _reduce_level0(arr, ds, lo, hi + 1)
         else:
             yield reduction

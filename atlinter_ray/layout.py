@@ -2,7 +2,7 @@
 
 Level ``"0"`` is the full-resolution volume in reference orientation, ``([C,] z, y, x)``.
 Tasks write it concurrently, so one rule holds whatever the configuration: **along the
-section axis an object is one slab of** ``output.slab`` **slices deep** (K, default 8),
+section axis an object is one slab of** ``output.slab`` **slices deep** (K, default 16),
 covering the whole section plane, and a task owns whole slabs
 (:func:`~atlinter_ray.planning.plan_slabs`), so every object has exactly one writer
 (writers sharing a shard lose data). Each object is a zarr v3 shard (``sharding_indexed``
@@ -11,7 +11,15 @@ codec); inside it, inner chunks of ``K x h x w`` (``output.chunks=[h, w]``, defa
 drawing a plane across the sections reads only the inner chunks the plane cuts: for a
 528 x 320 x 456 volume a sagittal plane reads 32/456 and an axial one 32/320 of level 0
 (``benchmarks/bench_slab.py``), against every slice object of the one-slice-deep layout.
-On an object store, a 528-slice volume is 66 objects at level 0 instead of 528.
+On an object store, a 528-slice volume is 33 objects at level 0 instead of 528.
+
+Why K = 16 by default (``benchmarks/bench_scale.py``, ``benchmarks/bench_slab.py``): a
+task costs an object store four requests whatever K is (its input read, its shard, its
+marker, and finishing's read of the marker), so a job makes about ``4/K`` requests per
+slice plus a few per gene: 0.34 at K = 16 against 0.59 at K = 8 for a 528-slice gene.
+Larger slabs also repeat fewer model calls where a gap crosses a slab boundary. A task
+holds K slices (16 RGB 320 x 456 float32 slices: 28 MB), and a coronal plane's reader
+fetches one slab-deep row of inner chunks (1.3 MB of a grey gene).
 
 The shard's index (offset and size of every inner chunk, little-endian uint64) carries
 a CRC32C checksum of itself (zarr's default ``index_codecs``: bytes then ``crc32c``); the
@@ -23,10 +31,12 @@ compressor per thread: creating a context per chunk, as zarr's codec does, cost 
 third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
-side is at most ``output.pyramid_min``), sharded the same way (slabs of K along the
-section axis, the same inner chunks), written once per dataset by its finishing job (a
-single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
-:mod:`atlinter_ray.finishing`).
+side is at most ``output.pyramid_min``), written once per dataset by its finishing job
+(a single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
+:mod:`atlinter_ray.finishing`). Having one writer, each level is **one shard object**
+(the whole level), with the same inner chunks as level 0 (K deep, ``h x w`` in-plane),
+so a viewer reads it by byte range as it reads level 0, and the pyramid costs one PUT
+per level instead of one per slab (64 of a 528-slice gene's 543 requests at K = 8).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from atlinter_ray.errors import ConfigError
 
 SPACE_AXES = ("z", "y", "x")
 #: Slices per level-0 object along the section axis (``output.slab``).
-DEFAULT_SLAB = 8
+DEFAULT_SLAB = 16
 #: In-plane inner chunk ``(h, w)`` inside a shard (``output.chunks``).
 DEFAULT_CHUNKS = (32, 32)
 
@@ -111,16 +121,18 @@ class ArraySpec:
     shape: tuple[int, ...]
     #: Inner chunk shape (what a reader fetches by byte range).
     chunks: tuple[int, ...]
-    #: Shard shape: one stored object, ``slab`` slices deep, the whole plane wide.
+    #: Shard shape: one stored object, the whole plane wide; one slab deep at level 0,
+    #: the whole level at pyramid levels.
     shards: tuple[int, ...]
     dims: tuple[str, ...]
 
 
 def array_spec(ds: Dataset, layout: Layout, space: Sequence[int] | None = None) -> ArraySpec:
-    """A level of ``ds`` under ``layout`` (level 0 unless ``space``, its ``(z, y, x)``, is given).
+    """A level of ``ds`` under ``layout``: level 0, or a pyramid level of ``(z, y, x)`` ``space``.
 
-    Shards are ``layout.slab`` slices deep along the section axis and hold the whole
-    plane; inner chunks are as deep as the shard and ``layout.chunks`` in-plane.
+    Inner chunks are ``layout.slab`` slices deep along the section axis and
+    ``layout.chunks`` in-plane. Level 0's shards are one slab deep (a task's object) and
+    hold the whole plane; a pyramid level's one shard holds the whole level.
     """
     shape = list(space if space is not None else ds.reference_shape)
     plane = [n for i, n in enumerate(shape) if i != ds.axis_index]
@@ -130,7 +142,8 @@ def array_spec(ds: Dataset, layout: Layout, space: Sequence[int] | None = None) 
     depth = min(layout.slab, shape[ds.axis_index])
     chunks, shards = list(inner), list(outer)
     chunks.insert(ds.axis_index, depth)
-    shards.insert(ds.axis_index, depth)
+    shards.insert(ds.axis_index, depth if space is None
+                  else math.ceil(shape[ds.axis_index] / depth) * depth)
     lead = (ds.channels,) if ds.channels > 1 else ()
     dims = (("c",) if lead else ()) + SPACE_AXES
     return ArraySpec(shape=(*lead, *shape), chunks=(*lead, *chunks),

@@ -55,7 +55,7 @@ from atlinter_ray.objects import Objects
 if TYPE_CHECKING:
     from atlinter_ray.dataset import Dataset
     from atlinter_ray.planning import SlabTask
-    from atlinter_ray.store import ImageState, VolumeStore
+    from atlinter_ray.store import ImageState, TaskMarker, VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,11 @@ def commit(
     then recorded in the marker.
     """
     objects = store.write_slices(ds, task.first, block)
-    store.write_reduction(identity, task.task_id, reduction)
     record = task_record(objects, task.first, task.stop - task.first, slices, model_calls)
     check_fence(store.objects, fence, task.task_id)
     if fence is not None:
         record["fence"] = fence.epoch
-    store.mark_done(identity, task.task_id, record)
+    store.mark_done(identity, task.task_id, record, reduction)
 
 
 # -- datasets ---------------------------------------------------------------------------
@@ -185,13 +184,14 @@ def level0_inventory(records: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
 
 def unfinished_tasks(
     store: VolumeStore, dataset_id: str, identity: ImageIdentity, task_ids: Sequence[str]
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
+) -> tuple[dict[str, TaskMarker], list[str]]:
     """The markers of the image's generation, and the tasks to redo: those without a
     marker, or naming an object a fresh listing shows missing or of another size."""
-    records = store.done_records(dataset_id, identity)
+    markers = store.done_markers(dataset_id, identity)
+    records = {task_id: marker.record for task_id, marker in markers.items()}
     redo = sorted(set(task_ids) - set(records))
     if redo:
-        return records, redo
+        return markers, redo
     inventory = level0_inventory(records)
     if store.objects.capabilities.consistent_listing:
         stored = store.stored_objects(dataset_id)
@@ -199,7 +199,7 @@ def unfinished_tasks(
     else:  # a listing may miss fresh objects: read each back instead
         verdicts = verify_image(store, dataset_id, inventory)
     lost = {key[2:] for key, verdict in verdicts.items() if verdict is not Verdict.OK}
-    return records, sorted(t for t, r in records.items() if lost & set(r["objects"]))
+    return markers, sorted(t for t, r in records.items() if lost & set(r["objects"]))
 
 
 def verify_image(

@@ -171,7 +171,7 @@ class Objects(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        """Remove every object under ``prefix`` (a folder), or the object ``prefix``."""
+        """Remove every object under the folder ``prefix``."""
 
     @abstractmethod
     def sizes(self, prefix: str) -> dict[str, int]:
@@ -239,11 +239,13 @@ class FsspecObjects(Objects):
         found = self.fs.cat(list(paths), on_error="omit") if paths else {}
         return {paths[p]: bytes(b) for p, b in found.items() if p in paths and isinstance(b, bytes)}
 
-    def _parents(self, paths: list[str]) -> None:
-        """Make local folders (once); object stores have none."""
+    def _parents(self, paths: list[str], again: bool = False) -> None:
+        """Make local folders (once, or ``again`` when one was removed since); object
+        stores have none."""
         if not is_local(self.fs):
             return
-        for parent in {posixpath.dirname(p) for p in paths} - self._made_dirs:
+        parents = {posixpath.dirname(p) for p in paths}
+        for parent in parents if again else parents - self._made_dirs:
             self.fs.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
 
@@ -256,13 +258,21 @@ class FsspecObjects(Objects):
         path = self.path(key)
         self._made_dirs.discard(posixpath.dirname(path))
         self._parents([path])
-        write_atomic(self.fs, path, data)
+        try:
+            write_atomic(self.fs, path, data)
+        except FileNotFoundError:  # its folder was removed by someone else since
+            self._parents([path], again=True)
+            write_atomic(self.fs, path, data)
 
     def put_many(self, blobs: Mapping[str, bytes]) -> None:
         """Store several objects (concurrently where the filesystem can)."""
         paths = {self.path(k): v for k, v in blobs.items()}
         self._parents(list(paths))
-        self.fs.pipe(paths)
+        try:
+            self.fs.pipe(paths)
+        except FileNotFoundError:  # a folder was removed by someone else since
+            self._parents(list(paths), again=True)
+            self.fs.pipe(paths)
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> str | None:
         """An unconditional write here (fsspec sends no conditions): the caller reads back."""
@@ -277,7 +287,7 @@ class FsspecObjects(Objects):
             self.fs.invalidate_cache(posixpath.dirname(self.path(key)))
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove a folder and everything under it, or one object."""
+        """Remove a folder and everything under it."""
         path = self.path(prefix)
         self.fs.invalidate_cache(path)
         if self.fs.exists(path):
@@ -374,8 +384,8 @@ class S3Objects(Objects):
         """One PUT (all or nothing on S3)."""
         import obstore
 
-        with self._errors(key):
-            obstore.put(self.store, key, data)
+        with self._errors(key):  # one request, not a multipart upload of 5 MB parts
+            obstore.put(self.store, key, data, use_multipart=False)
 
     def put_many(self, blobs: Mapping[str, bytes]) -> None:
         """``BATCH_THREADS`` PUTs at a time."""
@@ -401,7 +411,7 @@ class S3Objects(Objects):
         return result.get("e_tag")
 
     def delete(self, keys: list[str]) -> None:
-        """One bulk DELETE per 1,000 keys; missing ones are fine."""
+        """One bulk DELETE per 1,000 keys (none for no keys); missing ones are fine."""
         import obstore
 
         with self._errors(keys[0] if keys else ""):
@@ -409,8 +419,9 @@ class S3Objects(Objects):
                 obstore.delete(self.store, keys[start:start + 1000])
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove the object ``prefix`` and every object under ``prefix/``."""
-        self.delete([prefix, *self.sizes(prefix)])
+        """Remove every object under ``prefix/``: one listing, then one bulk DELETE per
+        1,000 keys found (none when there is nothing to remove)."""
+        self.delete(list(self.sizes(prefix)))
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """``{key: size}`` under the folder ``prefix`` (S3 listings are always fresh)."""

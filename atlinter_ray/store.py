@@ -6,8 +6,8 @@ Layout under the output root (a local path, ``s3://`` or any fsspec URL)::
         atlinter_ray.json                        our image record, written first
         zarr.json                                group metadata, written last
         0/ 1/ 2/ ...                             level 0 and the pyramid (layout.py)
-    <root>/_progress/<dataset>/<generation>/<lo>-<hi>.json    one task's done marker
-                                           .../<lo>-<hi>.sums    its reduction (finishing)
+    <root>/_progress/<dataset>/<generation>/<lo>-<hi>.done    one task's done marker:
+                                            a line of JSON, then its reduction
     <root>/<dataset>.quicklook.png, <dataset>.montage.png
     <root>/run_summary.json
     <root>/.atlinter_ray.lock or _lease.json     the driver's lease (lease.py)
@@ -18,9 +18,11 @@ the arrays are created, and the group's ``zarr.json`` (with the run, the input
 fingerprint, the layout and a fresh generation id) is written last, so an image of ours
 without it is a half-made one and is made again. An image without our record, whatever
 its ``zarr.json`` holds, is someone else's: refused, or replaced with
-``output.overwrite``. What a task commits and how a dataset is proved complete is
-:mod:`atlinter_ray.ledger`'s. Every object is read and written through
-:mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
+``output.overwrite``. A task writes its slices, then its marker, as one object that
+also carries the task's reduction (what finishing needs of its slices): a commit is one
+marker PUT and finishing reads one object per task. What a task commits and how a
+dataset is proved complete is :mod:`atlinter_ray.ledger`'s. Every object is read and
+written through :mod:`atlinter_ray.objects` (obstore on ``s3://``, fsspec elsewhere).
 
 Every object a task owns is stored, even when it holds only zeros (a task encodes and
 stores its whole shards itself, :meth:`VolumeStore.write_slabs`), so a claimed object
@@ -37,10 +39,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 import zstandard
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.storage import MemoryStore
 
 from atlinter_ray import __version__
 from atlinter_ray.dataset import Dataset
@@ -63,8 +70,10 @@ from atlinter_ray.objects import open_objects
 
 log = logging.getLogger(__name__)
 
-#: Suffix of a task's reduction, stored beside its marker (``<lo>-<hi>.json``).
-REDUCTION_SUFFIX = ".sums"
+#: Suffix of a task's done marker (``<lo>-<hi>.done``).
+MARKER_SUFFIX = ".done"
+#: Field of a marker's record that names the reduction after it (:func:`encode_marker`).
+REDUCTION_FIELD = "reduction"
 
 
 def _join(root: str, *parts: str) -> str:
@@ -75,6 +84,12 @@ def _join(root: str, *parts: str) -> str:
 #: viewer parses, and napari-ome-zarr prints), in a sidecar beside the image
 #: (:func:`sidecar_name`): the per-slice provenance and the object inventory.
 SIDECAR_KEYS = ("provenance", "objects")
+
+
+def _zarr_json(metadata: Any) -> bytes:
+    """The ``zarr.json`` bytes zarr writes for an array's or a group's metadata."""
+    blob: bytes = metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    return blob
 
 
 def sidecar_name(dataset_id: str) -> str:
@@ -94,6 +109,49 @@ class ImageState:
     objects: Mapping[str, Mapping[str, Any]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TaskMarker:
+    """One task's done marker as stored: its record and its reduction (None: none stored)."""
+
+    record: dict[str, Any]
+    reduction: bytes | None
+
+
+def encode_marker(record: Mapping[str, Any], reduction: bytes | None) -> bytes:
+    """The stored bytes of a marker: the record as one line of JSON, then the reduction.
+
+    The record names the reduction's size and CRC32C (``reduction``), so a torn or
+    damaged marker fails :func:`decode_marker` and reads as absent. The reduction
+    travels as it is: base64 inside the JSON cost ~60 ms per 2.8 MB task (encode, JSON,
+    decode) where this costs a CRC32C (< 1 ms).
+    """
+    body = dict(record)
+    tail = b""
+    if reduction is not None:
+        tail = bytes(reduction)
+        body[REDUCTION_FIELD] = {"bytes": len(tail), "crc32c": google_crc32c.value(tail)}
+    head = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return head + b"\n" + tail
+
+
+def decode_marker(blob: bytes) -> TaskMarker | None:
+    """The marker :func:`encode_marker` stored, or None when its bytes are not one (torn)."""
+    head, newline, tail = bytes(blob).partition(b"\n")
+    try:
+        body = json.loads(head)
+    except ValueError:
+        return None
+    if not newline or not isinstance(body, dict) or "task_id" not in body:
+        return None
+    carried = body.pop(REDUCTION_FIELD, None)
+    if carried is None:
+        return TaskMarker(body, None) if not tail else None
+    if not isinstance(carried, dict) or carried.get("bytes") != len(tail) or carried.get(
+            "crc32c") != google_crc32c.value(tail):
+        return None
+    return TaskMarker(body, tail)
+
+
 class VolumeStore:
     """Reads and writes the output images, task markers and small files under one root."""
 
@@ -103,6 +161,7 @@ class VolumeStore:
         self.objects = open_objects(self.root, self.storage_options)
         self._arrays: dict[str, Any] = {}
         self._encoders: dict[str, ShardEncoder] = {}
+        self._levels: dict[str, Any] = {}
 
     # -- locations ------------------------------------------------------------------
     def image_url(self, dataset_id: str) -> str:
@@ -123,9 +182,9 @@ class VolumeStore:
     def _progress_path(self, dataset_id: str, *parts: str) -> str:
         return self._fs_path("_progress", dataset_id, *parts)
 
-    def _marker_path(self, identity: ImageIdentity, task_id: str, suffix: str = ".json") -> str:
+    def _marker_path(self, identity: ImageIdentity, task_id: str) -> str:
         dataset_id, bounds = task_id.rsplit("/", 1)
-        return self._progress_path(dataset_id, identity.generation, f"{bounds}{suffix}")
+        return self._progress_path(dataset_id, identity.generation, f"{bounds}{MARKER_SUFFIX}")
 
     # -- images ---------------------------------------------------------------------
     def prepare_image(
@@ -234,17 +293,16 @@ class VolumeStore:
         markers, create the arrays, write the group metadata last."""
         image = self._image_path(ds.id)
         claim_image(self.objects, image, ds.id)
-        for path in (self._image_path(ds.id, "zarr.json"), self._progress_path(ds.id)):
-            self.objects.delete_prefix(path)
+        self.objects.delete([self._image_path(ds.id, "zarr.json")])  # half-made from here
+        self.objects.delete_prefix(self._progress_path(ds.id))
         record = self._image_path(ds.id, IMAGE_RECORD)
         self.objects.delete([key for key in self.objects.sizes(image) if key != record])
-        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"{ds.id}:")}
+        for cache in (self._arrays, self._encoders, self._levels):
+            for key in [k for k in cache if k.startswith(f"{ds.id}:")]:
+                del cache[key]
         self.create_level(ds, "0", array_spec(ds, layout), dtype, layout.zstd_level)
         generation = new_generation()
-        group, options = self.zarr_location(ds.id)
-        zarr.create_group(
-            group, zarr_format=3, storage_options=options,
-            attributes={
+        self._put_group(ds.id, {
                 "ome": ome_metadata(ds, dtype),
                 "atlinter_ray": {
                     "generation": generation,
@@ -256,8 +314,7 @@ class VolumeStore:
                     "axis": ds.axis,
                     "section_numbers": sorted(ds.section_numbers),
                 },
-            },
-        )
+            })
         return ImageState(ImageIdentity(generation, fingerprint.digest), False, True)
 
     def open_array(self, dataset_id: str, level: str = "0", mode: str = "r") -> Any:
@@ -267,24 +324,47 @@ class VolumeStore:
             location, options = self.zarr_location(dataset_id, level)
             config = {"write_empty_chunks": True} if mode != "r" else None
             self._arrays[key] = zarr.open_array(
-                location, mode=mode, storage_options=options, config=config
+                location, mode=mode, storage_options=options, config=config, zarr_format=3
             )
         return self._arrays[key]
 
     def create_level(self, ds: Dataset, level: str, spec: ArraySpec, dtype: str,
                      zstd_level: int) -> dict[str, Any]:
         """Create (or replace) one level's array: sharded as ``spec`` says, Zstandard inside;
-        return the record (:func:`~atlinter_ray.ledger.object_sum`) of its ``zarr.json``."""
-        location, options = self.zarr_location(ds.id, level)
-        zarr.create_array(
-            location, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=dtype,
-            fill_value=0, dimension_names=spec.dims, compressors=ZstdCodec(level=zstd_level),
-            zarr_format=3, overwrite=True, storage_options=options,
-        )
-        for cache in (self._arrays, self._encoders):
+        return the record (:func:`~atlinter_ray.ledger.object_sum`) of its ``zarr.json``.
+
+        Only its ``zarr.json`` is written (one PUT, made by zarr itself in memory): the
+        level's objects are whole shards that their one writer overwrites (the same grid
+        whenever the same image makes the level again), and :meth:`create_image` empties
+        the image before level 0, so nothing stale needs listing and deleting.
+        """
+        metadata = zarr.create_array(
+            MemoryStore(), shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+            dtype=dtype, fill_value=0, dimension_names=spec.dims,
+            compressors=ZstdCodec(level=zstd_level), zarr_format=3,
+        ).metadata
+        blob = _zarr_json(metadata)
+        self.objects.put(self._image_path(ds.id, level, "zarr.json"), blob)
+        for cache in (self._arrays, self._encoders, self._levels):
             for key in [k for k in cache if k.startswith(f"{ds.id}:{level}:")]:
                 del cache[key]
-        return object_sum(self.objects.get(self._image_path(ds.id, level, "zarr.json")) or b"")
+        self._levels[f"{ds.id}:{level}:"] = metadata
+        return object_sum(blob)
+
+    def _level(self, dataset_id: str, level: str) -> Any:
+        """One level's zarr array metadata (cached per store; one GET of its ``zarr.json``)."""
+        key = f"{dataset_id}:{level}:"
+        if key not in self._levels:
+            blob = self.objects.get(self._image_path(dataset_id, level, "zarr.json"))
+            try:
+                self._levels[key] = ArrayV3Metadata.from_dict(json.loads(blob or b""))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(
+                    f"{_join(self.image_url(dataset_id), level)} has no readable zarr.json "
+                    f"({type(exc).__name__}: {exc}). Fix: rerun the same command; it makes "
+                    "a half-made image again."
+                ) from exc
+        return self._levels[key]
 
     def write_slices(self, ds: Dataset, first: int, frames: np.ndarray) -> dict[str, dict[str, Any]]:
         """Write ``(K, C, H, W)`` consecutive slices from ``first`` (whole slabs) to level 0."""
@@ -300,7 +380,7 @@ class VolumeStore:
         ends at one too, or at the end of the array. Each slab is one shard object,
         encoded here (:class:`~atlinter_ray.layout.ShardEncoder`) and stored in one batch.
         """
-        arr = self.open_array(ds.id, level, mode="r+")
+        arr = self._level(ds.id, level)
         encoder = self._encoder(ds.id, level, arr)
         axis = arr.ndim - 3 + ds.axis_index
         depth, count, total = encoder.shards[axis], block.shape[axis], arr.shape[axis]
@@ -316,12 +396,13 @@ class VolumeStore:
         self._put_many(self._image_path(ds.id, level), blobs)
         return {key: object_sum(blob) for key, blob in blobs.items()}
 
-    def _encoder(self, dataset_id: str, level: str, arr: Any) -> ShardEncoder:
-        """The shard encoder of one level's array (cached); StoreError if not our layout."""
+    def _encoder(self, dataset_id: str, level: str, metadata: Any) -> ShardEncoder:
+        """The shard encoder of one level's array metadata (cached); StoreError if not our
+        layout."""
         cache = f"{dataset_id}:{level}:encoder"
         if cache not in self._encoders:
             try:
-                self._encoders[cache] = shard_encoder(arr.metadata)
+                self._encoders[cache] = shard_encoder(metadata)
             except ValueError as exc:
                 raise StoreError(
                     f"{_join(self.image_url(dataset_id), level)} is not laid out as this "
@@ -343,8 +424,7 @@ class VolumeStore:
     def image_attrs(self, dataset_id: str) -> dict[str, Any]:
         """The image group's attributes (``ome`` metadata, ``atlinter_ray`` record), with the
         record's provenance and object inventory read back from its sidecar."""
-        group, options = self.zarr_location(dataset_id)
-        attrs = dict(zarr.open_group(group, mode="r", storage_options=options).attrs)
+        attrs = self._group_attrs(dataset_id)
         ours = attrs.get("atlinter_ray")
         if isinstance(ours, dict):
             attrs["atlinter_ray"] = self._with_sidecar(dataset_id, ours)
@@ -371,23 +451,32 @@ class VolumeStore:
             side = {"generation": ours.get("generation"), **{k: ours[k] for k in SIDECAR_KEYS if k in ours}}
             self.write_bytes(sidecar_name(dataset_id), json.dumps(side, separators=(",", ":")).encode())
             attrs["atlinter_ray"] = {k: v for k, v in ours.items() if k not in SIDECAR_KEYS}
-        if if_match is not None:
-            self._put_group_attrs(dataset_id, attrs, if_match)
-            return
-        group, options = self.zarr_location(dataset_id)
-        zarr.open_group(group, mode="r+", storage_options=options).attrs.update(attrs)
+        self._put_group(dataset_id, {**self._group_attrs(dataset_id), **attrs}, if_match)
 
-    def _put_group_attrs(self, dataset_id: str, attrs: Mapping[str, Any], if_match: str) -> None:
-        """Merge ``attrs`` into ``zarr.json`` (as zarr writes it) with If-Match ``if_match``."""
-        key = self._image_path(dataset_id, "zarr.json")
-        found = self.objects.get_tagged(key)
-        meta = json.loads(found[0]) if found is not None else {}
-        meta["attributes"] = {**meta.get("attributes", {}), **attrs}
+    def _group_attrs(self, dataset_id: str) -> dict[str, Any]:
+        """The image group's attributes as stored (one GET of its ``zarr.json``)."""
+        blob = self.objects.get(self._image_path(dataset_id, "zarr.json"))
         try:
-            if found is None or found[1] != if_match:
-                raise FileExistsError(key)
-            self.objects.put_if(key, json.dumps(meta, indent=2, allow_nan=True).encode(),
-                                if_match)
+            attrs = json.loads(blob or b"")["attributes"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"{self.image_url(dataset_id)}/zarr.json is missing or not a zarr group "
+                f"({type(exc).__name__}: {exc}). Fix: rerun the same command; it makes a "
+                "half-made image again."
+            ) from exc
+        return dict(attrs)
+
+    def _put_group(self, dataset_id: str, attrs: Mapping[str, Any],
+                   if_match: str | None = None) -> None:
+        """Write the image group's ``zarr.json`` with ``attrs`` (zarr's own serialisation,
+        one PUT, whole or not at all); with ``if_match``, only over that version."""
+        key = self._image_path(dataset_id, "zarr.json")
+        blob = _zarr_json(GroupMetadata(attributes=dict(attrs), zarr_format=3))
+        if if_match is None:
+            self.objects.put(key, blob)
+            return
+        try:
+            self.objects.put_if(key, blob, if_match)
         except FileExistsError:
             raise SupersededError(
                 f"{self.image_url(dataset_id)}: not marked complete: its metadata changed "
@@ -415,13 +504,14 @@ class VolumeStore:
         (``benchmarks/bench_slab.py``). A missing shard reads as zeros, as in zarr; one
         that does not decode raises :class:`~atlinter_ray.errors.DamagedObjectError`.
         """
-        arr = self.open_array(dataset_id, level)
+        arr = self._level(dataset_id, level)
         encoder = self._encoder(dataset_id, level, arr)
         grid = [-(-n // s) for n, s in zip(arr.shape, encoder.shards)]
         keys = {chunk_key(cell): cell for cell in np.ndindex(*grid)}
         folder = self._image_path(dataset_id, level)
         found = self.objects.get_many([_join(folder, key) for key in keys])
-        padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)], dtype=arr.dtype)
+        padded = np.zeros([g * s for g, s in zip(grid, encoder.shards)],
+                          dtype=arr.dtype.to_native_dtype())
         for key, cell in keys.items():
             blob = found.get(_join(folder, key))
             if blob is not None:
@@ -438,46 +528,45 @@ class VolumeStore:
         return volume
 
     # -- markers ----------------------------------------------------------------------
-    def mark_done(self, identity: ImageIdentity, task_id: str, record: Mapping[str, Any]) -> None:
-        """Record, under the image's generation, that a task's objects are all written."""
-        path = self._marker_path(identity, task_id)
+    def mark_done(self, identity: ImageIdentity, task_id: str, record: Mapping[str, Any],
+                  reduction: bytes | None = None) -> None:
+        """Record, under the image's generation, that a task's objects are all written.
+
+        ``reduction`` (:class:`~atlinter_ray.finishing.Reduction` bytes) travels in the
+        same object: one PUT commits the task, and finishing reads one object per task.
+        """
         body = {**record, "task_id": task_id, "generation": identity.generation,
                 "fingerprint": identity.fingerprint}
-        self.objects.put(path, json.dumps(body, sort_keys=True).encode())
+        self.objects.put(self._marker_path(identity, task_id), encode_marker(body, reduction))
 
     def done_task_ids(self, dataset_id: str, identity: ImageIdentity) -> set[str]:
         """Ids of the tasks with a marker under the image's generation (one fresh listing)."""
-        return {f"{dataset_id}/{posixpath.basename(p)[:-5]}"
+        return {f"{dataset_id}/{posixpath.basename(p)[:-len(MARKER_SUFFIX)]}"
                 for p in self._marker_files(dataset_id, identity)}
 
-    def done_records(self, dataset_id: str, identity: ImageIdentity) -> dict[str, dict[str, Any]]:
-        """Markers written for this exact image and input, by task id."""
-        paths = self._marker_files(dataset_id, identity)
-        records = {}
-        for blob in self.objects.get_many(paths).values():
-            record = json.loads(blob)
-            if (record.get("generation"), record.get("fingerprint")) == (
+    def done_markers(self, dataset_id: str, identity: ImageIdentity) -> dict[str, TaskMarker]:
+        """Markers written for this exact image and input, by task id (one listing, one
+        concurrent batch of GETs); a torn or foreign marker reads as absent (task redone)."""
+        markers = {}
+        for blob in self.objects.get_many(self._marker_files(dataset_id, identity)).values():
+            marker = decode_marker(blob)
+            if marker is not None and (marker.record.get("generation"),
+                                       marker.record.get("fingerprint")) == (
                     identity.generation, identity.fingerprint):
-                records[record["task_id"]] = record
-        return records
+                markers[str(marker.record["task_id"])] = marker
+        return markers
 
-    def write_reduction(self, identity: ImageIdentity, task_id: str, blob: bytes) -> None:
-        """Store a task's reduction (:mod:`atlinter_ray.finishing`) beside its marker, before it."""
-        self.objects.put(self._marker_path(identity, task_id, REDUCTION_SUFFIX), blob)
-
-    def read_reductions(self, identity: ImageIdentity, task_ids: Iterable[str]) -> dict[str, bytes]:
-        """The stored reductions of ``task_ids`` (in one concurrent batch); lost ones left out."""
-        paths = {self._marker_path(identity, t, REDUCTION_SUFFIX): t for t in task_ids}
-        return {paths[p]: blob for p, blob in self.objects.get_many(list(paths)).items()}
+    def done_records(self, dataset_id: str, identity: ImageIdentity) -> dict[str, dict[str, Any]]:
+        """The records of :meth:`done_markers` (their reductions left out), by task id."""
+        return {task_id: m.record for task_id, m in self.done_markers(dataset_id, identity).items()}
 
     def drop_markers(self, identity: ImageIdentity, task_ids: Iterable[str]) -> None:
-        """Remove tasks' markers and reductions (their objects were found missing: redo them)."""
-        self.objects.delete([self._marker_path(identity, t, suffix) for t in task_ids
-                             for suffix in (".json", REDUCTION_SUFFIX)])
+        """Remove tasks' markers (their objects were found missing: redo them)."""
+        self.objects.delete([self._marker_path(identity, t) for t in task_ids])
 
     def _marker_files(self, dataset_id: str, identity: ImageIdentity) -> list[str]:
         folder = self._progress_path(dataset_id, identity.generation)
-        return [key for key in self.objects.sizes(folder) if key.endswith(".json")]
+        return [key for key in self.objects.sizes(folder) if key.endswith(MARKER_SUFFIX)]
 
     # -- small files and the lease ----------------------------------------------------
     def lease(self, ttl_s: float = 60.0) -> OutputLease:

@@ -24,6 +24,8 @@ job as a user runs it (manifest, finishing with pyramid, quick-look and montage)
   slices, made as ``bench_pipeline.py`` makes its data) with 2 workers, against the
   predecessor's own loop (atlinter 0.2.3's ``predict_volume``, as ``bench_pipeline.py``
   runs it) on one gene. Target: >= 12x the predecessor's time per gene (issue 19).
+  ``--rounds N`` runs the two N times, interleaved, so both see the same load; the
+  ratio is the median of the rounds' ratios (the same for local and s3://).
 
 ``--profile N`` instead runs N full-size genes in this process (``run.serial``) under
 cProfile, the io threads' commits included, and prints where the write path spends
@@ -52,6 +54,7 @@ import pstats
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +104,18 @@ def upload(paths: list[Path], options: dict[str, Any], prefix: str) -> list[str]
             fs.put_file(str(local), f"{prefix}/{local.name}")
         urls.append(f"s3://{prefix}/{npy.name}")
     return urls
+
+
+def warm_up(options: dict[str, Any]) -> None:
+    """Write a few objects to the output bucket before the clock: SeaweedFS makes a
+    bucket's volumes on its first write (seconds, once per server), which an S3 bucket in
+    use does not; without this the first s3:// round alone paid for it."""
+    from atlinter_ray.objects import open_objects
+
+    objects = open_objects("s3://atlas-out/warm-up", options)
+    blobs = {f"o{i}": bytes(2**20) for i in range(8)}
+    objects.put_many(blobs)
+    objects.delete(list(blobs))
 
 
 def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int,
@@ -187,11 +202,12 @@ def client_cpu(npy: Path, folder: Path, rounds: int = 3) -> dict[str, dict[str, 
     layout): to SeaweedFS through s3fs and through obstore, and to local disk."""
     from atlinter_ray.dataset import load_dataset
     from atlinter_ray.identity import fingerprint
-    from atlinter_ray.layout import DEFAULT_SLAB as task
+    from atlinter_ray.layout import DEFAULT_SLAB, Layout
     from atlinter_ray.objects import FsspecObjects
     from atlinter_ray.store import VolumeStore
     from atlinter_ray.testing.faulty_s3 import S3Server
 
+    task = int(os.environ.get(SLAB_ENV, DEFAULT_SLAB))
     ds = load_dataset(str(npy))
     sections = np.moveaxis(np.load(npy), -1, 1)  # (S, 3, H, W)
     n = REFERENCE[0]
@@ -205,13 +221,14 @@ def client_cpu(npy: Path, folder: Path, rounds: int = 3) -> dict[str, dict[str, 
                 store = VolumeStore(url, None if client == "local" else s3.direct)
                 if client == "s3fs":
                     store.objects = FsspecObjects(url, s3.direct)
-                state = store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds))
+                state = store.prepare_image(ds, "uint8", {"model": "linear"}, fingerprint(ds),
+                                            Layout(slab=task))
                 wall, cpu = time.perf_counter(), time.process_time()
                 for first in range(0, n, task):
                     task_id = f"{ds.id}/{first}-{min(first + task, n) - 1}"
                     objects = store.write_slices(ds, first, frames[first:first + task])
-                    store.write_reduction(state.identity, task_id, b"\0" * 4096)
-                    store.mark_done(state.identity, task_id, {"objects": objects})
+                    store.mark_done(state.identity, task_id, {"objects": objects},
+                                    b"\0" * 4096)  # a reduction's worth of bytes
                 times[client].append((1e3 * (time.process_time() - cpu) / n,
                                       1e3 * (time.perf_counter() - wall) / n))
     out = {}
@@ -305,8 +322,10 @@ def profile_writes(folder: Path, slices: int = 64) -> None:
 #: Which part of a job a request serves, by its path (first match).
 REQUEST_KINDS = {
     "level 0 slices": r"\.ome\.zarr/0/c/", "pyramid": r"\.ome\.zarr/[1-9]\d*/c/",
-    "input": r"^/atlas-in/", "markers": r"/_progress/.*\.json", "reductions": r"\.sums",
-    "listings": r"\?list-type", "": r"",
+    "input": r"^/atlas-in/", "markers": r"/_progress/.*\.done",
+    "listings": r"\?list-type", "metadata": r"zarr\.json$", "lease": r"/_lease\.json$",
+    "pictures, sidecar, summary": r"\.png$|\.provenance\.json$|/run_summary\.json$",
+    "deletes": r"\?delete", "": r"",
 }
 
 
@@ -342,6 +361,9 @@ def main() -> None:
                         help="client CPU per slice, s3fs against obstore (default: with "
                              "--s3-genes)")
     parser.add_argument("--genes", type=int, default=12, help="0: no run against the predecessor")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="predecessor and genes runs, and local and s3 runs, interleaved "
+                             "(each ratio: the median of the rounds')")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks-per-batch", type=int, default=1,
                         help="resources.tasks_per_batch of every job (default: the config's)")
@@ -381,25 +403,30 @@ def main() -> None:
         tmp = Path(tmp_name)
         genes = [make_dataset(tmp / "genes", seed, f"g{seed:02d}")
                  for seed in range(max(args.genes, args.s3_genes, int(bool(args.client_cpu))))]
-        if args.genes:
-            results["predecessor"] = measure("predecessor",
-                                             manifest(tmp / "one.txt", [str(genes[0])]),
-                                             str(tmp / "out-predecessor"), 0, None)
+        for r in range(args.rounds if args.genes else 0):  # interleaved: the same load
+            tag = "" if r == 0 else f"-{r + 1}"
+            results[f"predecessor{tag}"] = measure(
+                "predecessor", manifest(tmp / "one.txt", [str(genes[0])]),
+                str(tmp / "out-predecessor"), 0, None)
             all_genes = manifest(tmp / "genes.txt", [str(p) for p in genes[: args.genes]])
-            results["genes"] = measure("pipeline", all_genes, str(tmp / "out-genes"),
-                                       args.workers, None, args.tasks_per_batch)
+            results[f"genes{tag}"] = measure("pipeline", all_genes, str(tmp / "out-genes"),
+                                             args.workers, None, args.tasks_per_batch)
         for n in (int(v) for v in args.small.split(",") if v):
             results[f"small-{n}"] = measure("pipeline", small_datasets(tmp / f"small{n}", n),
                                             str(tmp / f"out-small{n}"), args.workers, None,
                                             args.tasks_per_batch)
         if args.s3_genes:
             some = manifest(tmp / "local.txt", [str(p) for p in genes[: args.s3_genes]])
-            results["local"] = measure("pipeline", some, str(tmp / "out-local"), args.workers,
-                                       None, args.tasks_per_batch)
             on_s3 = manifest(tmp / "s3.txt", upload(genes[: args.s3_genes], s3.direct,
                                                     "atlas-in/genes"))
-            results["s3"] = measure("pipeline", on_s3, "s3://atlas-out/scale", args.workers,
-                                    s3.direct, args.tasks_per_batch, server=s3)
+            warm_up(s3.direct)
+            for r in range(args.rounds):  # interleaved: the same load
+                tag = "" if r == 0 else f"-{r + 1}"
+                results[f"local{tag}"] = measure("pipeline", some, str(tmp / "out-local"),
+                                                 args.workers, None, args.tasks_per_batch)
+                results[f"s3{tag}"] = measure("pipeline", on_s3, f"s3://atlas-out/scale{r}",
+                                              args.workers, s3.direct, args.tasks_per_batch,
+                                              server=s3)
             s3.proxy.seen.clear()  # one gene again, through the proxy, which counts requests
             one = measure("pipeline", manifest(tmp / "s3-one.txt", on_s3.read_text().split()[:1]),
                           "s3://atlas-out/requests", args.workers, s3.options,
@@ -421,8 +448,13 @@ def main() -> None:
         for key in ("driver_peak_pss_mb", "driver_peak_rss_mb", "slices_per_s"):
             ratios[f"{key}_{small[-1]}_over_{small[0]}"] = last[key] / first[key]
     if "s3" in results:
-        ratios["s3_over_local_slices_per_s"] = (results["s3"]["slices_per_s"]
-                                                / results["local"]["slices_per_s"])
+        tags = [""] + [f"-{r}" for r in range(2, args.rounds + 1)]
+        rounds = sorted(results[f"s3{t}"]["slices_per_s"] / results[f"local{t}"]["slices_per_s"]
+                        for t in tags)
+        ratios["s3_over_local_slices_per_s"] = statistics.median(rounds)
+        if len(rounds) > 1:
+            ratios["s3_over_local_slices_per_s_min"] = rounds[0]
+            ratios["s3_over_local_slices_per_s_max"] = rounds[-1]
         targets["s3_at_least_80_percent_of_local"] = ratios["s3_over_local_slices_per_s"] >= 0.8
         ratios["s3_requests_per_slice"] = requests_per_slice
         targets["s3_requests_per_slice_at_most_0.5"] = requests_per_slice <= 0.5
@@ -430,8 +462,13 @@ def main() -> None:
         ratios["client_cpu_obstore_over_s3fs"] = (clients["obstore"]["cpu_ms_per_slice_median"]
                                                   / clients["s3fs"]["cpu_ms_per_slice_median"])
     if "genes" in results:
-        ratios["predecessor_s_per_gene_over_pipeline"] = (
-            results["predecessor"]["s_per_dataset"] / results["genes"]["s_per_dataset"])
+        rounds = sorted(results[f"predecessor{t}"]["s_per_dataset"]
+                        / results[f"genes{t}"]["s_per_dataset"]
+                        for t in [""] + [f"-{r}" for r in range(2, args.rounds + 1)])
+        ratios["predecessor_s_per_gene_over_pipeline"] = statistics.median(rounds)
+        if len(rounds) > 1:
+            ratios["predecessor_s_per_gene_over_pipeline_min"] = rounds[0]
+            ratios["predecessor_s_per_gene_over_pipeline_max"] = rounds[-1]
         targets["genes_at_least_12x_predecessor"] = (
             ratios["predecessor_s_per_gene_over_pipeline"] >= 12)
     for key, value in ratios.items():

@@ -43,6 +43,7 @@ def _config(tmp_path: Path, checkpoint: str) -> Config:
     cfg.model.name, cfg.model.checkpoint = "rife_v3", checkpoint
     cfg.model.params = {"device": "cpu"}
     cfg.output.root, cfg.output.quicklook = str(tmp_path / "out"), False
+    cfg.output.slab = 8  # the slab boundaries the model-call counts below are made for
     cfg.run.serial, cfg.run.progress = True, False
     return cfg
 

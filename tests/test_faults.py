@@ -30,15 +30,17 @@ import zarr
 from atlinter_ray import finishing
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
-from atlinter_ray.layout import DEFAULT_SLAB, downsample2
+from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.store import VolumeStore, decode_marker, encode_marker
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
-#: One task per slab of the 91 coronal slices.
-TASKS = -(-91 // DEFAULT_SLAB)
+#: Slabs of 8 slices (finer than the default ``output.slab``): the faults below hit one
+#: task among 12 of the 91 coronal slices.
+SLAB = 8
+TASKS = -(-91 // SLAB)
 
 
 def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal") -> Config:
@@ -49,6 +51,7 @@ def _local(tmp_path: Path, sections: list[int] = SECTIONS, axis: str = "coronal"
     cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["g"]
     cfg.output.root = str(tmp_path / "out")
     cfg.model.name = "linear"
+    cfg.output.slab = SLAB
     cfg.run.serial, cfg.run.progress = True, False
     return cfg
 
@@ -85,7 +88,9 @@ def _marked_objects_are_stored(store: VolumeStore, ds_id: str) -> None:
     paths = store._marker_files(ds_id, identity)
     stored = store.stored_objects(ds_id)
     for blob in store.objects.get_many(paths).values():
-        for key, entry in json.loads(blob)["objects"].items():
+        marker = decode_marker(blob)
+        assert marker is not None
+        for key, entry in marker.record["objects"].items():
             assert key in stored and stored[key] == entry["size"], key
 
 
@@ -145,7 +150,7 @@ def _die_on_call(n: int, original, when=lambda *a, **k: True):
 
 #: Where a run dies: (what, object patched, attribute, call it dies at, which calls count).
 KILL_POINTS = {
-    "image arrays made, metadata not": (zarr, "create_group", 1, None),
+    "image arrays made, metadata not": (VolumeStore, "_put_group", 1, None),
     "slices of 3 tasks written, 3rd marker not": (VolumeStore, "mark_done", 3, None),
     "last task's slices written, marker not": (VolumeStore, "mark_done", TASKS, None),
     "pyramid and pictures written, metadata not": (VolumeStore, "update_attrs", 1, None),
@@ -181,8 +186,9 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
 def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     tmp_path: Path, axis: str
 ) -> None:
-    """No slice is read back when every task left its reduction; where one is lost or
-    torn, its slices are read from level 0 instead, and the output is the same bytes."""
+    """No slice is read back when every task's marker carries its reduction; a marker
+    without one costs a read of its slices from level 0, a torn marker reads as absent
+    (its task is redone), and the output is the same bytes either way."""
     reads: list[tuple[int, int]] = []
     original = finishing._read_slab
 
@@ -193,7 +199,6 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     cfg = _local(tmp_path, [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72], axis)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finishing, "_read_slab", counted)
-        mp.setattr(finishing, "READ_BATCH", 5)  # 12 tasks: read in three batches
         assert run(cfg).ok
         assert reads == []
         levels = [np.asarray(zarr.open_array(f"{cfg.output.root}/g.ome.zarr/{k}")[...])
@@ -206,16 +211,19 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
             with pytest.raises(Killed):
                 run(cfg)
         n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
-        last = (n - 1) // DEFAULT_SLAB * DEFAULT_SLAB
-        sums = sorted((tmp_path / "out" / "_progress" / "g").rglob("*.sums"))
-        assert len(sums) == -(-n // DEFAULT_SLAB)  # one per task: one per slab
-        (sums[0].parent / f"{DEFAULT_SLAB}-{2 * DEFAULT_SLAB - 1}.sums").unlink()  # lost
-        (sums[0].parent / f"{last}-{n - 1}.sums").write_bytes(b"torn")
+        last = (n - 1) // SLAB * SLAB
+        markers = sorted((tmp_path / "out" / "_progress" / "g").rglob("*"))
+        markers = [m for m in markers if m.is_file()]
+        assert len(markers) == -(-n // SLAB)  # one object per task: one per slab
+        second = markers[0].parent / f"{SLAB}-{2 * SLAB - 1}.done"
+        marker = decode_marker(second.read_bytes())
+        assert marker is not None and marker.reduction
+        second.write_bytes(encode_marker(marker.record, None))  # a marker without one
+        (markers[0].parent / f"{last}-{n - 1}.done").write_bytes(b'{"torn')
         again = run(cfg)
-    assert again.ok and again.tasks_done == 0
+    assert again.ok and again.tasks_done == 1  # the torn marker's task
     read = sorted(s for start, stop in reads for s in range(start, stop))
-    # only the slices of those two tasks
-    assert read == [*range(DEFAULT_SLAB, 2 * DEFAULT_SLAB), *range(last, n)]
+    assert read == [*range(SLAB, 2 * SLAB)]  # only the second task's slices
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
@@ -294,6 +302,7 @@ def _s3(servers, s3_input: str, name: str, **storage: object) -> Config:
     cfg.output.root = f"s3://atlas-out/{name}"
     cfg.output.storage_options = {**servers.options, **storage}
     cfg.model.name = "linear"
+    cfg.output.slab = SLAB
     cfg.run.progress = False
     cfg.resources.min_workers = cfg.resources.max_workers = 2
     return cfg
@@ -531,7 +540,8 @@ def _end_processes_of(ray_tmp: str) -> None:
 @pytest.mark.ray
 def test_a_killed_driver_is_finished_by_rerunning_the_command(faulty_s3, s3_input, clean_s3):
     args = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
-            "output.root=s3://atlas-out/driver-killed", "run.progress=false",
+            "output.root=s3://atlas-out/driver-killed", f"output.slab={SLAB}",
+            "run.progress=false",
             "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
             *[f"+{side}.storage_options.{k}={v}" for side in ("data", "output")
               for k, v in faulty_s3.direct.items() if k != "endpoint_url"],

@@ -16,6 +16,7 @@ from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, StoreError
 from atlinter_ray.execution import batches, run_work
+from atlinter_ray.layout import Layout
 from atlinter_ray.pipeline import committed_rows, run
 from atlinter_ray.planning import plan_dataset, plan_slabs
 from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, sidecar_name
@@ -32,7 +33,8 @@ def _run_tasks(tasks, spec, resources=None, tasks_per_batch=1):
     resources = resources or Config().resources
     return list(run_work(batches(tasks, tasks_per_batch), spec, resources, lambda _: [], serial))
 
-#: One task per slab of 8 of the 91 slices.
+#: Slabs of 8 slices (finer than the default ``output.slab``): 12 tasks of the 91 slices.
+SLAB = 8
 TASKS = 12
 
 
@@ -44,6 +46,7 @@ def _config(tmp_path: Path, **resources) -> Config:
     cfg.data.root, cfg.data.genes = str(tmp_path / "in"), ["rgbgene"]
     cfg.output.root = str(tmp_path / "out")
     cfg.model.name, cfg.model.params = "dis", {"preset": "fast"}
+    cfg.output.slab = SLAB
     cfg.run.progress = False
     for key, value in {"min_workers": 2, "max_workers": 2, **resources}.items():
         setattr(cfg.resources, key, value)
@@ -92,9 +95,11 @@ def test_reconstructs_whole_volume_on_two_workers(ray_cluster, tmp_path: Path) -
     assert [a["name"] for a in axes] == ["c", "z", "y", "x"]
     scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [1.0, 25.0, 25.0, 25.0]
-    # one shard object per slab of 8 slices (never shared by tasks), 32 x 32 inner chunks
+    # one shard object per slab of 8 slices (never shared by tasks), 32 x 32 inner chunks;
+    # a pyramid level (one writer: finishing) is one shard object, with the same chunks
     assert group["0"].shards == (3, 8, 96, 96) and group["0"].chunks == (3, 8, 32, 32)
-    assert group["1"].shards == (3, 8, 64, 64) and group["1"].chunks == (3, 8, 32, 32)
+    assert group["1"].shape == (3, 46, 40, 39)
+    assert group["1"].shards == (3, 48, 64, 64) and group["1"].chunks == (3, 8, 32, 32)
     # per-slice provenance, in a sidecar beside the image: the OME metadata stays lean
     assert set(group.attrs["atlinter_ray"]).isdisjoint(SIDECAR_KEYS)
     prov = json.loads((tmp_path / "out" / sidecar_name("rgbgene")).read_text())["provenance"]
@@ -122,8 +127,8 @@ def test_rerun_skips_done_tasks_and_redoes_lost_ones_bytes_identical(ray_cluster
     assert _snapshot(out) == first
     # a crash after writing slices but before the marker, and a lost shard
     (markers,) = (out / "_progress" / "rgbgene").iterdir()  # one image generation
-    (markers / "16-23.json").unlink()
-    (markers / "40-47.json").unlink()
+    (markers / "16-23.done").unlink()
+    (markers / "40-47.done").unlink()
     shard = out / "rgbgene.ome.zarr" / "0" / "c" / "0" / "7" / "0" / "0"  # slices 56-63
     shard.write_bytes(b"garbage")
     redo = run(cfg)
@@ -177,9 +182,9 @@ def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) 
 def test_gpu_workers_each_get_their_own_gpu(ray_cluster, tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
-    state = prepare_image(VolumeStore(cfg.output.root), ds)
+    state = prepare_image(VolumeStore(cfg.output.root), ds, layout=Layout(slab=SLAB))
     # enough to reach both: the second actor may take seconds to start on a busy machine
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8) * 12
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB) * 12
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: state.identity})
     cfg.resources.gpus_per_worker = 1
@@ -196,8 +201,8 @@ def test_a_failing_task_is_reported_and_never_marked_done(tmp_path: Path) -> Non
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
-    identity = prepare_image(store, ds).identity
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
+    identity = prepare_image(store, ds, layout=Layout(slab=SLAB)).identity
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB)
     broken = dataclasses.replace(ds, images_url=str(tmp_path / "vanished.npy"))
     spec = WorkerSpec("linear", None, {}, {ds.id: broken}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
@@ -230,8 +235,8 @@ def test_tasks_a_lost_run_committed_count_as_done(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     ds = load_dataset(f"{cfg.data.root}/rgbgene", None)
     store = VolumeStore(cfg.output.root)
-    identity = prepare_image(store, ds).identity
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
+    identity = prepare_image(store, ds, layout=Layout(slab=SLAB)).identity
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, SLAB)
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, cfg.output.root,
                       images={ds.id: identity})
     committed = tasks[: len(tasks) // 2]

@@ -21,6 +21,7 @@ from atlinter_ray.cli import conf_dir, register_configs
 from atlinter_ray.config import Config
 from atlinter_ray.dataset import load_dataset
 from atlinter_ray.errors import ConfigError, DatasetError, DatasetNotFoundError, StoreError
+from atlinter_ray.layout import DEFAULT_SLAB
 from atlinter_ray.models.base import build_model
 from atlinter_ray.models.reference_guided import GuideSlices, predict_two_sided
 from atlinter_ray.pipeline import run
@@ -121,7 +122,7 @@ def test_sagittal_rgb_gene_with_a_smoothed_float_reference_on_ray(
     cfg = _setup(tmp_path, gene, SAGITTAL, "sagittal", reference)
     cfg.resources.min_workers = cfg.resources.max_workers = 2
     summary = run(cfg)
-    assert summary.ok and summary.tasks_done == -(-77 // 8), summary.failures  # 8-slice slabs
+    assert summary.ok and summary.tasks_done == -(-77 // DEFAULT_SLAB), summary.failures
     volume, provenance = _output(tmp_path, "sagittal")
     expected = _expected(gene, reference, SAGITTAL, "sagittal", float(reference.max()))
     for s, frame in expected.items():

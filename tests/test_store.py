@@ -24,11 +24,11 @@ from atlinter_ray.errors import (
     StoreError,
 )
 from atlinter_ray.identity import fingerprint
-from atlinter_ray.layout import Layout, array_spec, shard_encoder
+from atlinter_ray.layout import DEFAULT_SLAB, Layout, array_spec, shard_encoder
 from atlinter_ray.ledger import object_sum
 from atlinter_ray.objects import s3_settings
 from atlinter_ray.pipeline import layout_of
-from atlinter_ray.store import VolumeStore
+from atlinter_ray.store import VolumeStore, decode_marker
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
@@ -171,11 +171,60 @@ def test_markers_count_only_for_their_image_generation(tmp_path: Path) -> None:
     assert set(store.done_records("g", second.identity)) == {"g/4-10"}
 
 
+def test_a_marker_is_one_object_with_its_reduction_and_a_torn_one_reads_as_absent(
+    tmp_path: Path,
+) -> None:
+    ds = _dataset(tmp_path)
+    store = VolumeStore(str(tmp_path / "out"))
+    identity = prepare_image(store, ds).identity
+    reduction = bytes(range(256)) * 40  # any bytes: carried as they are
+    store.mark_done(identity, "g/0-7", {"slices": [], "objects": {"c/0/0/0": 12}}, reduction)
+    store.mark_done(identity, "g/8-15", {"slices": [], "objects": {}})  # none carried
+    folder = tmp_path / "out" / "_progress" / "g" / identity.generation
+    assert sorted(p.name for p in folder.iterdir()) == ["0-7.done", "8-15.done"]
+    head = (folder / "0-7.done").read_bytes().split(b"\n", 1)[0]  # the record: a JSON line
+    assert json.loads(head)["objects"] == {"c/0/0/0": 12}
+    markers = store.done_markers("g", identity)
+    assert markers["g/0-7"].reduction == reduction and markers["g/8-15"].reduction is None
+    assert "reduction" not in markers["g/0-7"].record
+    assert store.done_records("g", identity)["g/0-7"]["objects"] == {"c/0/0/0": 12}
+    whole = (folder / "0-7.done").read_bytes()
+    flipped = whole[:-1] + bytes([whole[-1] ^ 1])  # a damaged reduction: its CRC32C fails
+    for torn in (whole[: len(whole) // 2], whole[:-1], whole + b"x", flipped, head, b"",
+                 b"[]\n"):
+        (folder / "0-7.done").write_bytes(torn)
+        assert decode_marker(torn) is None
+        assert set(store.done_markers("g", identity)) == {"g/8-15"}  # its task is redone
+    assert store.done_task_ids("g", identity) == {"g/0-7", "g/8-15"}  # a listing of keys
+    store.drop_markers(identity, ["g/0-7", "g/8-15"])
+    assert list(folder.iterdir()) == []
+
+
+def test_a_pyramid_level_is_one_object_read_by_inner_chunk(tmp_path: Path) -> None:
+    """Levels 1.. have one writer (finishing): each is one shard, its inner chunks those of
+    level 0, and zarr reads it as it reads level 0."""
+    ds = _dataset(tmp_path, axis="sagittal")
+    layout = Layout(slab=4, chunks=(8, 8))
+    level0 = array_spec(ds, layout)
+    assert level0.shards[-1] == 4 and level0.chunks[-1] == 4
+    space = [-(-n // 2) for n in ds.reference_shape]
+    spec = array_spec(ds, layout, space)
+    assert spec.chunks == level0.chunks
+    assert [-(-n // s) for n, s in zip(spec.shape, spec.shards)] == [1, 1, 1]  # one object
+    store = VolumeStore(str(tmp_path / "out"))
+    prepare_image(store, ds, layout=layout)
+    store.create_level(ds, "1", spec, "uint8", 1)
+    block = np.random.default_rng(1).integers(0, 255, spec.shape, dtype=np.uint8)
+    assert list(store.write_slabs(ds, "1", 0, block)) == ["c/0/0/0"]
+    np.testing.assert_array_equal(np.asarray(store.open_array(ds.id, "1")[...]), block)
+    np.testing.assert_array_equal(store.read_volume(ds.id, "1"), block)
+
+
 def test_a_half_made_image_is_made_again(tmp_path: Path) -> None:
     ds = _dataset(tmp_path)
     store = VolumeStore(str(tmp_path / "out"))
     state = prepare_image(store, ds)
-    store.write_slices(ds, 0, np.ones((8, 1, *ds.image_shape), np.uint8))
+    store.write_slices(ds, 0, np.ones((DEFAULT_SLAB, 1, *ds.image_shape), np.uint8))
     (tmp_path / "out" / "g.ome.zarr" / "zarr.json").unlink()  # killed before the metadata
     again = prepare_image(store, ds)
     assert again.created and again.identity.generation != state.identity.generation
