@@ -159,6 +159,9 @@ class OutputLease:
     def _put(self, if_match: str | None) -> None:
         """Write our record: create-only, or replacing exactly the version ``if_match``."""
         etag = self.objects.put_if(LEASE_NAME, self._record(), if_match)
+        if etag is not None and self.objects.capabilities.conditional_create:
+            self._etag = etag  # the store itself refused any conflict: no read-back
+            return
         held, stored = self._read()
         if held.get("owner") != self.owner:  # a store that ignored the condition
             raise FileExistsError(f"{self.url}/{LEASE_NAME}")

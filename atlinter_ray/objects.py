@@ -122,9 +122,9 @@ class Capabilities:
 
     #: :meth:`Objects.put_if` is refused by the store itself when the object exists or
     #: changed (S3's ``If-None-Match``/``If-Match``); else the caller must read back.
+    #: (Listings need no guarantee: a marker a stale listing misses only redoes its task,
+    #: and completeness is proved by reading every object back.)
     conditional_create: bool
-    #: A listing shows every object written before it began, at its final size.
-    consistent_listing: bool
 
 
 class Objects(ABC):
@@ -209,8 +209,8 @@ class FsspecObjects(Objects):
 
     @property
     def capabilities(self) -> Capabilities:
-        """No conditional writes through fsspec; listings are fresh (its cache bypassed)."""
-        return Capabilities(conditional_create=False, consistent_listing=True)
+        """No conditional writes through fsspec."""
+        return Capabilities(conditional_create=False)
 
     def path(self, key: str) -> str:
         """The filesystem path of ``key``."""
@@ -333,8 +333,8 @@ class S3Objects(Objects):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Conditional PUTs and strongly consistent listings (S3 since December 2020)."""
-        return Capabilities(conditional_create=True, consistent_listing=True)
+        """Conditional PUTs (``If-None-Match``, ``If-Match``), as S3 answers them."""
+        return Capabilities(conditional_create=True)
 
     def _store(self, prefix: str) -> Any:
         """An obstore ``S3Store`` on ``prefix`` of the bucket."""

@@ -483,7 +483,7 @@ def test_a_lost_pyramid_level_on_s3_is_rebuilt(faulty_s3, s3_input, ray_cluster)
     again = run(cfg)
     assert again.ok and again.tasks_done == 0 and again.complete == ["g"]
     assert content(fs, "atlas-out/pyramid") == expected
-    fs.rm(f"{image}/2/c/0/1/0/0")  # one object of level 2 (RGB: channels first)
+    fs.rm(f"{image}/2/c/0/0/0/0")  # one object of level 2 (RGB: channels first)
     again = run(cfg)
     assert again.ok and again.tasks_done == 0 and again.complete == ["g"]
     assert content(fs, "atlas-out/pyramid") == expected

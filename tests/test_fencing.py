@@ -20,6 +20,7 @@ from atlinter_ray.dataset import Dataset, load_dataset
 from atlinter_ray.errors import OutputBusyError, SupersededError
 from atlinter_ray.execution import batches, run_work
 from atlinter_ray.finishing import FinishJob
+from atlinter_ray.layout import DEFAULT_SLAB
 from atlinter_ray.lease import LEASE_NAME, OutputLease, read_lease
 from atlinter_ray.planning import plan_dataset, plan_slabs
 from atlinter_ray.store import VolumeStore
@@ -74,7 +75,7 @@ def _superseded(tmp_path: Path, root: str, options: dict[str, Any]) -> None:
     store = VolumeStore(root, options)
     ds = _dataset(tmp_path)
     identity = prepare_image(store, ds).identity
-    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, 8)
+    tasks = plan_slabs(plan_dataset(ds.id, ds.section_numbers, ds.n_slices), ds.n_slices, DEFAULT_SLAB)
     old = store.lease()
     old.acquire()
     spec = WorkerSpec("linear", None, {}, {ds.id: ds}, {ds.id: "uint8"}, root, options,

@@ -90,9 +90,9 @@ def test_a_damaged_pyramid_is_rebuilt_by_the_rerun(tmp_path: Path, clean, damage
     elif damage == "level 3's metadata deleted":
         (image / "3" / "zarr.json").unlink()
     elif damage == "a level-2 object deleted":
-        (image / "2" / "c" / "1" / "0" / "0").unlink()
+        (image / "2" / "c" / "0" / "0" / "0").unlink()
     else:
-        _scramble(image / "2" / "c" / "1" / "0" / "0")
+        _scramble(image / "2" / "c" / "0" / "0" / "0")
     again = run(cfg)
     assert again.ok and again.tasks_done == 0 and again.complete == ["g"]
     assert _levels(cfg.output.root) == clean

@@ -17,11 +17,11 @@ from atlinter_ray.store import VolumeStore
 from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
 
 SECTIONS = [3, 11, 19, 27, 35, 43, 51, 59, 67, 75, 83]
-#: Requests of this one-gene job beyond its tasks' four each: 46 on SeaweedFS, 49 on
-#: moto, measured (the driver's input checks ~10, the montage's level-0 reads 9, array
-#: and group metadata 10, listings 5, lease 3-4, the pyramid's one object, pictures,
-#: sidecar and summary 4).
-PER_GENE_REQUESTS = 50
+#: Requests of this one-gene job beyond its tasks' six each: 50 on moto, measured (the
+#: driver's input checks ~10, the montage's level-0 reads 9, array and group metadata 10,
+#: listings 5, lease 3-4, the final fence 1, the pyramid's one object, pictures, sidecar
+#: and summary 4); a slow run adds 2 per lease renewal (every 20 s).
+PER_GENE_REQUESTS = 56
 
 
 @pytest.mark.ray
@@ -46,27 +46,30 @@ def test_pipeline_reads_and_writes_s3(ray_cluster, s3_servers) -> None:
     requests = list(s3_servers.proxy.seen)
     tasks = -(-91 // DEFAULT_SLAB)  # one per slab
     # requests are what an object store bills and waits on: each task reads the sections
-    # it needs in one ranged GET, without a HEAD; finishing reads back no slice of level 0
-    # (the montage reads the two slabs of one gap: each shard's index, then its 3 x 3
-    # inner chunks by byte range)
+    # it needs in one ranged GET, without a HEAD; finishing reads each level-0 shard back
+    # once to prove its checksum, and the montage reads the two slabs of one gap (each
+    # shard's index, then its 3 x 3 inner chunks by byte range)
     npy = [m for m, path in requests if path.startswith("/atlas-in/genes/g1.npy")]
     # the driver's checks (header, size, content hash) take 3 HEADs and 2 GETs
     assert npy.count("HEAD") <= 3 and npy.count("GET") <= tasks + 2
     level0 = [path for m, path in requests
               if m == "GET" and path.startswith("/atlas-out/run1/g1.ome.zarr/0/c/")]
-    assert len(level0) <= 2 * (1 + 9)
-    # a task costs four requests whatever K is (its input GET above, its shard, its
-    # marker carrying its reduction, and finishing's read of it); each pyramid level is
+    assert len(level0) <= tasks + 2 * (1 + 9)
+    # a task costs six requests whatever K is (its input GET above, its shard, the fence's
+    # read of the lease right before its marker, its marker carrying its reduction, and
+    # finishing's reads of both marker and shard); each pyramid level is
     # one object; the rest is per gene (metadata, lease, listings, pictures, summary)
     out = [(m, path) for m, path in requests if path.startswith("/atlas-out/run1/")]
     shards = [p for m, p in out if m == "PUT" and "/g1.ome.zarr/0/c/" in p]
     markers = [m for m, p in out if "/_progress/" in p and "list-type" not in p]
     assert len(shards) == tasks and sorted(markers) == ["GET"] * tasks + ["PUT"] * tasks
+    fences = [p for m, p in out if m == "GET" and p.endswith("/_lease.json")]
+    assert len(fences) >= tasks + 1  # every marker and the final metadata fenced
     levels = len(VolumeStore(cfg.output.root, s3_server).image_attrs("g1")["ome"][
         "multiscales"][0]["datasets"])
     pyramid = [p for m, p in out if m == "PUT" and re.search(r"/g1\.ome\.zarr/[1-9]/c/", p)]
     assert len(pyramid) == levels - 1
-    per_gene = len(requests) - 4 * tasks
+    per_gene = len(requests) - 6 * tasks
     assert per_gene <= PER_GENE_REQUESTS, (per_gene, sorted(requests))
     out = VolumeStore(cfg.output.root, s3_server).read_volume("g1")
     np.testing.assert_array_equal(out[SECTIONS], volume[SECTIONS])
