@@ -61,7 +61,7 @@ def test_default_job_on_the_sample_scores_against_truth(tmp_path: Path) -> None:
     done = _job(f"output.root={tmp_path / 'vol'}", "run.serial=true", "run.progress=false",
                 f"+output.storage_options.secret={secret}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "tasks: 12 (done 12, skipped 0, failed 0, retried 0)" in done.stdout  # 8-slice slabs
+    assert "tasks: 6 (done 6, skipped 0, failed 0, retried 0)" in done.stdout  # 16-slice slabs
     assert "datasets: 1 (complete 1, incomplete 0, skipped 0)" in done.stdout
     lines = [ln for ln in done.stdout.splitlines() if "vs held-out truth" in ln]
     assert len(lines) == 2

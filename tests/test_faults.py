@@ -386,7 +386,7 @@ def test_a_store_that_hangs_for_good_ends_the_job_naming_it(faulty_s3, s3_input,
     same command, once the store answers again, ends in a clean run's bytes."""
     timeout_s, heartbeat_s = 20, 5
     args = ["data=allen", f"data.root={s3_input}", "data.genes=[g]", "model=linear",
-            "output.root=s3://atlas-out/hung-for-good", "run.progress=false",
+            "output.root=s3://atlas-out/hung-for-good", f"output.slab={SLAB}", "run.progress=false",
             "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
             f"resources.task_timeout_s={timeout_s}", f"resources.heartbeat_s={heartbeat_s}",
             "resources.max_storage_errors=3",

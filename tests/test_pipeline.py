@@ -19,7 +19,7 @@ from atlinter_ray.execution import batches, run_work
 from atlinter_ray.layout import Layout
 from atlinter_ray.pipeline import committed_rows, run
 from atlinter_ray.planning import plan_dataset, plan_slabs
-from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, sidecar_name
+from atlinter_ray.store import SIDECAR_KEYS, VolumeStore, decode_marker, encode_marker, sidecar_name
 from atlinter_ray.testing.datasets import prepare_image, real_volume, sections_of, write_dataset
 from atlinter_ray.worker import WorkerSpec, failed_result
 
@@ -64,11 +64,11 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _unfenced(path: Path) -> bytes:
     """A file's bytes; a task marker's without its ``fence`` (each run's lease epoch)."""
-    if "_progress" not in path.parts or path.suffix != ".json":
+    if "_progress" not in path.parts or path.suffix != ".done":
         return path.read_bytes()
-    marker = json.loads(path.read_bytes())
-    assert isinstance(marker.pop("fence"), int)
-    return json.dumps(marker, sort_keys=True).encode()
+    marker = decode_marker(path.read_bytes())
+    assert marker is not None and isinstance(marker.record.pop("fence"), int)
+    return encode_marker(marker.record, marker.reduction)
 
 
 @pytest.mark.ray
