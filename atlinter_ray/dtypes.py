@@ -121,8 +121,10 @@ def to_dtype(frames: np.ndarray, dtype: str, scale: float = 1.0) -> np.ndarray:
     if frames.dtype == dt or dt.kind not in "ui":
         return frames.astype(dt, copy=False)
     info = np.iinfo(dt)
-    values = np.rint(frames) if frames.dtype.kind == "f" else frames
-    clipped: np.ndarray = np.clip(values, info.min, info.max)
+    if frames.dtype.kind == "f":  # rint makes a new array, clipped in place
+        values = np.rint(frames)
+        return np.clip(values, info.min, info.max, out=values).astype(dt)
+    clipped: np.ndarray = np.clip(frames, info.min, info.max)
     return clipped.astype(dt)
 
 

@@ -23,7 +23,7 @@ Everything here runs where the store is, on a worker; the driver only receives a
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -176,20 +176,32 @@ class Reduction:
     cuts: dict[int, np.ndarray]
 
     def to_bytes(self) -> bytes:
-        """Compressed ``.npz`` bytes."""
-        buffer = io.BytesIO()
-        arrays: dict[str, Any] = {f"cut{a}": cut for a, cut in self.cuts.items()}
-        np.savez(buffer, first=self.first, count=self.count, sums=self.sums, **arrays)
-        return bytes(_REDUCTION_CODEC.encode(buffer.getvalue()))
+        """A JSON header line (first, count, each array's dtype and shape), then the
+        arrays' bytes compressed together (no archive format: a task's reduction is
+        written and read once, and ``.npz`` cost twice the time)."""
+        arrays = {"sums": self.sums, **{f"cut{a}": cut for a, cut in self.cuts.items()}}
+        head = {"first": self.first, "count": self.count,
+                "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]}
+        body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+        return json.dumps(head).encode() + b"\n" + bytes(_REDUCTION_CODEC.encode(body))
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Reduction:
         """Decode :meth:`to_bytes` (``ValueError`` when the bytes are not one)."""
+        line, _, packed = blob.partition(b"\n")
         try:
-            with np.load(io.BytesIO(_REDUCTION_CODEC.decode(blob)), allow_pickle=False) as npz:
-                return cls(int(npz["first"]), int(npz["count"]), npz["sums"],
-                           {int(k[3:]): npz[k] for k in npz.files if k.startswith("cut")})
-        except (RuntimeError, OSError, KeyError, EOFError) as exc:
+            head = json.loads(line)
+            body = memoryview(_REDUCTION_CODEC.decode(packed))
+            arrays, at = {}, 0
+            for name, dtype, shape in head["arrays"]:
+                size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                arrays[name] = np.frombuffer(body[at : at + size], dtype=dtype).reshape(shape)
+                at += size
+            if at != len(body):
+                raise ValueError(f"{len(body) - at} bytes left over")
+            return cls(int(head["first"]), int(head["count"]), arrays.pop("sums"),
+                       {int(k[3:]): a for k, a in arrays.items()})
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a reduction: {exc}") from exc
 
 

@@ -297,13 +297,16 @@ class ShardEncoder:
             full = np.zeros(self.shards, dtype=self.dtype)
             full[tuple(slice(0, n) for n in block.shape)] = block
             block = full
+        # one copy into (grid..., chunk...) order makes every inner chunk contiguous
+        split = [n for pair in zip(self.grid, self.chunks) for n in pair]
+        order = [*range(0, 2 * len(self.grid), 2), *range(1, 2 * len(self.grid), 2)]
+        tiles = np.ascontiguousarray(block.reshape(split).transpose(order), dtype=self.dtype)
         parts: list[bytes] = []
         index = np.empty((*self.grid, 2), dtype="<u8")
         offset = 0
         compress = self._compressor().compress
         for cell in morton_order_iter(self.grid):
-            where = tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, self.chunks))
-            blob = compress(np.ascontiguousarray(block[where], dtype=self.dtype).data)
+            blob = compress(tiles[cell].data)
             index[cell] = (offset, len(blob))
             offset += len(blob)
             parts.append(blob)

@@ -72,8 +72,14 @@ def _view(arr: Any, ds: Dataset, axis: int, position: int) -> np.ndarray:
 
 def _plane(arr: Any, axis: int, position: int) -> np.ndarray:
     """The raw plane at ``position`` along reference ``axis`` of a ``([C,] Z, Y, X)`` array."""
+    return np.take(_planes(arr, axis, position, position + 1), 0, axis=arr.ndim - 3 + axis)
+
+
+def _planes(arr: Any, axis: int, start: int, stop: int) -> np.ndarray:
+    """Planes ``start`` to ``stop - 1`` along reference ``axis``, read at once (a slab-deep
+    inner chunk is then read and decoded once, not once per plane)."""
     index: list[Any] = [slice(None)] * arr.ndim
-    index[arr.ndim - 3 + axis] = position
+    index[arr.ndim - 3 + axis] = slice(start, stop)
     return np.asarray(arr[tuple(index)])
 
 
@@ -284,11 +290,11 @@ def montage_png(
             )
         right = found[left]
     by_slice = {p["slice"]: p for p in provenance}
-    arr = store.open_array(ds.id)
     axis = ds.axis_index
+    block = _planes(store.open_array(ds.id), axis, left, right + 1)
     rows: list[list[np.ndarray]] = [[], [], []] if truth is not None else [[]]
     for s in range(left, right + 1):
-        raw = _plane(arr, axis, s)
+        raw = np.take(block, s - left, axis=block.ndim - 3 + axis)
         img = _plane_bgr(raw, ds, axis, scale)
         zoom = max(1, -(-_MIN_TILE // img.shape[0]))
         record = by_slice[s]

@@ -391,7 +391,7 @@ class VolumeStore:
         for start in range(0, count, depth):
             grid = [0] * arr.ndim
             grid[axis] = (first + start) // depth
-            part = np.take(block, range(start, min(start + depth, count)), axis=axis)
+            part = block[(slice(None),) * axis + (slice(start, start + depth),)]
             blobs[chunk_key(grid)] = encoder.encode(part)
         self._put_many(self._image_path(ds.id, level), blobs)
         return {key: object_sum(blob) for key, blob in blobs.items()}
