@@ -162,24 +162,31 @@ def _finish(
 class Reduction:
     """What finishing needs of consecutive slices, made where they are written.
 
-    ``sums`` are the slices' in-plane pair sums (:func:`~atlinter_ray.layout.pair_sums`),
-    in array order with the section axis ``count`` long: finishing pairs them across
-    tasks into level 1 of the pyramid. ``cuts[a]`` is the slices' part of the quick-look
-    plane across reference axis ``a`` (for the section axis, the whole mid slice, when
-    these slices hold it). A task stores its reduction in its marker, so finishing reads
-    one small object per task instead of every slice of level 0.
+    When the slices pair up among themselves along the section axis (``first`` even, and
+    ``count`` even or reaching the volume's end, as every task of an even ``output.slab``
+    does), ``level1`` is their part of pyramid level 1 (2x2x2 means, the image's dtype)
+    and ``sums`` is None. Otherwise ``sums`` are the slices' in-plane pair sums
+    (:func:`~atlinter_ray.layout.pair_sums`), in array order with the section axis
+    ``count`` long, which finishing pairs across tasks into level 1. ``cuts[a]`` is the
+    slices' part of the quick-look plane across reference axis ``a`` (for the section
+    axis, the whole mid slice, when these slices hold it). A task stores its reduction
+    in its marker, so finishing reads one small object per task instead of every slice
+    of level 0.
     """
 
     first: int
     count: int
-    sums: np.ndarray
+    sums: np.ndarray | None
     cuts: dict[int, np.ndarray]
+    level1: np.ndarray | None = None
 
     def to_bytes(self) -> bytes:
         """A JSON header line (first, count, each array's dtype and shape), then the
         arrays' bytes compressed together (no archive format: a task's reduction is
         written and read once, and ``.npz`` cost twice the time)."""
-        arrays = {"sums": self.sums, **{f"cut{a}": cut for a, cut in self.cuts.items()}}
+        arrays = {name: a for name, a in (("sums", self.sums), ("level1", self.level1))
+                  if a is not None}
+        arrays.update({f"cut{a}": cut for a, cut in self.cuts.items()})
         head = {"first": self.first, "count": self.count,
                 "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]}
         body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
@@ -199,8 +206,11 @@ class Reduction:
                 at += size
             if at != len(body):
                 raise ValueError(f"{len(body) - at} bytes left over")
-            return cls(int(head["first"]), int(head["count"]), arrays.pop("sums"),
-                       {int(k[3:]): a for k, a in arrays.items()})
+            sums, level1 = arrays.pop("sums", None), arrays.pop("level1", None)
+            if (sums is None) == (level1 is None):
+                raise ValueError("it holds neither sums nor a level-1 block, or both")
+            return cls(int(head["first"]), int(head["count"]), sums,
+                       {int(k[3:]): a for k, a in arrays.items()}, level1)
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a reduction: {exc}") from exc
 
@@ -223,6 +233,10 @@ def reduce_slab(ds: Dataset, slab: np.ndarray, first: int) -> Reduction:
         elif first <= mid < first + count:
             cuts[a] = np.take(slab, mid - first, axis=axis)
     in_plane = [lead + a for a in range(3) if a != ds.axis_index]
+    if first % 2 == 0 and (count % 2 == 0 or first + count == ds.n_slices):
+        # summed in the order finishing sums the other kind, so the bytes are the same
+        return Reduction(first, count, None, cuts,
+                         mean_of_eight(pair_sums(slab, [*in_plane, axis]), slab.dtype))
     return Reduction(first, count, pair_sums(slab, in_plane), cuts)
 
 
@@ -295,6 +309,13 @@ def _pyramid(
             planes[a][tuple(into)] = cut
         if level is None:
             continue
+        if red.level1 is not None:  # the slices before it paired up: nothing is carried
+            assert carry is None and red.first % 2 == 0, "a level-1 block out of step"
+            half = [slice(None)] * arr.ndim
+            half[axis] = slice(red.first // 2, red.first // 2 + red.level1.shape[axis])
+            level[tuple(half)] = red.level1
+            continue
+        assert red.sums is not None
         sums, start = red.sums, red.first
         if carry is not None:
             sums, start = np.concatenate([carry, sums], axis=axis), start - 1

@@ -30,6 +30,7 @@ import zarr
 from atlinter_ray import finishing
 from atlinter_ray.config import Config
 from atlinter_ray.errors import OutputBusyError, StoreError
+from atlinter_ray.finishing import Reduction
 from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore, decode_marker, encode_marker
@@ -182,9 +183,10 @@ def test_a_run_killed_at_any_phase_is_finished_by_its_rerun(tmp_path: Path, poin
     assert summary["complete"] == ["g"] and not summary["incomplete"]
 
 
+@pytest.mark.parametrize("slab", [SLAB, 5])  # even: tasks store level-1 blocks; odd: sums
 @pytest.mark.parametrize("axis", ["coronal", "sagittal"])
 def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
-    tmp_path: Path, axis: str
+    tmp_path: Path, axis: str, slab: int
 ) -> None:
     """No slice is read back when every task's marker carries its reduction; a marker
     without one costs a read of its slices from level 0, a torn marker reads as absent
@@ -197,6 +199,7 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
         return original(arr, index, axis_)
 
     cfg = _local(tmp_path, [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72], axis)
+    cfg.output.slab = slab
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(finishing, "_read_slab", counted)
         assert run(cfg).ok
@@ -211,19 +214,21 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
             with pytest.raises(Killed):
                 run(cfg)
         n = levels[0].shape[{"coronal": 0, "sagittal": 2}[axis]]
-        last = (n - 1) // SLAB * SLAB
+        last = (n - 1) // slab * slab
         markers = sorted((tmp_path / "out" / "_progress" / "g").rglob("*"))
         markers = [m for m in markers if m.is_file()]
-        assert len(markers) == -(-n // SLAB)  # one object per task: one per slab
-        second = markers[0].parent / f"{SLAB}-{2 * SLAB - 1}.done"
+        assert len(markers) == -(-n // slab)  # one object per task: one per slab
+        second = markers[0].parent / f"{slab}-{2 * slab - 1}.done"
         marker = decode_marker(second.read_bytes())
         assert marker is not None and marker.reduction
+        kept = Reduction.from_bytes(marker.reduction)
+        assert (kept.level1 is not None) == (slab % 2 == 0) != (kept.sums is not None)
         second.write_bytes(encode_marker(marker.record, None))  # a marker without one
         (markers[0].parent / f"{last}-{n - 1}.done").write_bytes(b'{"torn')
         again = run(cfg)
     assert again.ok and again.tasks_done == 1  # the torn marker's task
     read = sorted(s for start, stop in reads for s in range(start, stop))
-    assert read == [*range(SLAB, 2 * SLAB)]  # only the second task's slices
+    assert read == [*range(slab, 2 * slab)]  # only the second task's slices
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
