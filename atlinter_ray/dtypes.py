@@ -122,8 +122,9 @@ def to_dtype(frames: np.ndarray, dtype: str, scale: float = 1.0) -> np.ndarray:
         return frames.astype(dt, copy=False)
     info = np.iinfo(dt)
     if frames.dtype.kind == "f":  # rint makes a new array, clipped in place
-        values = np.rint(frames)
-        return np.clip(values, info.min, info.max, out=values).astype(dt)
+        values: np.ndarray = np.rint(frames)
+        np.clip(values, info.min, info.max, out=values)
+        return values.astype(dt)
     clipped: np.ndarray = np.clip(frames, info.min, info.max)
     return clipped.astype(dt)
 

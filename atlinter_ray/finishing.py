@@ -311,9 +311,9 @@ def _pyramid(
             continue
         if red.level1 is not None:  # the slices before it paired up: nothing is carried
             assert carry is None and red.first % 2 == 0, "a level-1 block out of step"
-            half = [slice(None)] * arr.ndim
-            half[axis] = slice(red.first // 2, red.first // 2 + red.level1.shape[axis])
-            level[tuple(half)] = red.level1
+            into = [slice(None)] * arr.ndim
+            into[axis] = slice(red.first // 2, red.first // 2 + red.level1.shape[axis])
+            level[tuple(into)] = red.level1
             continue
         assert red.sums is not None
         sums, start = red.sums, red.first

@@ -32,11 +32,12 @@ third more CPU on 32 x 32 tiles.
 
 Levels ``"1"``, ``"2"``... are the multiscale pyramid (2x2x2 means, until the largest
 side is at most ``output.pyramid_min``), written once per dataset by its finishing job
-(a single writer; level 1 from the in-plane :func:`pair_sums` each task stored, see
-:mod:`atlinter_ray.finishing`). Having one writer, each level is **one shard object**
-(the whole level), with the same inner chunks as level 0 (K deep, ``h x w`` in-plane),
-so a viewer reads it by byte range as it reads level 0, and the pyramid costs one PUT
-per level instead of one per slab (64 of a 528-slice gene's 543 requests at K = 8).
+(a single writer; level 1 from each task's share of it, or from the in-plane
+:func:`pair_sums` a task of an odd slab stored: see :mod:`atlinter_ray.finishing`).
+Having one writer, each level is **one shard object** (the whole level), with the same
+inner chunks as level 0 (K deep, ``h x w`` in-plane), so a viewer reads it by byte range
+as it reads level 0, and the pyramid costs one PUT per level instead of one per slab (64
+of a 528-slice gene's 543 requests at K = 8).
 """
 
 from __future__ import annotations

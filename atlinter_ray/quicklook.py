@@ -72,7 +72,9 @@ def _view(arr: Any, ds: Dataset, axis: int, position: int) -> np.ndarray:
 
 def _plane(arr: Any, axis: int, position: int) -> np.ndarray:
     """The raw plane at ``position`` along reference ``axis`` of a ``([C,] Z, Y, X)`` array."""
-    return np.take(_planes(arr, axis, position, position + 1), 0, axis=arr.ndim - 3 + axis)
+    plane: np.ndarray = np.take(_planes(arr, axis, position, position + 1), 0,
+                                axis=arr.ndim - 3 + axis)
+    return plane
 
 
 def _planes(arr: Any, axis: int, start: int, stop: int) -> np.ndarray:

@@ -8,8 +8,9 @@ package as it was at ``--baseline-rev`` (exported from git into a temporary fold
 the candidate is this working tree.
 
 Per path and model kind, a worker (:class:`atlinter_ray.worker.TaskWorker`, as Ray
-or ``run.serial`` runs it) runs 65 gap tasks of a 320 x 456 uint8 coronal dataset
-(sections every 8 slices: 7 predicted slices per task; ``--rgb`` for 3 channels) into
+or ``run.serial`` runs it) runs 65 tasks of a 320 x 456 uint8 coronal dataset
+(sections every 8 slices; a task is a slab of 8, one section and 7 predicted slices, or
+in versions before slabs one gap; ``--rgb`` for 3 channels) into
 a local zarr store, ``--tasks-per-batch`` tasks per call, with a trivial model whose
 forward is a handful of tensor operations, so the device's share is negligible:
 
@@ -19,8 +20,8 @@ forward is a handful of tensor operations, so the device's share is negligible:
 
 What is measured: the process's CPU time per task (all threads, one core), and in a
 separate pass the I/O alone, as the io threads do it: reading the two sections and
-committing the task (``write_slices``, the reduction where the package has one, and
-``mark_done``; zarr's own threads included).
+committing the task (``write_slices`` and ``mark_done``, with the task's reduction
+where the package has one; zarr's own threads included).
 On a GPU the tensor operations run on the device; their host share is the launch, about
 ``--launch-us`` (10 µs, the usual eager dispatch + launch cost) each, counted with
 ``torch.profiler`` in a second pass. The host work per task on a GPU machine is then::
@@ -71,6 +72,7 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
 
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
+    from atlinter_ray import planning
     from atlinter_ray.dataset import load_dataset
     from atlinter_ray.models.base import register_model
     from atlinter_ray.models.torch_runtime import TorchFlowEstimator, TorchPairInterpolator
@@ -112,8 +114,14 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
     np.save(tmp / "g.npy", images)
     (tmp / "g.json").write_text(json.dumps({"section_numbers": sections, "axis": "coronal"}))
     ds = load_dataset(str(tmp / "g"), (528, 320, 456), {})
-    tasks = [t for t in plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy")
-             if len(t.predicted) == 7]
+    tasks: list[Any] = plan_dataset(ds.id, ds.section_numbers, ds.n_slices, "exact", "copy")
+    layout: dict[str, Any] = {}
+    if hasattr(planning, "plan_slabs"):  # since issue 19 a task owns whole slabs: 8 here,
+        from atlinter_ray.layout import Layout  # a section and its 7 predicted slices
+
+        tasks = planning.plan_slabs(tasks, ds.n_slices, 8)
+        layout["layout"] = Layout(slab=8)
+    tasks = [t for t in tasks if len(t.predicted) == 7]
     store = VolumeStore(str(tmp / "out"))
     extra: dict[str, Any] = {}
     mark_done = store.mark_done
@@ -121,7 +129,8 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
         # since issue 9 an image and its markers are bound to the input and a generation
         from atlinter_ray.identity import fingerprint
 
-        identity = store.prepare_image(ds, "uint8", {"bench": kind}, fingerprint(ds)).identity
+        identity = store.prepare_image(ds, "uint8", {"bench": kind}, fingerprint(ds),
+                                       **layout).identity
         extra["images"] = {ds.id: identity}
         mark_done = functools.partial(store.mark_done, identity)
     else:
@@ -147,22 +156,23 @@ def _worker_main(kind: str, rgb: bool, tasks_per_batch: int, core: int, repeats:
 
     # The I/O alone, as the io threads do it (same calls in both paths): read the two
     # sections, write the task's slices and its marker; zarr's own threads included.
-    blocks = {t.task_id: np.stack([read_sections(ds, [t.left])[0]] * len(t.jobs)) for t in tasks}
-    reduce = None
-    if hasattr(store, "write_reduction"):  # since finishing reads no slice back
-        from atlinter_ray.finishing import reduce_slab
-        from atlinter_ray.layout import as_slab
-
-        def reduce(task_id: str, first: int, block: np.ndarray) -> None:
-            blob = reduce_slab(ds, as_slab(ds, block), first).to_bytes()
-            store.write_reduction(extra["images"][ds.id], task_id, blob)
+    slabs = "layout" in layout
+    blocks = {t.task_id: np.stack([read_sections(ds, [t.sources[0]])[0]] * len(t.jobs))
+              for t in tasks}
     c0 = time.process_time()
     for t in tasks:
         read_sections(ds, t.sources)
-        objects = store.write_slices(ds, t.jobs[0].slice, blocks[t.task_id])
-        if reduce is not None:
-            reduce(t.task_id, t.jobs[0].slice, blocks[t.task_id])
-        mark_done(t.task_id, {"task_id": t.task_id, "slices": [], "objects": objects or {}})
+        first = t.first if slabs else t.jobs[0].slice
+        objects = store.write_slices(ds, first, blocks[t.task_id])
+        record = {"task_id": t.task_id, "slices": [], "objects": objects or {}}
+        if slabs:  # the marker carries the task's reduction
+            from atlinter_ray.finishing import reduce_slab
+            from atlinter_ray.layout import as_slab
+
+            mark_done(t.task_id, record,
+                      reduce_slab(ds, as_slab(ds, blocks[t.task_id]), first).to_bytes())
+        else:
+            mark_done(t.task_id, record)
     io_cpu = time.process_time() - c0
     from torch.profiler import ProfilerActivity, profile
 
