@@ -33,32 +33,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
-import s3fs
 
-from atlinter_ray.testing.datasets import real_volume, sections_of
+from atlinter_ray.testing.datasets import sample_on_s3
 from atlinter_ray.testing.faulty_s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
 
 
-def _input(server: S3Server) -> str:
-    """The test dataset (RGB) on the server; its URL."""
-    fs = s3fs.S3FileSystem(**server.direct, skip_instance_cache=True)
-    volume = real_volume(rgb=True)
-    with fs.open("atlas-in/hung/g.npy", "wb") as f:
-        np.save(f, sections_of(volume, SECTIONS, "coronal"))
-    fs.pipe_file("atlas-in/hung/g.json", json.dumps(
-        {"section_numbers": SECTIONS, "axis": "coronal",
-         "reference_shape": list(volume.shape[:3])}).encode())
-    return "s3://atlas-in/hung"
-
-
 def _run(server: S3Server, src: Path, name: str, settings: list[str], limit_s: float) -> dict[str, Any]:
     """One job of the package in ``src`` whose output hangs at its first commit."""
-    args = ["data=allen", f"data.root={_input(server)}", "data.genes=[g]", "model=linear",
+    data = sample_on_s3(server.direct, "atlas-in/hung", SECTIONS)
+    args = ["data=allen", f"data.root={data}", "data.genes=[g]", "model=linear",
             f"output.root=s3://atlas-out/{name}", "run.progress=false",
             "resources.local_cpus=2", "resources.min_workers=2", "resources.max_workers=2",
             *settings,

@@ -176,6 +176,14 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def machine_cpu_s() -> float:
+    """CPU seconds every process of the machine has used (idle and I/O wait excluded)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq)
+
+
 def measure(mode: str, manifest_path: Path, root: str, workers: int,
             s3: dict[str, Any] | None, tasks_per_batch: int = 1,
             server: Any = None) -> dict:
@@ -187,14 +195,17 @@ def measure(mode: str, manifest_path: Path, root: str, workers: int,
            "--root", root, "--workers", str(workers),
            "--tasks-per-batch", str(tasks_per_batch)]
     load, cpu = os.getloadavg()[0], server.server_cpu_s() if server else 0.0
+    busy = machine_cpu_s()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    busy = machine_cpu_s() - busy
     if done.returncode:
         raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
     if "://" not in root:  # the next run starts on an empty disk cache of outputs
         shutil.rmtree(root, ignore_errors=True)
     return {**json.loads(line[7:]), "load_average_1min_before": load,
-            "s3_server_cpu_s": (server.server_cpu_s() - cpu) if server else 0.0}
+            "s3_server_cpu_s": (server.server_cpu_s() - cpu) if server else 0.0,
+            "machine_cpu_s": busy}
 
 
 def client_cpu(npy: Path, folder: Path, rounds: int = 3) -> dict[str, dict[str, float]]:
@@ -342,12 +353,13 @@ def request_kinds(seen: list[tuple[str, str]]) -> dict[str, int]:
 def report(results: dict[str, dict]) -> None:
     """Print the table of every measurement and its ratios."""
     print(f"{'run':<22}{'datasets':>9}{'wall s':>9}{'slices/s':>10}{'s/dataset':>10}"
-          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}{'S3 server CPU s':>17}")
+          f"{'driver PSS MB':>15}{'driver RSS MB':>15}{'load':>7}{'S3 server CPU s':>17}"
+          f"{'all CPU s':>11}")
     for name, r in results.items():
         print(f"{name:<22}{r['datasets']:>9}{r['wall_s']:>9.1f}{r['slices_per_s']:>10.1f}"
               f"{r['s_per_dataset']:>10.2f}{r['driver_peak_pss_mb']:>15.0f}"
               f"{r['driver_peak_rss_mb']:>15.0f}{r['load_average_1min_before']:>7.2f}"
-              f"{r['s3_server_cpu_s']:>17.1f}")
+              f"{r['s3_server_cpu_s']:>17.1f}{r['machine_cpu_s']:>11.1f}")
 
 
 def main() -> None:
@@ -456,6 +468,14 @@ def main() -> None:
             ratios["s3_over_local_slices_per_s_min"] = rounds[0]
             ratios["s3_over_local_slices_per_s_max"] = rounds[-1]
         targets["s3_at_least_80_percent_of_local"] = ratios["s3_over_local_slices_per_s"] >= 0.8
+        # the loopback server shares the job's cores: what the job itself spent apart
+        # (Ray's start, in the child process, counted in both runs)
+        ratios["s3_job_cpu_without_server_over_local_cpu"] = statistics.median(
+            (results[f"s3{t}"]["machine_cpu_s"] - results[f"s3{t}"]["s3_server_cpu_s"])
+            / results[f"local{t}"]["machine_cpu_s"] for t in tags)
+        ratios["s3_server_share_of_machine_cpu"] = statistics.median(
+            results[f"s3{t}"]["s3_server_cpu_s"] / results[f"s3{t}"]["machine_cpu_s"]
+            for t in tags)
         ratios["s3_requests_per_slice"] = requests_per_slice
         targets["s3_requests_per_slice_at_most_0.5"] = requests_per_slice <= 0.5
     if clients:

@@ -13,10 +13,11 @@ Two measurements (issue 19), each ratio from one run:
     part of a gap needs (the shared ancestors are computed on both sides);
   - flow models (DIS, RAFT...): one flow pair per gap part (the warps are per slice).
 
-  These are the figures where every slab task is its own chunk (CPU workers,
-  ``resources.tasks_per_batch=1``); parts of one gap in one chunk share its pair
-  (:meth:`atlinter_ray.worker.TaskWorker._predict_pairs`), so GPU workers with larger
-  batches repeat less.
+  Each for every slab task its own chunk (``resources.tasks_per_batch=1``, the
+  default) and for chunks of 8 consecutive tasks (``batch=8``, the GPU cluster
+  profile's): parts of one gap in one chunk share its calls
+  (:meth:`atlinter_ray.worker.TaskWorker._predict_pairs`), so only gaps crossing a
+  chunk's edge are computed twice.
 * **bytes a viewer reads for one plane at level 0**: a 528 x 320 x 456 grey uint8 gene
   (smooth synthetic content drifting along the sections, as ``bench_pipeline.py``'s
   genes) written by :meth:`VolumeStore.write_slices`, read through zarr (as
@@ -64,24 +65,45 @@ def model_calls(gaps: Iterable[Any]) -> dict[str, int]:
     }
 
 
-def duplicated(spacing: int, offset: int, slab: int, n: int = SHAPE[0]) -> dict[str, float]:
-    """Fraction of each kind's slab-task calls that repeat a gap task's, at one offset."""
+def chunk_calls(tasks: list[Any], batch: int) -> dict[str, int]:
+    """Calls of each kind when ``batch`` consecutive slab tasks go to a worker together:
+    parts of one gap in one chunk share its calls, for the union of their positions
+    (:meth:`atlinter_ray.worker.TaskWorker._predict_pairs`)."""
+    calls = {"any-t": 0, "midpoint bisection": 0, "flow": 0}
+    for i in range(0, len(tasks), batch):
+        wanted: dict[tuple[Any, Any], set[float]] = {}
+        for part in (p for t in tasks[i : i + batch] for p in t.parts if p.predicted):
+            wanted.setdefault((part.left, part.right), set()).update(part.positions)
+        for positions in wanted.values():
+            calls["any-t"] += len(positions)
+            calls["midpoint bisection"] += sum(len(n) for n in bisection_nodes(sorted(positions)))
+            calls["flow"] += 1
+    return calls
+
+
+def duplicated(spacing: int, offset: int, slab: int, batch: int = 1,
+               n: int = SHAPE[0]) -> dict[str, float]:
+    """Fraction of each kind's slab-task calls that repeat a gap task's, at one offset,
+    with ``batch`` tasks per worker call (``resources.tasks_per_batch``)."""
     known = list(range(offset, n, spacing))
     gaps = plan_dataset("g", known, n, "atlinter")
     once = model_calls(gaps)
-    slabs = model_calls(p for t in plan_slabs(gaps, n, slab) for p in t.parts)
+    slabs = chunk_calls(plan_slabs(gaps, n, slab), batch)
     return {kind: (slabs[kind] - once[kind]) / slabs[kind] for kind in once}
 
 
-def duplication_table(slabs: Iterable[int], spacings: Iterable[int]) -> dict[str, Any]:
-    """``{"K=<k> spacing=<s>": {"mean": {kind: fraction}, "offset 4": {...}}}``."""
+def duplication_table(slabs: Iterable[int], spacings: Iterable[int],
+                      batches: Iterable[int] = (1,)) -> dict[str, Any]:
+    """``{"K=<k> spacing=<s>[ batch=<b>]": {"mean over offsets": {kind: fraction},
+    "first section 4": {...}}}`` (batch 1 unnamed)."""
     out: dict[str, Any] = {}
     for spacing in spacings:
         for k in slabs:
-            rows = [duplicated(spacing, offset, k) for offset in range(spacing)]
-            mean = {kind: float(np.mean([r[kind] for r in rows])) for kind in rows[0]}
-            out[f"K={k} spacing={spacing}"] = {"mean over offsets": mean,
-                                               "first section 4": rows[4 % spacing]}
+            for batch in batches:
+                rows = [duplicated(spacing, offset, k, batch) for offset in range(spacing)]
+                mean = {kind: float(np.mean([r[kind] for r in rows])) for kind in rows[0]}
+                key = f"K={k} spacing={spacing}" + (f" batch={batch}" if batch > 1 else "")
+                out[key] = {"mean over offsets": mean, "first section 4": rows[4 % spacing]}
     return out
 
 
@@ -198,12 +220,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for slab.json")
     args = parser.parse_args()
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    table = duplication_table((4, 8, 16, 32), (4, 8, 16))
+    table = duplication_table((4, 8, 16, 32), (4, 8, 16), (1, 8))
     print("fraction of model calls duplicated at slab boundaries (slab tasks vs gap tasks)")
-    print(f"{'':<22}{'any-t':>8}{'bisection':>11}{'flow':>8}   (first section 4: same order)")
+    print(f"{'':<30}{'any-t':>8}{'bisection':>11}{'flow':>8}   (first section 4: same order)")
     for key, row in table.items():
         mean, at4 = row["mean over offsets"], row["first section 4"]
-        print(f"{key:<22}" + "".join(f"{mean[k]:>{w}.1%}" for k, w in
+        print(f"{key:<30}" + "".join(f"{mean[k]:>{w}.1%}" for k, w in
                                      (("any-t", 8), ("midpoint bisection", 11), ("flow", 8)))
               + "   " + " ".join(f"{at4[k]:.1%}" for k in at4))
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ from atlinter_ray.finishing import Reduction
 from atlinter_ray.layout import downsample2
 from atlinter_ray.pipeline import run
 from atlinter_ray.store import VolumeStore, decode_marker, encode_marker
-from atlinter_ray.testing.datasets import real_volume, sections_of, write_dataset
+from atlinter_ray.testing.datasets import real_volume, sample_on_s3, sections_of, write_dataset
 from atlinter_ray.testing.faulty_s3 import EXAMPLE_CREDENTIALS
 
 SECTIONS = [4, 10, 16, 23, 30, 37, 45, 52, 60, 66, 72, 80, 86]
@@ -290,14 +290,7 @@ def test_a_summary_the_store_does_not_take_is_reported_not_waited_for(
 @pytest.fixture(scope="module")
 def s3_input(s3_servers) -> str:
     """The test dataset on S3 (RGB), written once: every S3 run reads the same input."""
-    fs = s3fs.S3FileSystem(**s3_servers.direct, skip_instance_cache=True)
-    volume = real_volume(rgb=True)
-    with fs.open("atlas-in/faults/g.npy", "wb") as f:
-        np.save(f, sections_of(volume, SECTIONS, "coronal"))
-    fs.pipe_file("atlas-in/faults/g.json", json.dumps(
-        {"section_numbers": SECTIONS, "axis": "coronal",
-         "reference_shape": list(volume.shape[:3])}).encode())
-    return "s3://atlas-in/faults"
+    return sample_on_s3(s3_servers.direct, "atlas-in/faults", SECTIONS)
 
 
 def _s3(servers, s3_input: str, name: str, **storage: object) -> Config:

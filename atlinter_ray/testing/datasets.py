@@ -41,6 +41,21 @@ def real_volume(rgb: bool = False) -> np.ndarray:
     return np.clip(volume[..., None] * tint, 0, 255).astype(np.uint8)
 
 
+def sample_on_s3(options: dict[str, Any], prefix: str, sections: list[int]) -> str:
+    """The bundled sample (RGB, coronal) at ``sections`` as dataset ``g`` under
+    ``s3://<prefix>`` (s3fs ``options``); return that folder's URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    volume = real_volume(rgb=True)
+    with fs.open(f"{prefix}/g.npy", "wb") as f:
+        np.save(f, sections_of(volume, sections, "coronal"))
+    fs.pipe_file(f"{prefix}/g.json", json.dumps(
+        {"section_numbers": sections, "axis": "coronal",
+         "reference_shape": list(volume.shape[:3])}).encode())
+    return f"s3://{prefix}"
+
+
 def sections_of(volume: np.ndarray, sections: list[int], axis: str) -> np.ndarray:
     """Known sections of ``volume`` along ``axis``, in the predecessor's layout."""
     index = {"coronal": 0, "sagittal": 2}[axis]
