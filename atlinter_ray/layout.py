@@ -61,6 +61,8 @@ SPACE_AXES = ("z", "y", "x")
 DEFAULT_SLAB = 16
 #: In-plane inner chunk ``(h, w)`` inside a shard (``output.chunks``).
 DEFAULT_CHUNKS = (32, 32)
+#: Zstandard's fastest level offered (``output.zstd_level``; 0 would mean its default, 3).
+MIN_ZSTD_LEVEL = -7
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,10 @@ class Layout:
 
     def check(self) -> None:
         """Refuse settings that cannot work, naming the key and the fix."""
-        if not 1 <= self.zstd_level <= 22:
+        if self.zstd_level == 0 or not MIN_ZSTD_LEVEL <= self.zstd_level <= 22:
             raise ConfigError(
-                f"output.zstd_level={self.zstd_level}: choose 1 (fast) to 22 (small)"
+                f"output.zstd_level={self.zstd_level}: choose 1 (fast) to 22 (small), or "
+                f"-1 to {MIN_ZSTD_LEVEL} for Zstandard's faster modes (larger objects)"
             )
         if isinstance(self.slab, bool) or not isinstance(self.slab, int) or self.slab < 1:
             raise ConfigError(

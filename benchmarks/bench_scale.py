@@ -72,6 +72,8 @@ from bench_pipeline import REFERENCE, SPACING, PeakPSS, make_dataset, predecesso
 S3_ENV = "ATLINTER_BENCH_S3"
 #: ``output.slab`` of every job (``--slab``), handed to the child processes.
 SLAB_ENV = "ATLINTER_BENCH_SLAB"
+#: ``output.zstd_level`` of every job (``--zstd-level``), handed to the child processes.
+LEVEL_ENV = "ATLINTER_BENCH_ZSTD_LEVEL"
 
 
 def small_datasets(folder: Path, n: int) -> Path:
@@ -131,6 +133,7 @@ def config(manifest_path: Path, root: str, options: dict[str, Any], workers: int
     cfg.resources.min_workers = cfg.resources.max_workers = workers
     cfg.resources.tasks_per_batch = tasks_per_batch
     cfg.output.slab = int(os.environ.get(SLAB_ENV, cfg.output.slab))
+    cfg.output.zstd_level = int(os.environ.get(LEVEL_ENV, cfg.output.zstd_level))
     cfg.run.progress = False
     return cfg
 
@@ -201,9 +204,11 @@ def measure(mode: str, manifest_path: Path, root: str, workers: int,
     if done.returncode:
         raise RuntimeError(f"{mode} {manifest_path.name} failed:\n{done.stderr[-4000:]}")
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+    stored = 0
     if "://" not in root:  # the next run starts on an empty disk cache of outputs
+        stored = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
         shutil.rmtree(root, ignore_errors=True)
-    return {**json.loads(line[7:]), "load_average_1min_before": load,
+    return {**json.loads(line[7:]), "load_average_1min_before": load, "output_bytes": stored,
             "s3_server_cpu_s": (server.server_cpu_s() - cpu) if server else 0.0,
             "machine_cpu_s": busy}
 
@@ -381,6 +386,8 @@ def main() -> None:
                         help="resources.tasks_per_batch of every job (default: the config's)")
     parser.add_argument("--slab", type=int, default=None,
                         help="output.slab of every job (default: the config's)")
+    parser.add_argument("--zstd-level", type=int, default=None,
+                        help="output.zstd_level of every job (default: the config's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,20 / 1 / 2")
     parser.add_argument("--profile", type=int, default=0, help="profile N genes instead")
     parser.add_argument("--profile-writes", action="store_true",
@@ -404,6 +411,8 @@ def main() -> None:
         args.small, args.s3_genes, args.genes = "5,20", 1, 2
     if args.slab is not None:
         os.environ[SLAB_ENV] = str(args.slab)
+    if args.zstd_level is not None:
+        os.environ[LEVEL_ENV] = str(args.zstd_level)
     from atlinter_ray.testing.faulty_s3 import S3Server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no request log
@@ -498,12 +507,13 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = "scale" + ("-quick" if args.quick else "") + (
             "" if args.s3_server == "moto" else f"-{args.s3_server}") + (
-            "" if args.slab is None else f"-slab{args.slab}")
+            "" if args.slab is None else f"-slab{args.slab}") + (
+            "" if args.zstd_level is None else f"-zstd{args.zstd_level}")
         (Path(args.out) / f"{name}.json").write_text(
             json.dumps({"date": started, "command": " ".join(sys.argv),
                         "reference": REFERENCE, "spacing": SPACING, "model": "linear",
                         "workers": args.workers, "cpus": os.cpu_count(), "runs": results,
-                        "slab": args.slab,
+                        "slab": args.slab, "zstd_level": args.zstd_level,
                         "s3_server": args.s3_server, "s3_requests_per_gene": requests,
                         "client_cpu_per_slice": clients, "ratios": ratios,
                         "targets_met": targets}, indent=2) + "\n")

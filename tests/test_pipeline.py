@@ -168,14 +168,18 @@ def test_compression_level_is_configurable_and_checked_up_front(tmp_path: Path) 
     with pytest.raises(ConfigError, match="output.zstd_level=0"):
         run(cfg)
     assert not (tmp_path / "out").exists()  # refused before anything was written
-    light, heavy = tmp_path / "light", tmp_path / "heavy"
-    for level, root in ((1, light), (9, heavy)):
+    cfg.output.zstd_level = -8
+    with pytest.raises(ConfigError, match="output.zstd_level=-8"):
+        run(cfg)
+    levels = {1: tmp_path / "light", 9: tmp_path / "heavy", -3: tmp_path / "fast"}
+    for level, root in levels.items():
         cfg.output.zstd_level, cfg.output.root = level, str(root)
         assert run(cfg).ok
     arrays = [zarr.open_array(str(root / "rgbgene.ome.zarr" / "0"), mode="r")
-              for root in (light, heavy)]
-    assert [a.metadata.codecs[0].codecs[-1].level for a in arrays] == [1, 9]  # inside shards
-    np.testing.assert_array_equal(arrays[0][...], arrays[1][...])  # same values, other bytes
+              for root in levels.values()]
+    assert [a.metadata.codecs[0].codecs[-1].level for a in arrays] == [1, 9, -3]  # in shards
+    for other in arrays[1:]:  # same values, other bytes
+        np.testing.assert_array_equal(arrays[0][...], other[...])
 
 
 @pytest.mark.ray

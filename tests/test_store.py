@@ -49,16 +49,17 @@ def _fp(ds):
 
 
 @pytest.mark.parametrize("axis", ["coronal", "sagittal"])
-@pytest.mark.parametrize("rgb, dtype, chunks, slab", [
-    (False, "uint8", None, 8), (True, "uint8", (32, 32), 8), (False, "uint16", (32, 40), 5),
-    (True, "float32", (50, 30), 16),
+@pytest.mark.parametrize("rgb, dtype, chunks, slab, level", [
+    (False, "uint8", None, 8, 3), (True, "uint8", (32, 32), 8, -3),
+    (False, "uint16", (32, 40), 5, 3), (True, "float32", (50, 30), 16, 1),
 ])
 def test_shard_writes_are_the_shards_zarr_writes(
-    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None, slab: int
+    tmp_path: Path, axis: str, rgb: bool, dtype: str, chunks: tuple[int, int] | None,
+    slab: int, level: int,
 ) -> None:
     ds = _dataset(tmp_path, axis=axis, rgb=rgb, dtype=dtype)
     store = VolumeStore(str(tmp_path / "out"))
-    layout = Layout(slab=slab, chunks=chunks, zstd_level=3)
+    layout = Layout(slab=slab, chunks=chunks, zstd_level=level)
     store.prepare_image(ds, dtype, {"model": "linear"}, _fp(ds), layout)
     rng = np.random.default_rng(0)
     h, w = ds.image_shape
@@ -72,8 +73,9 @@ def test_shard_writes_are_the_shards_zarr_writes(
     spec = array_spec(ds, layout)
     twin = zarr.create_array(str(tmp_path / "twin"), shape=spec.shape, chunks=spec.chunks,
                              shards=spec.shards, dtype=dtype, fill_value=0,
-                             compressors=zarr.codecs.ZstdCodec(level=3),
+                             compressors=zarr.codecs.ZstdCodec(level=level),
                              config={"write_empty_chunks": True})
+    assert store.open_array(ds.id).metadata.codecs[0].codecs[-1].level == level
     axis_index = twin.ndim - 3 + ds.axis_index
     for first, block in ((slab, frames[: 2 * slab]), (last, frames[2 * slab:])):
         index = [slice(None)] * twin.ndim
