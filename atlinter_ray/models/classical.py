@@ -29,9 +29,36 @@ class LinearInterpolator(PairInterpolator):
         self, a: np.ndarray, b: np.ndarray, t: np.ndarray, peak: float = 1.0
     ) -> np.ndarray:
         """Blend each pair at every position in ``t``."""
-        tt = np.asarray(t, dtype=np.float32).reshape(1, -1, 1, 1, 1)
-        frames: np.ndarray = (1.0 - tt) * a[:, None] + tt * b[:, None]
+        ts = np.asarray(t, dtype=np.float32)
+        frames = np.empty((a.shape[0], len(ts), *a.shape[1:]), dtype=_blend_type(a, b))
+        scratch = np.empty(b.shape, dtype=frames.dtype)
+        for k, tk in enumerate(ts):
+            _blend_into(frames[:, k], a, b, tk, scratch)
         return frames
+
+    def interpolate_items(
+        self, a: Any, b: Any, pair: np.ndarray, t: np.ndarray, peak: float = 1.0
+    ) -> Any:
+        """Item ``m`` is pair ``pair[m]`` at ``t[m]``, each blended straight into the output."""
+        frames = np.empty((len(pair), *a.shape[1:]), dtype=_blend_type(a, b))
+        scratch = np.empty(a.shape[1:], dtype=frames.dtype)
+        for m, (i, tm) in enumerate(zip(np.asarray(pair), np.asarray(t, dtype=np.float32))):
+            _blend_into(frames[m], a[i], b[i], tm, scratch)
+        return frames
+
+
+def _blend_type(a: np.ndarray, b: np.ndarray) -> np.dtype[Any]:
+    """The type ``(1 - t) * a + t * b`` has for float32 ``t``."""
+    return np.result_type(a.dtype, b.dtype, np.float32)
+
+
+def _blend_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, t: np.float32,
+                scratch: np.ndarray) -> None:
+    """``out = (1 - t) * a + t * b``, the broadcast expression's arithmetic without its
+    temporaries (they cost two thirds of the CPU time on full-size frames)."""
+    np.multiply(a, np.float32(1.0) - t, out=out)
+    np.multiply(b, t, out=scratch)
+    out += scratch
 
 
 def to_gray_u8(images: np.ndarray, peak: float) -> np.ndarray:
