@@ -383,7 +383,11 @@ class TaskWorker:
         for part in parts:
             i = index[part.dataset_id, *part.pair]
             rows = [positions[i].index(t) for t in part.positions]
-            made.append((result.frames[i][rows], 0 if i in counted else result.model_calls[i]))
+            if rows == list(range(rows[0], rows[0] + len(rows))):  # a view, not a copy
+                picked = result.frames[i][rows[0] : rows[0] + len(rows)]
+            else:
+                picked = result.frames[i][rows]
+            made.append((picked, 0 if i in counted else result.model_calls[i]))
             counted.add(i)
         return made
 
