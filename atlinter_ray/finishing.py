@@ -198,6 +198,11 @@ class Reduction:
         line, _, packed = blob.partition(b"\n")
         try:
             head = json.loads(line)
+            # Blosc decodes torn bytes without a word: its header (16 bytes) ends with
+            # the compressed size
+            stated = int.from_bytes(packed[12:16], "little") if len(packed) >= 16 else -1
+            if stated != len(packed):
+                raise ValueError(f"{len(packed)} compressed bytes where the header says {stated}")
             body = memoryview(_REDUCTION_CODEC.decode(packed))
             arrays, at = {}, 0
             for name, dtype, shape in head["arrays"]:

@@ -232,6 +232,36 @@ def test_finishing_builds_the_pyramid_from_the_tasks_reductions(
     assert content(fsspec.filesystem("file"), cfg.output.root) == clean
 
 
+def test_a_reduction_reads_back_as_written_and_other_bytes_are_refused() -> None:
+    """Both kinds of reduction round-trip; the previous version's ``.npz`` format, a torn
+    one and one holding both kinds read as "not a reduction" (finishing then reads the
+    task's slices from level 0 instead)."""
+    import io
+
+    import numcodecs
+
+    rng = np.random.default_rng(0)
+    cuts = {0: rng.integers(0, 255, (3, 9, 7), dtype=np.uint8)}
+    sums = rng.integers(0, 2000, (3, 5, 5, 4), dtype=np.uint16)
+    level1 = rng.integers(0, 255, (3, 3, 5, 4), dtype=np.uint8)
+    for made in (Reduction(4, 5, sums, cuts), Reduction(4, 6, None, cuts, level1)):
+        back = Reduction.from_bytes(made.to_bytes())
+        assert (back.first, back.count) == (made.first, made.count)
+        for mine, theirs in ((back.sums, made.sums), (back.level1, made.level1),
+                             (back.cuts[0], made.cuts[0])):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                np.testing.assert_array_equal(mine, theirs)
+                assert mine.dtype == theirs.dtype
+    old = io.BytesIO()
+    np.savez(old, first=4, count=5, sums=sums, cut0=cuts[0])
+    blob = Reduction(4, 5, sums, cuts).to_bytes()
+    both = Reduction(4, 5, sums, cuts, level1).to_bytes()
+    for bad in (bytes(numcodecs.Blosc(cname="lz4").encode(old.getvalue())), blob[:-9], both):
+        with pytest.raises(ValueError, match="not a reduction"):
+            Reduction.from_bytes(bad)
+
+
 def test_changed_input_is_refused_then_rebuilt_on_request(tmp_path: Path) -> None:
     cfg = _local(tmp_path)
     assert run(cfg).ok
