@@ -238,28 +238,29 @@ def run_app(job_help: JobHelp, job: Callable[[Any], int]) -> None:
     SIGTERM end the job with one line and status 130 / 143.
     """
     command = job_help.command
-    with redacted_output(override_secrets(sys.argv[1:])) as secrets, stop_on_signals():
+    with redacted_output(override_secrets(sys.argv[1:])) as secrets:
         try:
-            try:
-                options = parse_args(sys.argv[1:], command)
-                if options.version and not options.help:
-                    print(version_text(options.verbose))
+            with stop_on_signals():
+                try:
+                    options = parse_args(sys.argv[1:], command)
+                    if options.version and not options.help:
+                        print(version_text(options.verbose))
+                        return
+                    folder = conf_dir()
+                    groups, chosen = job_groups(folder, job_help.config_name)
+                    if options.help:
+                        defaults = resolved(compose_config(folder, job_help.config_name, []))
+                        print(help_text(job_help, groups, chosen, defaults))
+                        return
+                    check_overrides(options.overrides, job_help.schema, groups, command)
+                    cfg = compose_config(folder, job_help.config_name, options.overrides)
+                except ConfigError as exc:
+                    fail(str(exc), exc.exit_status)
+                if options.cfg:
+                    print(OmegaConf.to_yaml(redact(resolved(cfg))), end="")
                     return
-                folder = conf_dir()
-                groups, chosen = job_groups(folder, job_help.config_name)
-                if options.help:
-                    defaults = resolved(compose_config(folder, job_help.config_name, []))
-                    print(help_text(job_help, groups, chosen, defaults))
-                    return
-                check_overrides(options.overrides, job_help.schema, groups, command)
-                cfg = compose_config(folder, job_help.config_name, options.overrides)
-            except ConfigError as exc:
-                fail(str(exc), exc.exit_status)
-            if options.cfg:
-                print(OmegaConf.to_yaml(redact(resolved(cfg))), end="")
-                return
-            configure_logging()
-            guarded(job, secrets)(cfg)
+                configure_logging()
+                guarded(job, secrets)(cfg)
         except KeyboardInterrupt as exc:
             print(f"atlinter_ray: {signal_name(exc)} received, stopped: {job_help.kept}.",
                   file=sys.stderr, flush=True)

@@ -59,6 +59,12 @@ def stop_on_signals() -> Iterator[None]:
         signal.signal(s, handler)
     try:
         yield
+    except KeyboardInterrupt as exc:
+        if received and not isinstance(exc, Interrupted):
+            # Ray's blocking calls run the handler, drop its exception and raise a plain
+            # KeyboardInterrupt of their own: name the signal that was really received
+            raise Interrupted(received[0]) from exc
+        raise
     finally:
         for s, previous in saved.items():
             signal.signal(s, previous)

@@ -21,9 +21,13 @@ from omegaconf import OmegaConf
 
 from atlinter_ray import pipeline
 from atlinter_ray.cli import compose_config, conf_dir
+from atlinter_ray.interrupts import Interrupted, exit_status, signal_name, stop_on_signals
 
 GENE = "mni152_t1"
-ARGS = ["run.progress=false", "resources.local_cpus=2", "resources.min_workers=1",
+# TV-L1 takes seconds per task, so the job is still computing well after its first slab is
+# written (with DIS the 5 slabs left took 0.2 s, and a loaded machine let them all finish
+# before the signal was handled)
+ARGS = ["model=tvl1", "run.progress=false", "resources.local_cpus=2", "resources.min_workers=1",
         "resources.max_workers=1"]
 
 
@@ -73,6 +77,21 @@ def _wait_for_a_written_slice(job: subprocess.Popen, image: Path) -> None:
             return
         time.sleep(0.1)
     pytest.fail(f"the job never got to write a slice (exit status {job.poll()})")
+
+
+def test_sigterm_that_a_library_reraises_as_a_plain_keyboardinterrupt_still_exits_143() -> None:
+    # ray.get runs the handler while it waits, drops its exception and raises its own
+    caught: KeyboardInterrupt | None = None
+    try:
+        with stop_on_signals():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except Interrupted:
+                raise KeyboardInterrupt from None
+    except KeyboardInterrupt as exc:  # caught here, so that a failure does not abort pytest
+        caught = exc
+    assert caught is not None
+    assert (signal_name(caught), exit_status(caught)) == ("SIGTERM", 143)
 
 
 @pytest.mark.slow
